@@ -1,0 +1,630 @@
+//! Worker configuration: named fields, documented defaults, `with_*` setters and
+//! [`WorkerConfig::validate`].
+//!
+//! Defaults follow the Java KCL (v2/v3, `LeaseManagementConfig`, `PollingConfig`,
+//! `SimpleRecordsFetcherFactory`) unless a field says why it differs.
+
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Error, Result};
+
+/// Where a worker starts reading a shard that has no checkpoint yet.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum InitialPosition {
+    /// The oldest record the stream retains.
+    TrimHorizon,
+    /// Only records put after the worker starts reading the shard. Default, as in the Java KCL
+    /// (`RetrievalConfig.initialPositionInStreamExtended`).
+    #[default]
+    Latest,
+    /// The first record that arrived at or after this time.
+    AtTimestamp(SystemTime),
+}
+
+/// A retry schedule: exponential backoff with full jitter, as data.
+///
+/// The delay before retry *n* is drawn from `min_delay · factorⁿ` capped at `max_delay`, plus
+/// a random jitter of up to the same amount (see [`crate::backoff`]).
+#[derive(Clone, Copy, PartialEq, Debug)]
+#[non_exhaustive]
+pub struct RetryConfig {
+    /// Delay before the first retry.
+    pub min_delay: Duration,
+    /// Largest delay between two attempts.
+    pub max_delay: Duration,
+    /// Growth of the delay per attempt (at least 1).
+    pub factor: f32,
+    /// Attempts including the first one; `None` retries until the caller's deadline.
+    pub max_attempts: Option<usize>,
+}
+
+impl RetryConfig {
+    /// A schedule from `min_delay` to `max_delay`, doubling, without an attempt limit.
+    pub fn new(min_delay: Duration, max_delay: Duration) -> Self {
+        RetryConfig {
+            min_delay,
+            max_delay,
+            factor: 2.0,
+            max_attempts: None,
+        }
+    }
+
+    /// Sets the growth factor.
+    #[must_use]
+    pub fn with_factor(mut self, factor: f32) -> Self {
+        self.factor = factor;
+        self
+    }
+
+    /// Sets the attempt limit.
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: Option<usize>) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    fn validate(&self, field: &'static str) -> Result<()> {
+        if self.min_delay.is_zero() {
+            return Err(Error::invalid_config(field, "min_delay must be above zero"));
+        }
+        if self.max_delay < self.min_delay {
+            return Err(Error::invalid_config(
+                field,
+                format!(
+                    "max_delay ({:?}) must be at least min_delay ({:?})",
+                    self.max_delay, self.min_delay
+                ),
+            ));
+        }
+        if !(self.factor >= 1.0 && self.factor.is_finite()) {
+            return Err(Error::invalid_config(
+                field,
+                format!(
+                    "factor must be a finite number of at least 1, not {}",
+                    self.factor
+                ),
+            ));
+        }
+        if self.max_attempts == Some(0) {
+            return Err(Error::invalid_config(
+                field,
+                "max_attempts must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Lease timing and limits.
+#[derive(Clone, PartialEq, Debug)]
+#[non_exhaustive]
+pub struct LeaseConfig {
+    /// How long a lease's counter may stay unchanged, as seen by another worker, before that
+    /// worker considers the lease expired and takes it.
+    /// Default 10 s: the Java KCL's `failoverTimeMillis`.
+    pub lease_duration: Duration,
+    /// How often held leases are renewed.
+    /// Default 3 s: about the Java KCL's `failoverTimeMillis / 3 − epsilon` (3,308 ms), which
+    /// leaves three renewal chances in each lease duration.
+    pub renewal_interval: Duration,
+    /// How often the worker scans the lease table to take unowned and expired leases.
+    /// Default 2 s. The Java KCL waits 20 s (`2 × (failoverTimeMillis + epsilon)`), which makes
+    /// its failover take up to 30 s; a crashed worker's shards are taken here within
+    /// `lease_duration + taker_interval` (12 s with the defaults) for one `Scan` of the table
+    /// per interval and worker.
+    pub taker_interval: Duration,
+    /// How often the worker lists the stream's shards and creates missing leases.
+    /// Default 60 s: the Java KCL's `shardSyncIntervalMillis`.
+    pub shard_sync_interval: Duration,
+    /// Most leases one worker holds. Default unlimited, as the Java KCL's `maxLeasesForWorker`
+    /// (`Integer.MAX_VALUE`).
+    pub max_leases_per_worker: usize,
+    /// Backoff for retrying lease-table calls (renewals retry only while the lease has not
+    /// run out). Default 100 ms to 1 s: several retries fit in one renewal interval.
+    pub retry: RetryConfig,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            lease_duration: Duration::from_secs(10),
+            renewal_interval: Duration::from_secs(3),
+            taker_interval: Duration::from_secs(2),
+            shard_sync_interval: Duration::from_secs(60),
+            max_leases_per_worker: usize::MAX,
+            retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
+        }
+    }
+}
+
+impl LeaseConfig {
+    /// Sets [`LeaseConfig::lease_duration`].
+    #[must_use]
+    pub fn with_lease_duration(mut self, d: Duration) -> Self {
+        self.lease_duration = d;
+        self
+    }
+    /// Sets [`LeaseConfig::renewal_interval`].
+    #[must_use]
+    pub fn with_renewal_interval(mut self, d: Duration) -> Self {
+        self.renewal_interval = d;
+        self
+    }
+    /// Sets [`LeaseConfig::taker_interval`].
+    #[must_use]
+    pub fn with_taker_interval(mut self, d: Duration) -> Self {
+        self.taker_interval = d;
+        self
+    }
+    /// Sets [`LeaseConfig::shard_sync_interval`].
+    #[must_use]
+    pub fn with_shard_sync_interval(mut self, d: Duration) -> Self {
+        self.shard_sync_interval = d;
+        self
+    }
+    /// Sets [`LeaseConfig::max_leases_per_worker`].
+    #[must_use]
+    pub fn with_max_leases_per_worker(mut self, n: usize) -> Self {
+        self.max_leases_per_worker = n;
+        self
+    }
+    /// Sets [`LeaseConfig::retry`].
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        nonzero("lease.lease_duration", self.lease_duration)?;
+        nonzero("lease.renewal_interval", self.renewal_interval)?;
+        nonzero("lease.taker_interval", self.taker_interval)?;
+        nonzero("lease.shard_sync_interval", self.shard_sync_interval)?;
+        // A renewal must be able to fail once and still succeed before the lease runs out.
+        if self.renewal_interval * 2 > self.lease_duration {
+            return Err(Error::invalid_config(
+                "lease.renewal_interval",
+                format!(
+                    "({:?}) must be at most half of lease.lease_duration ({:?}), so that a \
+                     failed renewal can be retried before the lease expires",
+                    self.renewal_interval, self.lease_duration
+                ),
+            ));
+        }
+        if self.max_leases_per_worker == 0 {
+            return Err(Error::invalid_config(
+                "lease.max_leases_per_worker",
+                "must be at least 1",
+            ));
+        }
+        self.retry.validate("lease.retry")
+    }
+}
+
+/// Polling (`GetRecords`) settings.
+#[derive(Clone, PartialEq, Debug)]
+#[non_exhaustive]
+pub struct PollingConfig {
+    /// Most records per `GetRecords` call. Default and maximum 10,000: the Java KCL's
+    /// `PollingConfig.maxRecords` and the Kinesis API's limit.
+    pub max_records: u32,
+    /// Pause after a read that returned no records.
+    /// Default 1,500 ms: the Java KCL's `idleTimeBetweenReadsInMillis`.
+    pub idle_time_between_empty_reads: Duration,
+    /// Least time between two `GetRecords` calls on one shard. Default and minimum 200 ms:
+    /// Kinesis allows 5 calls per second per shard, shared by all consumers of the stream.
+    pub min_time_between_reads: Duration,
+    /// Batches fetched ahead of the processor, so fetching overlaps processing.
+    /// Default 3: the Java KCL's `maxPendingProcessRecordsInput`.
+    pub max_prefetched_batches: usize,
+    /// Timeout of one Kinesis call. Default 30 s: the Java KCL's `kinesisRequestTimeout`.
+    pub request_timeout: Duration,
+    /// Backoff for retrying failed or throttled Kinesis calls.
+    /// Default 200 ms to 10 s. (The Java KCL sleeps one idle interval after any failure.)
+    pub retry: RetryConfig,
+}
+
+impl Default for PollingConfig {
+    fn default() -> Self {
+        PollingConfig {
+            max_records: MAX_RECORDS_PER_GET,
+            idle_time_between_empty_reads: Duration::from_millis(1500),
+            min_time_between_reads: MIN_TIME_BETWEEN_READS,
+            max_prefetched_batches: 3,
+            request_timeout: Duration::from_secs(30),
+            retry: RetryConfig::new(Duration::from_millis(200), Duration::from_secs(10)),
+        }
+    }
+}
+
+/// The Kinesis limit of records per `GetRecords` call.
+const MAX_RECORDS_PER_GET: u32 = 10_000;
+/// Kinesis serves 5 `GetRecords` calls per second and shard.
+const MIN_TIME_BETWEEN_READS: Duration = Duration::from_millis(200);
+
+impl PollingConfig {
+    /// Sets [`PollingConfig::max_records`].
+    #[must_use]
+    pub fn with_max_records(mut self, n: u32) -> Self {
+        self.max_records = n;
+        self
+    }
+    /// Sets [`PollingConfig::idle_time_between_empty_reads`].
+    #[must_use]
+    pub fn with_idle_time_between_empty_reads(mut self, d: Duration) -> Self {
+        self.idle_time_between_empty_reads = d;
+        self
+    }
+    /// Sets [`PollingConfig::min_time_between_reads`].
+    #[must_use]
+    pub fn with_min_time_between_reads(mut self, d: Duration) -> Self {
+        self.min_time_between_reads = d;
+        self
+    }
+    /// Sets [`PollingConfig::max_prefetched_batches`].
+    #[must_use]
+    pub fn with_max_prefetched_batches(mut self, n: usize) -> Self {
+        self.max_prefetched_batches = n;
+        self
+    }
+    /// Sets [`PollingConfig::request_timeout`].
+    #[must_use]
+    pub fn with_request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
+    /// Sets [`PollingConfig::retry`].
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(1..=MAX_RECORDS_PER_GET).contains(&self.max_records) {
+            return Err(Error::invalid_config(
+                "polling.max_records",
+                format!("must be between 1 and 10000, not {}", self.max_records),
+            ));
+        }
+        if self.min_time_between_reads < MIN_TIME_BETWEEN_READS {
+            return Err(Error::invalid_config(
+                "polling.min_time_between_reads",
+                format!(
+                    "must be at least 200ms (Kinesis serves 5 GetRecords calls per second per \
+                     shard), not {:?}",
+                    self.min_time_between_reads
+                ),
+            ));
+        }
+        if self.idle_time_between_empty_reads < self.min_time_between_reads {
+            return Err(Error::invalid_config(
+                "polling.idle_time_between_empty_reads",
+                "must be at least polling.min_time_between_reads",
+            ));
+        }
+        if self.max_prefetched_batches == 0 {
+            return Err(Error::invalid_config(
+                "polling.max_prefetched_batches",
+                "must be at least 1",
+            ));
+        }
+        nonzero("polling.request_timeout", self.request_timeout)?;
+        self.retry.validate("polling.retry")
+    }
+}
+
+/// What happens when a record processor fails.
+#[derive(Clone, PartialEq, Debug)]
+#[non_exhaustive]
+pub struct ProcessingConfig {
+    /// Retry schedule of a batch whose `process_records` returned an error. The batch (minus
+    /// what the processor checkpointed) is delivered again; after `max_attempts` the shard's
+    /// consumer stops and its lease is released, so the shard restarts from its checkpoint.
+    /// Default: 5 attempts, 100 ms to 5 s apart. (The Java KCL logs the error and moves on to
+    /// the next batch, which lets a later checkpoint skip the failed records.)
+    pub retry: RetryConfig,
+}
+
+impl Default for ProcessingConfig {
+    fn default() -> Self {
+        ProcessingConfig {
+            retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(5))
+                .with_max_attempts(Some(5)),
+        }
+    }
+}
+
+impl ProcessingConfig {
+    /// Sets [`ProcessingConfig::retry`].
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.retry.validate("processing.retry")?;
+        if self.retry.max_attempts.is_none() {
+            return Err(Error::invalid_config(
+                "processing.retry.max_attempts",
+                "must be set: a batch that always fails must not block its shard forever",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a [`Worker`](crate::Worker) needs to know.
+#[derive(Clone, PartialEq, Debug)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// The application name: workers with the same name share the stream's shards. Names the
+    /// lease table unless [`WorkerConfig::lease_table_name`] is set.
+    pub application_name: String,
+    /// The stream's name or ARN (`arn:...`).
+    pub stream: String,
+    /// This worker's id, unique per process. Default: host name, `-`, and a random UUID.
+    pub worker_id: String,
+    /// Lease table name. Default `None`: the application name, as in the Java KCL.
+    pub lease_table_name: Option<String>,
+    /// Start of shards without a checkpoint. Default [`InitialPosition::Latest`].
+    pub initial_position: InitialPosition,
+    /// Lease timing and limits.
+    pub lease: LeaseConfig,
+    /// Polling settings.
+    pub polling: PollingConfig,
+    /// Processor failure policy.
+    pub processing: ProcessingConfig,
+    /// How long a graceful shutdown waits for processors to finish their batch and
+    /// `shutdown_requested` before it abandons them. Default 20 s: inside the 30 s that
+    /// Kubernetes and ECS grant between SIGTERM and SIGKILL.
+    pub shutdown_timeout: Duration,
+    /// Seed of the worker's random choices (backoff jitter, lease order). Default `None`: seeded
+    /// from the OS. Set it to replay a run exactly in a simulation.
+    pub rng_seed: Option<u64>,
+}
+
+impl WorkerConfig {
+    /// A configuration with defaults for everything but the application and the stream.
+    pub fn new(application_name: impl Into<String>, stream: impl Into<String>) -> Self {
+        WorkerConfig {
+            application_name: application_name.into(),
+            stream: stream.into(),
+            worker_id: default_worker_id(),
+            lease_table_name: None,
+            initial_position: InitialPosition::default(),
+            lease: LeaseConfig::default(),
+            polling: PollingConfig::default(),
+            processing: ProcessingConfig::default(),
+            shutdown_timeout: Duration::from_secs(20),
+            rng_seed: None,
+        }
+    }
+
+    /// Sets [`WorkerConfig::worker_id`].
+    #[must_use]
+    pub fn with_worker_id(mut self, worker_id: impl Into<String>) -> Self {
+        self.worker_id = worker_id.into();
+        self
+    }
+    /// Sets [`WorkerConfig::lease_table_name`].
+    #[must_use]
+    pub fn with_lease_table_name(mut self, table: impl Into<String>) -> Self {
+        self.lease_table_name = Some(table.into());
+        self
+    }
+    /// Sets [`WorkerConfig::initial_position`].
+    #[must_use]
+    pub fn with_initial_position(mut self, position: InitialPosition) -> Self {
+        self.initial_position = position;
+        self
+    }
+    /// Sets [`WorkerConfig::lease`].
+    #[must_use]
+    pub fn with_lease(mut self, lease: LeaseConfig) -> Self {
+        self.lease = lease;
+        self
+    }
+    /// Sets [`WorkerConfig::polling`].
+    #[must_use]
+    pub fn with_polling(mut self, polling: PollingConfig) -> Self {
+        self.polling = polling;
+        self
+    }
+    /// Sets [`WorkerConfig::processing`].
+    #[must_use]
+    pub fn with_processing(mut self, processing: ProcessingConfig) -> Self {
+        self.processing = processing;
+        self
+    }
+    /// Sets [`WorkerConfig::shutdown_timeout`].
+    #[must_use]
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+    /// Sets [`WorkerConfig::rng_seed`].
+    #[must_use]
+    pub fn with_rng_seed(mut self, seed: u64) -> Self {
+        self.rng_seed = Some(seed);
+        self
+    }
+
+    /// The lease table's name: [`WorkerConfig::lease_table_name`] or the application name.
+    pub fn lease_table(&self) -> &str {
+        self.lease_table_name
+            .as_deref()
+            .unwrap_or(&self.application_name)
+    }
+
+    /// Checks every field and the relations between them.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first field that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.application_name.trim().is_empty() {
+            return Err(Error::invalid_config(
+                "application_name",
+                "must not be empty",
+            ));
+        }
+        if self.stream.trim().is_empty() {
+            return Err(Error::invalid_config("stream", "must not be empty"));
+        }
+        if self.worker_id.trim().is_empty() {
+            return Err(Error::invalid_config("worker_id", "must not be empty"));
+        }
+        validate_table_name(self.lease_table())?;
+        self.lease.validate()?;
+        self.polling.validate()?;
+        self.processing.validate()?;
+        nonzero("shutdown_timeout", self.shutdown_timeout)?;
+        Ok(())
+    }
+}
+
+fn nonzero(field: &'static str, d: Duration) -> Result<()> {
+    if d.is_zero() {
+        Err(Error::invalid_config(field, "must be above zero"))
+    } else {
+        Ok(())
+    }
+}
+
+/// DynamoDB table names: 3 to 255 characters from `a-z A-Z 0-9 _ - .`.
+fn validate_table_name(name: &str) -> Result<()> {
+    let field = "lease_table_name (default: application_name)";
+    if !(3..=255).contains(&name.len()) {
+        return Err(Error::invalid_config(
+            field,
+            format!("`{name}` must be 3 to 255 characters long to name a DynamoDB table"),
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+    {
+        return Err(Error::invalid_config(
+            field,
+            format!("`{name}` has `{c}`; DynamoDB table names allow a-z, A-Z, 0-9, `_`, `-`, `.`"),
+        ));
+    }
+    Ok(())
+}
+
+/// `hostname-uuid`: readable in the lease table, unique per process.
+fn default_worker_id() -> String {
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    let host = if host.is_empty() {
+        "worker".to_owned()
+    } else {
+        host
+    };
+    format!("{host}-{}", uuid::Uuid::new_v4())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> WorkerConfig {
+        WorkerConfig::new("orders-app", "orders")
+    }
+
+    fn field_of(result: Result<()>) -> &'static str {
+        match result {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        config().validate().unwrap();
+        assert_eq!(config().lease_table(), "orders-app");
+        assert!(config().worker_id.len() > 36, "host name and uuid");
+        assert_ne!(config().worker_id, config().worker_id);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert_eq!(
+            field_of(WorkerConfig::new("", "s").validate()),
+            "application_name"
+        );
+        assert_eq!(field_of(WorkerConfig::new("app", " ").validate()), "stream");
+        assert_eq!(
+            field_of(config().with_worker_id("").validate()),
+            "worker_id"
+        );
+        assert!(
+            field_of(config().with_lease_table_name("a b c").validate())
+                .starts_with("lease_table_name")
+        );
+        assert!(field_of(WorkerConfig::new("ab", "s").validate()).starts_with("lease_table_name"));
+        let lease = LeaseConfig::default()
+            .with_lease_duration(Duration::from_secs(4))
+            .with_renewal_interval(Duration::from_secs(3));
+        assert_eq!(
+            field_of(config().with_lease(lease).validate()),
+            "lease.renewal_interval"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_lease(LeaseConfig::default().with_max_leases_per_worker(0))
+                    .validate()
+            ),
+            "lease.max_leases_per_worker"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_polling(PollingConfig::default().with_max_records(10_001))
+                    .validate()
+            ),
+            "polling.max_records"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_polling(
+                        PollingConfig::default()
+                            .with_min_time_between_reads(Duration::from_millis(100))
+                    )
+                    .validate()
+            ),
+            "polling.min_time_between_reads"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_polling(PollingConfig::default().with_max_prefetched_batches(0))
+                    .validate()
+            ),
+            "polling.max_prefetched_batches"
+        );
+        let backwards = RetryConfig::new(Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(
+            field_of(
+                config()
+                    .with_polling(PollingConfig::default().with_retry(backwards))
+                    .validate()
+            ),
+            "polling.retry"
+        );
+        let endless = ProcessingConfig::default().with_retry(
+            RetryConfig::new(Duration::from_millis(1), Duration::from_millis(2))
+                .with_max_attempts(None),
+        );
+        assert_eq!(
+            field_of(config().with_processing(endless).validate()),
+            "processing.retry.max_attempts"
+        );
+        assert_eq!(
+            field_of(config().with_shutdown_timeout(Duration::ZERO).validate()),
+            "shutdown_timeout"
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! The poller: pages `GetRecords` through shard iterators ahead of the processor.
+//!
+//! It runs as a task owned by its shard consumer and hands batches over a bounded channel of
+//! `max_prefetched_batches`, so the next batch is fetched while the current one is processed,
+//! and a slow processor holds back at most that many batches in memory.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::backoff::{Backoff, SeedSource};
+use crate::config::PollingConfig;
+use crate::error::{Error, Result, Service};
+use crate::sequence::SequenceNumber;
+use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
+
+/// What the poller hands to the consumer.
+#[derive(Debug)]
+pub(crate) struct FetchedBatch {
+    /// Records in shard order; empty only in the last batch of a shard.
+    pub(crate) records: Vec<Record>,
+    pub(crate) millis_behind_latest: Option<u64>,
+    /// Set on the last batch of a closed shard: its children as `GetRecords` reported them.
+    pub(crate) shard_end: Option<Vec<ChildShard>>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Poller {
+    pub(crate) stream: Arc<dyn StreamClient>,
+    pub(crate) shard_id: String,
+    pub(crate) config: PollingConfig,
+    pub(crate) seeds: Arc<SeedSource>,
+    /// Where the shard starts; used again if the iterator expires before any record came.
+    pub(crate) start: StartingPosition,
+}
+
+impl Poller {
+    fn backoff(&self) -> Backoff {
+        self.config.retry.backoff(self.seeds.next_seed())
+    }
+
+    /// A shard iterator at `position`, retrying retryable errors.
+    pub(crate) async fn iterator_at(&self, position: &StartingPosition) -> Result<String> {
+        let timeout = self.config.request_timeout;
+        crate::backoff::retry("GetShardIterator", self.backoff(), || async {
+            tokio::time::timeout(
+                timeout,
+                self.stream.get_shard_iterator(&self.shard_id, position),
+            )
+            .await
+            .unwrap_or(Err(Error::Timeout {
+                service: Service::Kinesis,
+                operation: "GetShardIterator",
+                timeout,
+            }))
+        })
+        .await
+    }
+
+    /// Fetches from `iterator` until the shard ends, `stop` is cancelled, the consumer drops
+    /// the receiver, or a call fails with an error that is not retryable (sent to the
+    /// consumer before returning).
+    ///
+    /// Calls on the shard are at least `min_time_between_reads` apart, and
+    /// `idle_time_between_empty_reads` after a read that returned nothing.
+    pub(crate) async fn run(
+        self,
+        iterator: String,
+        tx: mpsc::Sender<Result<FetchedBatch>>,
+        stop: CancellationToken,
+    ) {
+        let mut iterator = Some(iterator);
+        let mut last_fetched: Option<SequenceNumber> = None;
+        let mut next_call_at = Instant::now();
+        let mut failures: Option<Backoff> = None;
+        loop {
+            let current = match iterator.take() {
+                Some(it) => it,
+                None => {
+                    // The iterator expired: restart after the last record fetched, which the
+                    // consumer has, or will have, received.
+                    let position = last_fetched
+                        .clone()
+                        .map_or_else(|| self.start.clone(), StartingPosition::AfterSequenceNumber);
+                    let fetched = tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return,
+                        it = self.iterator_at(&position) => it,
+                    };
+                    match fetched {
+                        Ok(it) => it,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+            };
+            // Reading is side-effect free, so it may be abandoned at any await.
+            let answer = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                answer = async {
+                    tokio::time::sleep_until(next_call_at).await;
+                    let timeout = self.config.request_timeout;
+                    tokio::time::timeout(
+                        timeout,
+                        self.stream.get_records(&self.shard_id, &current, self.config.max_records),
+                    )
+                    .await
+                    .unwrap_or(Err(Error::Timeout { service: Service::Kinesis, operation: "GetRecords", timeout }))
+                } => answer,
+            };
+            let page = match answer {
+                Ok(page) => page,
+                Err(Error::ExpiredIterator { .. }) => {
+                    warn!(shard_id = %self.shard_id, "shard iterator expired; getting a new one");
+                    continue;
+                }
+                Err(error) if error.is_retryable() => {
+                    let delay = failures
+                        .get_or_insert_with(|| self.backoff())
+                        .next()
+                        .unwrap_or(self.config.retry.max_delay);
+                    warn!(shard_id = %self.shard_id, error = %error, ?delay, "GetRecords failed; retrying");
+                    next_call_at = Instant::now() + delay;
+                    iterator = Some(current);
+                    continue;
+                }
+                Err(error) => {
+                    let _ = tx.send(Err(error)).await;
+                    return;
+                }
+            };
+            failures = None;
+            let pause = if page.records.is_empty() {
+                self.config.idle_time_between_empty_reads
+            } else {
+                self.config.min_time_between_reads
+            };
+            next_call_at = Instant::now() + pause;
+            if let Some(last) = page.records.last() {
+                last_fetched = Some(last.sequence_number.clone());
+            }
+            debug!(
+                shard_id = %self.shard_id,
+                records = page.records.len(),
+                millis_behind_latest = page.millis_behind_latest,
+                "fetched"
+            );
+            iterator = page.next_shard_iterator;
+            let shard_end = iterator.is_none().then_some(page.child_shards);
+            if page.records.is_empty() && shard_end.is_none() {
+                continue;
+            }
+            let ended = shard_end.is_some();
+            let batch = FetchedBatch {
+                records: page.records,
+                millis_behind_latest: page.millis_behind_latest,
+                shard_end,
+            };
+            let sent = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                sent = tx.send(Ok(batch)) => sent,
+            };
+            if sent.is_err() || ended {
+                return;
+            }
+        }
+    }
+}

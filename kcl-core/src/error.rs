@@ -1,0 +1,335 @@
+//! The crate's one error type and the retry classification of its variants.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::lease::Lease;
+use crate::sequence::{Checkpoint, ExtendedSequenceNumber};
+
+/// A boxed error from a lower layer (the AWS SDK, a user's record processor).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The backing service an operation was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Service {
+    /// The Kinesis data stream (or a [`StreamClient`](crate::StreamClient) standing in for it).
+    Kinesis,
+    /// The lease store (DynamoDB, or a [`LeaseStore`](crate::LeaseStore) standing in for it).
+    LeaseStore,
+}
+
+impl fmt::Display for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Service::Kinesis => "Kinesis",
+            Service::LeaseStore => "lease store",
+        })
+    }
+}
+
+/// How a caller should react to an error. See [`Error::kind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// May succeed when retried after a short backoff: network failures, timeouts, 5xx answers,
+    /// an expired shard iterator (after getting a new one).
+    Transient,
+    /// The service asked the caller to slow down: retry with a longer backoff.
+    Throttled,
+    /// A conditional lease write found the lease changed: another worker took it, or it was
+    /// deleted. Retrying the same write cannot succeed; the lease must be treated as lost.
+    ConditionFailed,
+    /// Retrying the same request cannot help: bad input, missing resources, permissions.
+    Fatal,
+}
+
+/// Everything that can go wrong in the Kinesis Client Library.
+///
+/// Variants carry the names needed to act on them (stream, shard, table, lease key, attribute).
+/// Use [`Error::kind`] to decide whether to retry; it is the only place that classifies errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is missing or out of range.
+    #[error("invalid configuration: `{field}` {problem}")]
+    InvalidConfig {
+        /// The configuration field, as named in the config struct.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// The stream does not exist (or is not visible with these credentials).
+    #[error("stream `{stream}` does not exist")]
+    StreamNotFound {
+        /// Stream name or ARN, as configured.
+        stream: String,
+    },
+
+    /// A shard does not exist (any more): it was trimmed after the retention period, or the id
+    /// is wrong.
+    #[error("shard `{shard_id}` of stream `{stream}` does not exist")]
+    ShardNotFound {
+        /// Stream name or ARN, as configured.
+        stream: String,
+        /// The shard.
+        shard_id: String,
+    },
+
+    /// A shard iterator expired (they live five minutes); get a new one and retry.
+    #[error("the shard iterator of shard `{shard_id}` expired")]
+    ExpiredIterator {
+        /// The shard the iterator belonged to.
+        shard_id: String,
+    },
+
+    /// The service throttled the request (Kinesis `ProvisionedThroughputExceeded` or
+    /// `LimitExceeded`, DynamoDB `ProvisionedThroughputExceeded`, `RequestLimitExceeded`,
+    /// `ThrottlingException`).
+    #[error("{service} {operation} was throttled")]
+    Throttled {
+        /// Which service throttled.
+        service: Service,
+        /// The API operation, e.g. `GetRecords`.
+        operation: &'static str,
+        /// The error the SDK returned.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A failure that may go away when retried: network error, timeout, 5xx answer.
+    #[error("{service} {operation} failed (transient)")]
+    Transient {
+        /// Which service failed.
+        service: Service,
+        /// The API operation.
+        operation: &'static str,
+        /// The error the SDK returned.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A call did not answer within its timeout.
+    #[error("{service} {operation} did not answer within {timeout:?}")]
+    Timeout {
+        /// Which service was called.
+        service: Service,
+        /// The API operation.
+        operation: &'static str,
+        /// The timeout that elapsed.
+        timeout: Duration,
+    },
+
+    /// A service rejected a request in a way retrying cannot fix (validation, permissions, ...).
+    #[error("{service} {operation} failed")]
+    Service {
+        /// Which service rejected the request.
+        service: Service,
+        /// The API operation.
+        operation: &'static str,
+        /// The error the SDK returned.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A conditional lease write found the lease in another state than expected: another worker
+    /// took it, renewed it under a new owner, or deleted it.
+    #[error("conditional {operation} of lease `{lease_key}` failed: the lease changed")]
+    LeaseConditionFailed {
+        /// The lease that was written.
+        lease_key: String,
+        /// The lease operation, e.g. `renew`, `take`, `checkpoint`.
+        operation: &'static str,
+        /// The lease as stored when the condition failed, when the store reports it and it
+        /// could be decoded. `None` when the lease no longer exists.
+        current: Option<Box<Lease>>,
+    },
+
+    /// This worker no longer holds the lease: it was taken by another worker, expired, or
+    /// released. The shard's processor must stop; checkpoints are rejected.
+    #[error("lease `{lease_key}` is no longer held by this worker")]
+    LeaseLost {
+        /// The lease (shard id).
+        lease_key: String,
+    },
+
+    /// The lease table does not exist and may not be created.
+    #[error("lease table `{table}` does not exist")]
+    LeaseTableNotFound {
+        /// The table name.
+        table: String,
+    },
+
+    /// The lease table exists with a schema this library cannot use.
+    #[error("lease table `{table}` has an unexpected schema: {problem}")]
+    LeaseTableSchema {
+        /// The table name.
+        table: String,
+        /// What differs from the expected schema.
+        problem: String,
+    },
+
+    /// An item of the lease table has a missing or malformed attribute.
+    #[error("lease `{lease_key}` in table `{table}`: attribute `{attribute}` {problem}")]
+    InvalidLeaseItem {
+        /// The table name.
+        table: String,
+        /// The item's `leaseKey` (or `<missing>` when that attribute itself is bad).
+        lease_key: String,
+        /// The attribute name, e.g. `leaseCounter`.
+        attribute: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+
+    /// A string that should be a Kinesis sequence number is not one.
+    #[error("`{value}` is not a sequence number: {problem}")]
+    InvalidSequenceNumber {
+        /// The rejected string.
+        value: String,
+        /// Why it was rejected.
+        problem: &'static str,
+    },
+
+    /// A checkpoint request is before the shard's last checkpoint.
+    #[error("checkpoint {requested} for shard `{shard_id}` is before the last checkpoint {last}")]
+    CheckpointBeforeLast {
+        /// The shard.
+        shard_id: String,
+        /// The position the processor asked to checkpoint.
+        requested: ExtendedSequenceNumber,
+        /// The shard's current checkpoint.
+        last: Checkpoint,
+    },
+
+    /// A checkpoint request is beyond the highest record delivered to the processor.
+    #[error(
+        "checkpoint {requested} for shard `{shard_id}` is beyond the highest record delivered ({})",
+        highest_delivered.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string)
+    )]
+    CheckpointBeyondDelivered {
+        /// The shard.
+        shard_id: String,
+        /// The position the processor asked to checkpoint.
+        requested: ExtendedSequenceNumber,
+        /// The highest record delivered so far, if any.
+        highest_delivered: Option<ExtendedSequenceNumber>,
+    },
+
+    /// A record processor callback kept failing (or panicked) for a shard.
+    #[error(
+        "record processor of shard `{shard_id}` failed in `{callback}` after {attempts} attempt(s)"
+    )]
+    Processor {
+        /// The shard.
+        shard_id: String,
+        /// The callback that failed, e.g. `process_records`.
+        callback: &'static str,
+        /// How many times it was tried.
+        attempts: usize,
+        /// The processor's last error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A worker task ended abnormally (panicked or was cancelled without being asked to).
+    #[error("worker task `{task}` failed: {problem}")]
+    TaskFailed {
+        /// Which task.
+        task: String,
+        /// What happened.
+        problem: String,
+    },
+}
+
+impl Error {
+    /// How to react to this error: the single place where errors are classified for retrying.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Throttled { .. } => ErrorKind::Throttled,
+            Error::Transient { .. } | Error::Timeout { .. } | Error::ExpiredIterator { .. } => {
+                ErrorKind::Transient
+            }
+            Error::LeaseConditionFailed { .. } | Error::LeaseLost { .. } => {
+                ErrorKind::ConditionFailed
+            }
+            Error::InvalidConfig { .. }
+            | Error::StreamNotFound { .. }
+            | Error::ShardNotFound { .. }
+            | Error::Processor { .. }
+            | Error::Service { .. }
+            | Error::LeaseTableNotFound { .. }
+            | Error::LeaseTableSchema { .. }
+            | Error::InvalidLeaseItem { .. }
+            | Error::InvalidSequenceNumber { .. }
+            | Error::CheckpointBeforeLast { .. }
+            | Error::CheckpointBeyondDelivered { .. }
+            | Error::TaskFailed { .. } => ErrorKind::Fatal,
+        }
+    }
+
+    /// True when retrying after a backoff may succeed ([`ErrorKind::Transient`] or
+    /// [`ErrorKind::Throttled`]).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Transient | ErrorKind::Throttled)
+    }
+
+    pub(crate) fn invalid_config(field: &'static str, problem: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_covers_the_retry_cases() {
+        let io = || -> BoxError { "connection reset".into() };
+        let throttled = Error::Throttled {
+            service: Service::Kinesis,
+            operation: "GetRecords",
+            source: io(),
+        };
+        assert_eq!(throttled.kind(), ErrorKind::Throttled);
+        assert!(throttled.is_retryable());
+        let transient = Error::Transient {
+            service: Service::LeaseStore,
+            operation: "UpdateItem",
+            source: io(),
+        };
+        assert_eq!(transient.kind(), ErrorKind::Transient);
+        let ccf = Error::LeaseConditionFailed {
+            lease_key: "shardId-000000000000".into(),
+            operation: "renew",
+            current: None,
+        };
+        assert_eq!(ccf.kind(), ErrorKind::ConditionFailed);
+        assert!(!ccf.is_retryable());
+        let missing = Error::StreamNotFound {
+            stream: "orders".into(),
+        };
+        assert_eq!(missing.kind(), ErrorKind::Fatal);
+        assert_eq!(missing.to_string(), "stream `orders` does not exist");
+    }
+
+    #[test]
+    fn invalid_item_names_table_key_and_attribute() {
+        let e = Error::InvalidLeaseItem {
+            table: "app".into(),
+            lease_key: "shardId-000000000001".into(),
+            attribute: "leaseCounter",
+            problem: "is not a number: \"abc\"".into(),
+        };
+        let text = e.to_string();
+        assert!(text.contains("`app`") && text.contains("shardId-000000000001"));
+        assert!(text.contains("leaseCounter"));
+    }
+}

@@ -1,0 +1,279 @@
+//! The leases this worker holds, shared by the renewer, the taker and the shard consumers.
+//!
+//! All writes to a held lease (renewals, checkpoints, the release) go through
+//! [`HeldLease::write`], one at a time: each write is conditional on the fence that the
+//! previous write produced, so they must not overlap.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::lease::{Lease, LeaseStore, LeaseUpdate};
+
+/// A lease this worker took, and the state of its last successful write.
+#[derive(Debug)]
+pub(crate) struct HeldLease {
+    lease_key: String,
+    worker_id: String,
+    lease_duration: Duration,
+    /// The lease as this worker last wrote it. Locked for the whole of each write.
+    state: Mutex<Lease>,
+    /// When the last successful write was sent, plus the lease duration. Until then no other
+    /// worker can have seen the lease expire: they start counting at the counter change they
+    /// observe, which comes after the write was sent.
+    valid_until: SyncMutex<Instant>,
+    /// Cancelled once the lease is lost or released: consumers stop, writes are refused.
+    lost: CancellationToken,
+}
+
+impl HeldLease {
+    /// Wraps a lease this worker just took with a write sent at `written_at`.
+    pub(crate) fn new(
+        lease: Lease,
+        worker_id: &str,
+        lease_duration: Duration,
+        written_at: Instant,
+    ) -> Arc<Self> {
+        Arc::new(HeldLease {
+            lease_key: lease.lease_key.clone(),
+            worker_id: worker_id.to_owned(),
+            lease_duration,
+            state: Mutex::new(lease),
+            valid_until: SyncMutex::new(written_at + lease_duration),
+            lost: CancellationToken::new(),
+        })
+    }
+
+    pub(crate) fn lease_key(&self) -> &str {
+        &self.lease_key
+    }
+
+    /// Cancelled when the lease is lost or released.
+    pub(crate) fn lost_token(&self) -> &CancellationToken {
+        &self.lost
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// The instant after which another worker may consider the lease expired.
+    pub(crate) fn valid_until(&self) -> Instant {
+        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lease as last written; waits for a write in progress.
+    pub(crate) async fn snapshot(&self) -> Lease {
+        self.state.lock().await.clone()
+    }
+
+    /// Marks the lease lost: its consumer stops and no further write is sent.
+    pub(crate) fn mark_lost(&self, reason: &str) {
+        if !self.lost.is_cancelled() {
+            info!(lease_key = %self.lease_key, reason, "lease lost");
+            self.lost.cancel();
+        }
+    }
+
+    /// Writes `update` conditionally on the fence of the last write.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`] when the lease was lost before or by this write (the lease is then
+    /// marked lost); the store's error otherwise, with the lease still held.
+    ///
+    /// # Cancel safety
+    /// Dropping the future may leave a write applied whose answer was never read. The next
+    /// write then fails its condition on a lease that still names this worker, and is resent
+    /// once on the stored fence (see the invariant in [`crate::lease`]).
+    pub(crate) async fn write(
+        &self,
+        store: &dyn LeaseStore,
+        update: &LeaseUpdate,
+    ) -> Result<Lease> {
+        let mut state = self.state.lock().await;
+        if self.is_lost() {
+            return Err(self.lost_error());
+        }
+        let sent_at = Instant::now();
+        let result = match store
+            .update_lease(&self.lease_key, &state.fence(), update)
+            .await
+        {
+            Err(Error::LeaseConditionFailed {
+                current: Some(current),
+                ..
+            }) if current.owner.as_deref() == Some(self.worker_id.as_str()) => {
+                // Still ours, so the counter moved by a write of ours whose answer was lost
+                // (a timeout, or a dropped future). Adopt the stored fence and send again.
+                warn!(
+                    lease_key = %self.lease_key,
+                    expected_counter = state.counter,
+                    stored_counter = current.counter,
+                    "lease counter moved under an unanswered write of this worker; resending"
+                );
+                store
+                    .update_lease(&self.lease_key, &current.fence(), update)
+                    .await
+            }
+            other => other,
+        };
+        match result {
+            Ok(lease) => {
+                *state = lease.clone();
+                *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                    sent_at + self.lease_duration;
+                Ok(lease)
+            }
+            Err(Error::LeaseConditionFailed { current, .. }) => {
+                let owner = current.and_then(|l| l.owner);
+                self.mark_lost(&format!(
+                    "conditional {} failed; lease now owned by {}",
+                    update.operation(),
+                    owner.as_deref().unwrap_or("nobody")
+                ));
+                Err(self.lost_error())
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Gives the lease up: clears the owner so another worker can take it at once, and
+    /// refuses further writes.
+    pub(crate) async fn release(&self, store: &dyn LeaseStore) -> Result<()> {
+        let result = self.write(store, &LeaseUpdate::Release).await.map(drop);
+        if result.is_ok() {
+            // Not lost, but no longer ours: the same token stops every user of the lease.
+            self.lost.cancel();
+        }
+        result
+    }
+
+    fn lost_error(&self) -> Error {
+        Error::LeaseLost {
+            lease_key: self.lease_key.clone(),
+        }
+    }
+}
+
+/// The registry of held leases, by lease key.
+#[derive(Debug, Default)]
+pub(crate) struct HeldLeases {
+    leases: SyncMutex<BTreeMap<String, Arc<HeldLease>>>,
+}
+
+impl HeldLeases {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<HeldLease>>> {
+        // A panic while holding this lock cannot leave the map half-updated (single calls).
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn insert(&self, lease: Arc<HeldLease>) {
+        self.map().insert(lease.lease_key().to_owned(), lease);
+    }
+
+    pub(crate) fn remove(&self, lease_key: &str) -> Option<Arc<HeldLease>> {
+        self.map().remove(lease_key)
+    }
+
+    pub(crate) fn all(&self) -> Vec<Arc<HeldLease>> {
+        self.map().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseFence;
+    use crate::sequence::Checkpoint;
+    use crate::testing::InMemoryLeaseStore;
+
+    const DURATION: Duration = Duration::from_secs(10);
+
+    async fn taken(store: &InMemoryLeaseStore, key: &str, worker: &str) -> Arc<HeldLease> {
+        store
+            .create_lease_if_absent(&Lease::new(key, Checkpoint::TrimHorizon))
+            .await
+            .unwrap();
+        let lease = store
+            .update_lease(
+                key,
+                &LeaseFence {
+                    owner: None,
+                    counter: 0,
+                },
+                &LeaseUpdate::Take {
+                    new_owner: worker.into(),
+                },
+            )
+            .await
+            .unwrap();
+        HeldLease::new(lease, worker, DURATION, Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_chain_their_fences() {
+        let store = InMemoryLeaseStore::new("t");
+        let held = taken(&store, "s-0", "w1").await;
+        let valid = held.valid_until();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        held.write(&store, &LeaseUpdate::Renew).await.unwrap();
+        held.write(&store, &LeaseUpdate::Renew).await.unwrap();
+        assert_eq!(store.get_lease("s-0").await.unwrap().unwrap().counter, 3);
+        assert!(held.valid_until() > valid, "a renewal extends the lease");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_taken_lease_is_lost_and_refuses_writes() {
+        let store = InMemoryLeaseStore::new("t");
+        let held = taken(&store, "s-0", "w1").await;
+        let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
+        store
+            .update_lease(
+                "s-0",
+                &fence,
+                &LeaseUpdate::Take {
+                    new_owner: "w2".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let err = held.write(&store, &LeaseUpdate::Renew).await.unwrap_err();
+        assert!(matches!(err, Error::LeaseLost { .. }), "{err:?}");
+        assert!(held.is_lost());
+        assert!(held.lost_token().is_cancelled());
+        // Nothing more is sent, even a write that would match.
+        let calls = store.update_calls();
+        assert!(held.write(&store, &LeaseUpdate::Renew).await.is_err());
+        assert_eq!(store.update_calls(), calls);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_own_write_is_not_a_lost_lease() {
+        let store = InMemoryLeaseStore::new("t");
+        let held = taken(&store, "s-0", "w1").await;
+        // A renewal of ours applied, but its answer never arrived.
+        let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
+        store
+            .update_lease("s-0", &fence, &LeaseUpdate::Renew)
+            .await
+            .unwrap();
+        let lease = held.write(&store, &LeaseUpdate::Renew).await.unwrap();
+        assert_eq!(lease.counter, 3);
+        assert!(!held.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_clears_the_owner_and_ends_the_hold() {
+        let store = InMemoryLeaseStore::new("t");
+        let held = taken(&store, "s-0", "w1").await;
+        held.release(&store).await.unwrap();
+        assert_eq!(store.get_lease("s-0").await.unwrap().unwrap().owner, None);
+        assert!(held.lost_token().is_cancelled());
+    }
+}

@@ -1,0 +1,246 @@
+//! Leases: one per shard, the unit of ownership and the home of the shard's checkpoint.
+//!
+//! Every write to a lease is conditional on its [`LeaseFence`] (owner and counter), and every
+//! write increments the counter. So a worker whose lease was taken can never overwrite the new
+//! owner's checkpoint: its fence no longer matches.
+//!
+//! Invariant kept by every writer: a worker only writes a lease it owns (renew, checkpoint,
+//! release) or changes its owner (take). Nobody else writes a lease owned by another worker
+//! without changing the owner. Hence a failed condition on a lease that still names this
+//! worker as owner can only come from one of this worker's own writes whose answer was lost,
+//! which [`held`] uses to tell a lost answer from a lost lease.
+
+pub(crate) mod held;
+pub(crate) mod renewer;
+pub mod taker;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::sequence::Checkpoint;
+use crate::stream::HashKeyRange;
+
+/// A shard's lease as stored in the lease table.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The shard id (`leaseKey`).
+    pub lease_key: String,
+    /// The worker holding the lease (`leaseOwner`); `None` when nobody does.
+    pub owner: Option<String>,
+    /// Heartbeat and fencing token (`leaseCounter`), incremented by every write.
+    pub counter: u64,
+    /// What was processed (`checkpoint`, `checkpointSubSequenceNumber`).
+    pub checkpoint: Checkpoint,
+    /// Owner changes since the last checkpoint (`ownerSwitchesSinceCheckpoint`).
+    pub owner_switches_since_checkpoint: u64,
+    /// The shards this one was split or merged from (`parentShardId`).
+    pub parent_shard_ids: BTreeSet<String>,
+    /// The shards this one was split or merged into (`childShardIds`).
+    pub child_shard_ids: BTreeSet<String>,
+    /// The hash keys the shard serves (`startingHashKey`, `endingHashKey`).
+    pub hash_key_range: Option<HashKeyRange>,
+}
+
+impl Lease {
+    /// A new unowned lease with counter 0 and the given starting checkpoint.
+    pub fn new(lease_key: impl Into<String>, checkpoint: Checkpoint) -> Self {
+        Lease {
+            lease_key: lease_key.into(),
+            owner: None,
+            counter: 0,
+            checkpoint,
+            owner_switches_since_checkpoint: 0,
+            parent_shard_ids: BTreeSet::new(),
+            child_shard_ids: BTreeSet::new(),
+            hash_key_range: None,
+        }
+    }
+
+    /// Sets the parent shards.
+    #[must_use]
+    pub fn with_parents(mut self, parents: impl IntoIterator<Item = String>) -> Self {
+        self.parent_shard_ids = parents.into_iter().collect();
+        self
+    }
+
+    /// Sets the hash key range.
+    #[must_use]
+    pub fn with_hash_key_range(mut self, range: HashKeyRange) -> Self {
+        self.hash_key_range = Some(range);
+        self
+    }
+
+    /// The owner and counter a conditional write of this lease must match.
+    pub fn fence(&self) -> LeaseFence {
+        LeaseFence {
+            owner: self.owner.clone(),
+            counter: self.counter,
+        }
+    }
+
+    /// True when the shard was processed to its end.
+    pub fn is_finished(&self) -> bool {
+        self.checkpoint.is_shard_end()
+    }
+}
+
+/// The state a conditional lease write expects to find: the owner and the counter.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct LeaseFence {
+    /// Expected `leaseOwner` (`None`: the lease must be unowned).
+    pub owner: Option<String>,
+    /// Expected `leaseCounter`.
+    pub counter: u64,
+}
+
+/// A change to a lease. Each one also increments the counter.
+///
+/// [`LeaseUpdate::apply`] defines the result; a [`LeaseStore`] must store exactly that.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum LeaseUpdate {
+    /// Heartbeat: only the counter changes.
+    Renew,
+    /// Change the owner; counts an owner switch.
+    Take {
+        /// The new owner's worker id.
+        new_owner: String,
+    },
+    /// Store a checkpoint; resets the owner-switch count.
+    Checkpoint {
+        /// The new checkpoint.
+        checkpoint: Checkpoint,
+    },
+    /// Clear the owner so another worker can take the lease at once.
+    Release,
+}
+
+impl LeaseUpdate {
+    /// The lease after this update.
+    pub fn apply(&self, lease: &Lease) -> Lease {
+        let mut next = lease.clone();
+        next.counter = lease.counter + 1;
+        match self {
+            LeaseUpdate::Renew => {}
+            LeaseUpdate::Take { new_owner } => {
+                next.owner = Some(new_owner.clone());
+                next.owner_switches_since_checkpoint += 1;
+            }
+            LeaseUpdate::Checkpoint { checkpoint } => {
+                next.checkpoint = checkpoint.clone();
+                next.owner_switches_since_checkpoint = 0;
+            }
+            LeaseUpdate::Release => next.owner = None,
+        }
+        next
+    }
+
+    /// The operation's name in errors and logs.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            LeaseUpdate::Renew => "renew",
+            LeaseUpdate::Take { .. } => "take",
+            LeaseUpdate::Checkpoint { .. } => "checkpoint",
+            LeaseUpdate::Release => "release",
+        }
+    }
+}
+
+/// The result of reading the whole lease table.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct LeaseScan {
+    /// The leases that decoded.
+    pub leases: Vec<Lease>,
+    /// One [`Error::InvalidLeaseItem`] per item that did not decode. These items are skipped:
+    /// one garbage item must not stop a whole fleet.
+    pub invalid: Vec<Error>,
+}
+
+/// Storage of the lease table: the seam between the core and DynamoDB.
+///
+/// Implementations map failures onto [`Error`] variants: `LeaseConditionFailed` when a
+/// condition does not hold, `Throttled` / `Transient` for retryable failures, and
+/// `LeaseTableNotFound`, `LeaseTableSchema`, `InvalidLeaseItem`, `Service` otherwise.
+#[async_trait]
+pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
+    /// The table's name, for messages.
+    fn table_name(&self) -> &str;
+
+    /// Makes the table usable: creates it if missing, waits until it is active, and checks
+    /// its schema.
+    async fn initialize(&self) -> Result<()>;
+
+    /// Every lease in the table.
+    async fn list_leases(&self) -> Result<LeaseScan>;
+
+    /// One lease, or `None` if there is no item with that key.
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>>;
+
+    /// Stores `lease` unless an item with its key exists. Returns whether it was created.
+    /// Two workers creating the same lease at once is harmless: exactly one creates it.
+    async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool>;
+
+    /// Applies `update` if the stored lease matches `fence`; returns the lease as stored after
+    /// the write (`update.apply(stored)`).
+    ///
+    /// # Errors
+    /// [`Error::LeaseConditionFailed`] when the lease is missing or does not match `fence`,
+    /// with the stored lease in `current` when available.
+    async fn update_lease(
+        &self,
+        lease_key: &str,
+        fence: &LeaseFence,
+        update: &LeaseUpdate,
+    ) -> Result<Lease>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sequence::SequenceNumber;
+
+    #[test]
+    fn every_update_bumps_the_counter() {
+        let lease = Lease::new("shardId-0", Checkpoint::TrimHorizon);
+        let updates = [
+            LeaseUpdate::Renew,
+            LeaseUpdate::Take {
+                new_owner: "w1".into(),
+            },
+            LeaseUpdate::Checkpoint {
+                checkpoint: Checkpoint::at(SequenceNumber::new("5").unwrap(), 0),
+            },
+            LeaseUpdate::Release,
+        ];
+        for update in updates {
+            assert_eq!(
+                update.apply(&lease).counter,
+                lease.counter + 1,
+                "{update:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn take_counts_owner_switches_and_checkpoint_resets_them() {
+        let lease = Lease::new("shardId-0", Checkpoint::TrimHorizon);
+        let taken = LeaseUpdate::Take {
+            new_owner: "w1".into(),
+        }
+        .apply(&lease);
+        assert_eq!(taken.owner.as_deref(), Some("w1"));
+        assert_eq!(taken.owner_switches_since_checkpoint, 1);
+        let checkpointed = LeaseUpdate::Checkpoint {
+            checkpoint: Checkpoint::ShardEnd,
+        }
+        .apply(&taken);
+        assert_eq!(checkpointed.owner_switches_since_checkpoint, 0);
+        assert!(checkpointed.is_finished());
+        assert_eq!(LeaseUpdate::Release.apply(&checkpointed).owner, None);
+    }
+}

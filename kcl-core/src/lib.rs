@@ -1,0 +1,38 @@
+#![doc = include_str!("../README.md")]
+#![deny(rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
+#![warn(missing_docs)]
+
+mod backoff;
+mod checkpoint;
+mod config;
+mod consumer;
+mod error;
+#[cfg(feature = "kinesis")]
+mod kinesis;
+pub mod lease;
+mod processor;
+mod sequence;
+mod stream;
+#[cfg(feature = "test-util")]
+pub mod testing;
+mod worker;
+
+pub use checkpoint::Checkpointer;
+pub use config::{
+    InitialPosition, LeaseConfig, PollingConfig, ProcessingConfig, RetryConfig, WorkerConfig,
+};
+pub use error::{BoxError, Error, ErrorKind, Result, Service};
+#[cfg(feature = "kinesis")]
+pub use kinesis::KinesisStreamClient;
+pub use lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+pub use processor::{RecordProcessor, RecordProcessorFactory};
+pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
+pub use stream::{
+    ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
+};
+pub use worker::Worker;
+
+/// Re-exported so processors need no direct dependency to implement the trait.
+pub use async_trait::async_trait;
+/// Re-exported: [`Worker::run`] takes one to know when to shut down.
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,503 @@
+//! In-memory [`StreamClient`] and [`LeaseStore`] for tests and simulations (feature
+//! `test-util`). They implement the same semantics as Kinesis and the DynamoDB lease store
+//! (conditional writes, iterators that expire after five minutes of Tokio time, closed
+//! shards that end) and let tests inject failures.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::error::{Error, Result, Service};
+use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+use crate::sequence::SequenceNumber;
+use crate::stream::{
+    ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
+};
+
+/// Shard iterators expire after five minutes, as in Kinesis.
+const ITERATOR_LIFETIME: Duration = Duration::from_secs(300);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn injected(service: Service, operation: &'static str) -> Error {
+    Error::Transient {
+        service,
+        operation,
+        source: "injected failure".into(),
+    }
+}
+
+/// A lease table in memory.
+#[derive(Debug)]
+pub struct InMemoryLeaseStore {
+    table: String,
+    leases: Mutex<BTreeMap<String, Lease>>,
+    update_calls: AtomicUsize,
+    failing_updates: AtomicUsize,
+    failing_scans: AtomicUsize,
+}
+
+impl InMemoryLeaseStore {
+    /// An empty table.
+    pub fn new(table: impl Into<String>) -> Self {
+        InMemoryLeaseStore {
+            table: table.into(),
+            leases: Mutex::new(BTreeMap::new()),
+            update_calls: AtomicUsize::new(0),
+            failing_updates: AtomicUsize::new(0),
+            failing_scans: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next `n` calls of `update_lease` fail with a transient error and change nothing.
+    pub fn fail_next_updates(&self, n: usize) {
+        self.failing_updates.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` calls of `list_leases` fail with a transient error.
+    pub fn fail_next_scans(&self, n: usize) {
+        self.failing_scans.store(n, Ordering::SeqCst);
+    }
+
+    /// How many times `update_lease` was called.
+    pub fn update_calls(&self) -> usize {
+        self.update_calls.load(Ordering::SeqCst)
+    }
+
+    /// A copy of every lease.
+    pub fn leases(&self) -> Vec<Lease> {
+        lock(&self.leases).values().cloned().collect()
+    }
+
+    /// Stores a lease as given, bypassing conditions (test setup).
+    pub fn put(&self, lease: Lease) {
+        lock(&self.leases).insert(lease.lease_key.clone(), lease);
+    }
+
+    fn take_failure(counter: &AtomicUsize) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[async_trait]
+impl LeaseStore for InMemoryLeaseStore {
+    fn table_name(&self) -> &str {
+        &self.table
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn list_leases(&self) -> Result<LeaseScan> {
+        if Self::take_failure(&self.failing_scans) {
+            return Err(injected(Service::LeaseStore, "Scan"));
+        }
+        Ok(LeaseScan {
+            leases: self.leases(),
+            invalid: Vec::new(),
+        })
+    }
+
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
+        Ok(lock(&self.leases).get(lease_key).cloned())
+    }
+
+    async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+        let mut leases = lock(&self.leases);
+        if leases.contains_key(&lease.lease_key) {
+            return Ok(false);
+        }
+        leases.insert(lease.lease_key.clone(), lease.clone());
+        Ok(true)
+    }
+
+    async fn update_lease(
+        &self,
+        lease_key: &str,
+        fence: &LeaseFence,
+        update: &LeaseUpdate,
+    ) -> Result<Lease> {
+        self.update_calls.fetch_add(1, Ordering::SeqCst);
+        if Self::take_failure(&self.failing_updates) {
+            return Err(injected(Service::LeaseStore, "UpdateItem"));
+        }
+        let mut leases = lock(&self.leases);
+        match leases.get_mut(lease_key) {
+            Some(stored) if stored.fence() == *fence => {
+                *stored = update.apply(stored);
+                Ok(stored.clone())
+            }
+            current => Err(Error::LeaseConditionFailed {
+                lease_key: lease_key.to_owned(),
+                operation: update.operation(),
+                current: current.map(|l| Box::new(l.clone())),
+            }),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MemoryShard {
+    shard: Shard,
+    records: Vec<Record>,
+    children: Vec<ChildShard>,
+}
+
+#[derive(Debug)]
+struct IssuedIterator {
+    shard_id: String,
+    next_index: usize,
+    issued_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    shards: Vec<MemoryShard>,
+    next_sequence_number: u128,
+    iterators: HashMap<String, IssuedIterator>,
+    next_iterator_id: u64,
+    get_records_calls: HashMap<String, Vec<Instant>>,
+    failing_get_records: VecDeque<Error>,
+}
+
+impl StreamState {
+    fn shard(&self, shard_id: &str) -> Result<&MemoryShard> {
+        self.shards
+            .iter()
+            .find(|s| s.shard.shard_id == shard_id)
+            .ok_or_else(|| Error::Service {
+                service: Service::Kinesis,
+                operation: "GetShardIterator",
+                source: format!("shard {shard_id} does not exist").into(),
+            })
+    }
+
+    fn issue(&mut self, shard_id: &str, next_index: usize) -> String {
+        self.next_iterator_id += 1;
+        let id = format!("{shard_id}/{}", self.next_iterator_id);
+        self.iterators.insert(
+            id.clone(),
+            IssuedIterator {
+                shard_id: shard_id.to_owned(),
+                next_index,
+                issued_at: Instant::now(),
+            },
+        );
+        id
+    }
+}
+
+/// A Kinesis stream in memory.
+#[derive(Debug)]
+pub struct InMemoryStream {
+    name: String,
+    state: Mutex<StreamState>,
+    exists: std::sync::atomic::AtomicBool,
+    puts: AtomicU64,
+}
+
+impl InMemoryStream {
+    /// A stream of `shard_count` open shards splitting the hash key space evenly.
+    pub fn new(name: impl Into<String>, shard_count: u32) -> Self {
+        let stream = InMemoryStream {
+            name: name.into(),
+            state: Mutex::new(StreamState {
+                next_sequence_number: 1_000,
+                ..StreamState::default()
+            }),
+            exists: std::sync::atomic::AtomicBool::new(true),
+            puts: AtomicU64::new(0),
+        };
+        let width = u128::MAX / u128::from(shard_count.max(1));
+        {
+            let mut state = lock(&stream.state);
+            for i in 0..shard_count.max(1) {
+                let start = width * u128::from(i);
+                let end = if i + 1 == shard_count.max(1) {
+                    u128::MAX
+                } else {
+                    start + width - 1
+                };
+                state.shards.push(MemoryShard {
+                    shard: Shard::new(
+                        format!("shardId-{i:012}"),
+                        HashKeyRange {
+                            starting_hash_key: start,
+                            ending_hash_key: end,
+                        },
+                    ),
+                    records: Vec::new(),
+                    children: Vec::new(),
+                });
+            }
+        }
+        stream
+    }
+
+    /// A stream that does not exist: every call fails with [`Error::StreamNotFound`].
+    pub fn missing(name: impl Into<String>) -> Self {
+        let stream = Self::new(name, 1);
+        stream.exists.store(false, Ordering::SeqCst);
+        stream
+    }
+
+    /// The hash key of a partition key: 128 well-mixed bits (Kinesis uses MD5; any even
+    /// spread will do here).
+    pub fn hash_key(partition_key: &str) -> u128 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in partition_key.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let mix = |mut z: u64| {
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        (u128::from(mix(h)) << 64) | u128::from(mix(h ^ 0x9e37_79b9_7f4a_7c15))
+    }
+
+    /// Appends a record to the open shard serving the partition key; returns its shard id and
+    /// sequence number.
+    pub fn put_record(
+        &self,
+        partition_key: &str,
+        data: impl Into<Vec<u8>>,
+    ) -> (String, SequenceNumber) {
+        let hash = Self::hash_key(partition_key);
+        let mut state = lock(&self.state);
+        let index = state
+            .shards
+            .iter()
+            .position(|s| {
+                s.shard.is_open()
+                    && (s.shard.hash_key_range.starting_hash_key
+                        ..=s.shard.hash_key_range.ending_hash_key)
+                        .contains(&hash)
+            })
+            .expect("the open shards cover the key space");
+        state.next_sequence_number += 1;
+        let sequence_number = SequenceNumber::new(state.next_sequence_number.to_string())
+            .expect("a number is a sequence number");
+        let record = Record::new(sequence_number.clone(), partition_key, data)
+            .with_approximate_arrival_timestamp(SystemTime::now());
+        let shard = &mut state.shards[index];
+        shard.records.push(record);
+        self.puts.fetch_add(1, Ordering::Relaxed);
+        (shard.shard.shard_id.clone(), sequence_number)
+    }
+
+    /// The next `GetRecords` calls fail with these errors, in order.
+    pub fn fail_next_get_records(&self, errors: impl IntoIterator<Item = Error>) {
+        lock(&self.state).failing_get_records.extend(errors);
+    }
+
+    /// When each `GetRecords` call on `shard_id` was answered (Tokio time).
+    pub fn get_records_calls(&self, shard_id: &str) -> Vec<Instant> {
+        lock(&self.state)
+            .get_records_calls
+            .get(shard_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Makes every iterator issued so far expire.
+    pub fn expire_iterators(&self) {
+        let mut state = lock(&self.state);
+        for iterator in state.iterators.values_mut() {
+            iterator.issued_at -= ITERATOR_LIFETIME;
+        }
+    }
+
+    fn check_exists(&self) -> Result<()> {
+        if self.exists.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::StreamNotFound {
+                stream: self.name.clone(),
+            })
+        }
+    }
+}
+
+#[async_trait]
+impl StreamClient for InMemoryStream {
+    fn stream_name(&self) -> &str {
+        &self.name
+    }
+
+    async fn list_shards(&self) -> Result<Vec<Shard>> {
+        self.check_exists()?;
+        Ok(lock(&self.state)
+            .shards
+            .iter()
+            .map(|s| s.shard.clone())
+            .collect())
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<String> {
+        self.check_exists()?;
+        let mut state = lock(&self.state);
+        let shard = state.shard(shard_id)?;
+        let records = &shard.records;
+        let index = match position {
+            StartingPosition::TrimHorizon => 0,
+            StartingPosition::Latest => records.len(),
+            StartingPosition::AtTimestamp(at) => records
+                .iter()
+                .position(|r| r.approximate_arrival_timestamp.is_some_and(|t| t >= *at))
+                .unwrap_or(records.len()),
+            StartingPosition::AtSequenceNumber(s) => {
+                records.partition_point(|r| r.sequence_number < *s)
+            }
+            StartingPosition::AfterSequenceNumber(s) => {
+                records.partition_point(|r| r.sequence_number <= *s)
+            }
+        };
+        Ok(state.issue(shard_id, index))
+    }
+
+    async fn get_records(
+        &self,
+        shard_id: &str,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<RecordsPage> {
+        self.check_exists()?;
+        let mut state = lock(&self.state);
+        state
+            .get_records_calls
+            .entry(shard_id.to_owned())
+            .or_default()
+            .push(Instant::now());
+        if let Some(error) = state.failing_get_records.pop_front() {
+            return Err(error);
+        }
+        // Kinesis lets an iterator be used again until it expires (a retry does that).
+        let Some(iterator) = state.iterators.get(shard_iterator) else {
+            return Err(Error::Service {
+                service: Service::Kinesis,
+                operation: "GetRecords",
+                source: format!("unknown shard iterator {shard_iterator}").into(),
+            });
+        };
+        if iterator.issued_at + ITERATOR_LIFETIME <= Instant::now() {
+            return Err(Error::ExpiredIterator {
+                shard_id: shard_id.to_owned(),
+            });
+        }
+        let (shard_id, next_index) = (iterator.shard_id.clone(), iterator.next_index);
+        let shard = state.shard(&shard_id)?;
+        let end = (next_index + limit as usize).min(shard.records.len());
+        let records = shard.records[next_index..end].to_vec();
+        let millis_behind = shard.records.get(end).map_or(0, |next| {
+            next.approximate_arrival_timestamp
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        });
+        let finished = !shard.shard.is_open() && end == shard.records.len();
+        let children = if finished {
+            shard.children.clone()
+        } else {
+            Vec::new()
+        };
+        let next = (!finished).then(|| state.issue(&shard_id, end));
+        Ok(RecordsPage::new(records, next)
+            .with_millis_behind_latest(millis_behind)
+            .with_child_shards(children))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_through_a_shard_and_expires_iterators() {
+        let stream = InMemoryStream::new("s", 1);
+        for i in 0..5 {
+            stream.put_record(&format!("k{i}"), vec![i]);
+        }
+        let it = stream
+            .get_shard_iterator("shardId-000000000000", &StartingPosition::TrimHorizon)
+            .await
+            .unwrap();
+        let page = stream
+            .get_records("shardId-000000000000", &it, 3)
+            .await
+            .unwrap();
+        assert_eq!(page.records.len(), 3);
+        let page = stream
+            .get_records(
+                "shardId-000000000000",
+                page.next_shard_iterator.as_ref().unwrap(),
+                3,
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.records.len(), 2);
+        tokio::time::advance(ITERATOR_LIFETIME).await;
+        let err = stream
+            .get_records(
+                "shardId-000000000000",
+                page.next_shard_iterator.as_ref().unwrap(),
+                3,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::ExpiredIterator { .. }));
+    }
+
+    #[tokio::test]
+    async fn conditional_updates_check_owner_and_counter() {
+        let store = InMemoryLeaseStore::new("t");
+        assert!(
+            store
+                .create_lease_if_absent(&Lease::new("a", crate::Checkpoint::TrimHorizon))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .create_lease_if_absent(&Lease::new("a", crate::Checkpoint::Latest))
+                .await
+                .unwrap()
+        );
+        let wrong = LeaseFence {
+            owner: Some("w".into()),
+            counter: 0,
+        };
+        let err = store
+            .update_lease("a", &wrong, &LeaseUpdate::Renew)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::LeaseConditionFailed {
+                current: Some(_),
+                ..
+            }
+        ));
+        let err = store
+            .update_lease("zz", &wrong, &LeaseUpdate::Renew)
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            Error::LeaseConditionFailed { current: None, .. }
+        ));
+    }
+}

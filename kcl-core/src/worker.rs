@@ -1,0 +1,543 @@
+//! The [`Worker`]: keeps the lease table in step with the stream, takes and renews leases,
+//! runs a shard consumer per held lease, and shuts down cleanly.
+//!
+//! Tasks and their owners:
+//! - the worker's own loop (the future returned by [`Worker::run`]) owns everything below;
+//! - the lease renewer: one task in the worker's `background` set, stopped by its own token
+//!   after the consumers have stopped and the leases are released; if it ends on its own the
+//!   worker treats that as a failure and shuts down;
+//! - one shard consumer task per held lease, in the worker's `consumers` set; each is asked to
+//!   stop through a child token of `consumers_stop` and its exit is observed and acted on
+//!   (lease released, dropped, or kept for release at shutdown). Each consumer owns its poller.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::backoff::{SeedSource, retry};
+use crate::config::{InitialPosition, WorkerConfig};
+use crate::consumer::{ShardConsumer, ShardExit};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::held::{HeldLease, HeldLeases};
+use crate::lease::renewer::run_renewer;
+use crate::lease::taker::{LeaseObservations, TakeDecision, TakeInput, leases_to_take};
+use crate::lease::{Lease, LeaseStore, LeaseUpdate};
+use crate::processor::RecordProcessorFactory;
+use crate::sequence::Checkpoint;
+use crate::stream::StreamClient;
+
+/// Attempts of a lease-table or stream call made at start-up or at shutdown.
+const SETUP_ATTEMPTS: usize = 5;
+
+/// Consumes a Kinesis stream with a [`RecordProcessor`](crate::RecordProcessor) per shard,
+/// coordinating with the other workers of the same application through the lease table.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use kcl_core::{Checkpointer, LeaseStore, Record, RecordProcessor, StreamClient, Worker, WorkerConfig};
+/// # use tokio_util::sync::CancellationToken;
+/// struct Print;
+///
+/// #[async_trait::async_trait]
+/// impl RecordProcessor for Print {
+///     type Error = kcl_core::Error;
+///     async fn process_records(
+///         &mut self,
+///         records: &[Record],
+///         checkpointer: &mut Checkpointer,
+///         _millis_behind_latest: Option<u64>,
+///     ) -> Result<(), Self::Error> {
+///         for record in records {
+///             println!("{} {}", record.partition_key, record.data.len());
+///         }
+///         checkpointer.checkpoint().await
+///     }
+/// }
+///
+/// # async fn run(stream: Arc<dyn StreamClient>, leases: Arc<dyn LeaseStore>) -> kcl_core::Result<()> {
+/// let config = WorkerConfig::new("orders-app", "orders");
+/// let worker = Worker::new(config, stream, leases, |_shard_id: &str| Print)?;
+/// let shutdown = CancellationToken::new();
+/// worker.run(shutdown).await
+/// # }
+/// ```
+pub struct Worker<F> {
+    config: Arc<WorkerConfig>,
+    stream: Arc<dyn StreamClient>,
+    store: Arc<dyn LeaseStore>,
+    factory: Arc<F>,
+}
+
+impl<F> std::fmt::Debug for Worker<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .field("stream", &self.stream)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: RecordProcessorFactory> Worker<F> {
+    /// A worker for `config`, reading through `stream`, coordinating through `lease_store`,
+    /// with a processor per shard from `factory`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `config` does not validate.
+    pub fn new(
+        config: WorkerConfig,
+        stream: Arc<dyn StreamClient>,
+        lease_store: Arc<dyn LeaseStore>,
+        factory: F,
+    ) -> Result<Self> {
+        config.validate()?;
+        Ok(Worker {
+            config: Arc::new(config),
+            stream,
+            store: lease_store,
+            factory: Arc::new(factory),
+        })
+    }
+
+    /// This worker's id, as written in `leaseOwner`.
+    pub fn worker_id(&self) -> &str {
+        &self.config.worker_id
+    }
+
+    /// Runs until `shutdown` is cancelled or a fatal error, then shuts down gracefully: each
+    /// processor finishes its batch and gets `shutdown_requested` (within
+    /// [`WorkerConfig::shutdown_timeout`]), and every held lease is released so that other
+    /// workers, or a restart, continue from the checkpoints at once.
+    ///
+    /// # Errors
+    /// Fatal start-up errors (lease table unusable, stream missing) and fatal errors while
+    /// running (the stream was deleted, a worker task failed). Failures of single shards are
+    /// handled and logged, not returned.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let span = info_span!(
+            "worker",
+            worker_id = %self.config.worker_id,
+            application = %self.config.application_name,
+            stream = %self.config.stream,
+        );
+        let coordinator = Coordinator {
+            seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
+            config: self.config,
+            stream: self.stream,
+            store: self.store,
+            factory: self.factory,
+            held: Arc::new(HeldLeases::default()),
+            observations: LeaseObservations::new(),
+            consumers: JoinSet::new(),
+            consumer_leases: HashMap::new(),
+            running: HashMap::new(),
+            consumers_stop: CancellationToken::new(),
+            reported_invalid: HashSet::new(),
+        };
+        coordinator.run(shutdown).instrument(span).await
+    }
+}
+
+/// The worker's state while it runs.
+struct Coordinator<F> {
+    config: Arc<WorkerConfig>,
+    stream: Arc<dyn StreamClient>,
+    store: Arc<dyn LeaseStore>,
+    factory: Arc<F>,
+    seeds: Arc<SeedSource>,
+    held: Arc<HeldLeases>,
+    observations: LeaseObservations,
+    consumers: JoinSet<ShardExit>,
+    /// Which lease each consumer task serves (to act on a task that panicked).
+    consumer_leases: HashMap<Id, String>,
+    /// Lease key → the running consumer's stop token.
+    running: HashMap<String, CancellationToken>,
+    consumers_stop: CancellationToken,
+    /// Invalid lease items already logged, so each is reported once.
+    reported_invalid: HashSet<String>,
+}
+
+enum Event {
+    Shutdown,
+    ConsumerExited(std::result::Result<(Id, ShardExit), JoinError>),
+    RenewerExited(std::result::Result<(), JoinError>),
+    TakeLeases,
+    SyncShards,
+}
+
+impl<F: RecordProcessorFactory> Coordinator<F> {
+    async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let setup = self
+            .config
+            .lease
+            .retry
+            .with_max_attempts(Some(SETUP_ATTEMPTS));
+        let store = self.store.clone();
+        retry(
+            "lease table initialization",
+            setup.backoff(self.seeds.next_seed()),
+            || store.initialize(),
+        )
+        .await?;
+        self.sync_shards().await?;
+        info!(lease_table = %self.store.table_name(), "worker started");
+
+        let renewer_stop = CancellationToken::new();
+        let mut background = JoinSet::new();
+        background.spawn(
+            run_renewer(
+                self.held.clone(),
+                self.store.clone(),
+                self.config.lease.clone(),
+                self.seeds.clone(),
+                renewer_stop.clone(),
+            )
+            .in_current_span(),
+        );
+
+        let mut taker = tokio::time::interval(self.config.lease.taker_interval);
+        taker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let sync_every = self.config.lease.shard_sync_interval;
+        let mut sync = tokio::time::interval_at(Instant::now() + sync_every, sync_every);
+        sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+        let outcome = loop {
+            // Pick the next event; act on it outside the select so lease writes run to
+            // completion.
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Event::Shutdown,
+                Some(joined) = self.consumers.join_next_with_id() => Event::ConsumerExited(joined),
+                Some(joined) = background.join_next() => Event::RenewerExited(joined),
+                _ = taker.tick() => Event::TakeLeases,
+                _ = sync.tick() => Event::SyncShards,
+            };
+            match event {
+                Event::Shutdown => break Ok(()),
+                Event::ConsumerExited(joined) => self.on_consumer_exit(joined).await,
+                Event::RenewerExited(joined) => {
+                    break Err(Error::TaskFailed {
+                        task: "lease renewer".into(),
+                        problem: match joined {
+                            Ok(()) => "stopped without being asked to".into(),
+                            Err(e) => e.to_string(),
+                        },
+                    });
+                }
+                Event::TakeLeases => self.take_leases().await,
+                Event::SyncShards => match self.sync_shards().await {
+                    Err(e @ Error::StreamNotFound { .. }) => break Err(e),
+                    Err(e) => warn!(error = %e, "shard sync failed; next sync retries"),
+                    Ok(()) => {}
+                },
+            }
+        };
+        if let Err(e) = &outcome {
+            error!(error = %e, "worker stopping after a fatal error");
+        }
+
+        self.stop_consumers().await;
+        self.release_all().await;
+        renewer_stop.cancel();
+        while let Some(joined) = background.join_next().await {
+            if let Err(e) = joined {
+                error!(error = %e, "lease renewer failed");
+            }
+        }
+        info!("worker stopped");
+        outcome
+    }
+
+    /// Creates leases for open shards that have none.
+    async fn sync_shards(&mut self) -> Result<()> {
+        let setup = self
+            .config
+            .lease
+            .retry
+            .with_max_attempts(Some(SETUP_ATTEMPTS));
+        let stream = self.stream.clone();
+        let shards = retry("ListShards", setup.backoff(self.seeds.next_seed()), || {
+            stream.list_shards()
+        })
+        .await?;
+        let store = self.store.clone();
+        let scan = retry("lease scan", setup.backoff(self.seeds.next_seed()), || {
+            store.list_leases()
+        })
+        .await?;
+        self.report_invalid(&scan.invalid);
+        let existing: HashSet<&str> = scan.leases.iter().map(|l| l.lease_key.as_str()).collect();
+        let initial = match self.config.initial_position {
+            InitialPosition::TrimHorizon => Checkpoint::TrimHorizon,
+            InitialPosition::Latest => Checkpoint::Latest,
+            InitialPosition::AtTimestamp(_) => Checkpoint::AtTimestamp,
+        };
+        let mut created = 0usize;
+        for shard in shards
+            .iter()
+            .filter(|s| s.is_open() && !existing.contains(s.shard_id.as_str()))
+        {
+            let lease = Lease::new(&shard.shard_id, initial.clone())
+                .with_parents(shard.parent_shard_ids())
+                .with_hash_key_range(shard.hash_key_range);
+            let store = self.store.clone();
+            if retry(
+                "create lease",
+                setup.backoff(self.seeds.next_seed()),
+                || {
+                    let (store, lease) = (store.clone(), lease.clone());
+                    async move { store.create_lease_if_absent(&lease).await }
+                },
+            )
+            .await?
+            {
+                created += 1;
+            }
+        }
+        info!(
+            shards = shards.len(),
+            leases_created = created,
+            "shard sync"
+        );
+        Ok(())
+    }
+
+    fn report_invalid(&mut self, invalid: &[Error]) {
+        for error in invalid {
+            let key = match error {
+                Error::InvalidLeaseItem { lease_key, .. } => lease_key.clone(),
+                other => other.to_string(),
+            };
+            if self.reported_invalid.insert(key) {
+                warn!(error = %error, "skipping a lease item that does not decode");
+            }
+        }
+    }
+
+    /// One taking round: read the table, update the observations, take what the taker says.
+    async fn take_leases(&mut self) {
+        let scan = match self.store.list_leases().await {
+            Ok(scan) => scan,
+            Err(e) => {
+                warn!(error = %e, "lease scan failed; next round retries");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.report_invalid(&scan.invalid);
+        self.observations.observe(&scan.leases, now);
+        // A consumer still winding down keeps its lease out of reach, so one shard never has
+        // two consumers in this worker.
+        let held: BTreeSet<String> = self
+            .held
+            .all()
+            .iter()
+            .map(|l| l.lease_key().to_owned())
+            .chain(self.running.keys().cloned())
+            .collect();
+        let decisions = leases_to_take(&TakeInput {
+            worker_id: &self.config.worker_id,
+            leases: &scan.leases,
+            held: &held,
+            observations: &self.observations,
+            now,
+            lease_duration: self.config.lease.lease_duration,
+            max_leases_per_worker: self.config.lease.max_leases_per_worker,
+            seed: self.seeds.next_seed(),
+        });
+        let takeable = scan
+            .leases
+            .iter()
+            .filter(|l| !l.is_finished() && l.owner.is_none())
+            .count();
+        if decisions.is_empty()
+            && takeable > 0
+            && held.len() >= self.config.lease.max_leases_per_worker
+        {
+            warn!(
+                unowned_leases = takeable,
+                held = held.len(),
+                max_leases_per_worker = self.config.lease.max_leases_per_worker,
+                "lease spill-over: unowned leases left because this worker is at its limit"
+            );
+        }
+        for decision in decisions {
+            self.take(decision).await;
+        }
+    }
+
+    async fn take(&mut self, decision: TakeDecision) {
+        let sent_at = Instant::now();
+        let update = LeaseUpdate::Take {
+            new_owner: self.config.worker_id.clone(),
+        };
+        match self
+            .store
+            .update_lease(&decision.lease_key, &decision.fence, &update)
+            .await
+        {
+            Ok(lease) => {
+                info!(lease_key = %lease.lease_key, reason = ?decision.reason, counter = lease.counter, "took lease");
+                let held = HeldLease::new(
+                    lease,
+                    &self.config.worker_id,
+                    self.config.lease.lease_duration,
+                    sent_at,
+                );
+                self.held.insert(held.clone());
+                self.start_consumer(held);
+            }
+            Err(e) if e.kind() == ErrorKind::ConditionFailed => {
+                debug!(lease_key = %decision.lease_key, "lease changed before the take; another worker got it");
+            }
+            Err(e) => warn!(lease_key = %decision.lease_key, error = %e, "taking a lease failed"),
+        }
+    }
+
+    fn start_consumer(&mut self, lease: Arc<HeldLease>) {
+        let key = lease.lease_key().to_owned();
+        let stop = self.consumers_stop.child_token();
+        let (factory, store, stream, config, seeds) = (
+            self.factory.clone(),
+            self.store.clone(),
+            self.stream.clone(),
+            self.config.clone(),
+            self.seeds.clone(),
+        );
+        let shutdown = stop.clone();
+        let task_key = key.clone();
+        let handle = self.consumers.spawn(
+            async move {
+                // Created inside the task: a factory that panics fails this shard only.
+                let processor = factory.create_processor(&task_key);
+                ShardConsumer {
+                    lease,
+                    store,
+                    stream,
+                    config,
+                    seeds,
+                    processor,
+                    shutdown,
+                }
+                .run()
+                .await
+            }
+            .in_current_span(),
+        );
+        self.consumer_leases.insert(handle.id(), key.clone());
+        self.running.insert(key, stop);
+    }
+
+    async fn on_consumer_exit(&mut self, joined: std::result::Result<(Id, ShardExit), JoinError>) {
+        let (id, exit) = match joined {
+            Ok((id, exit)) => (id, exit),
+            Err(e) => {
+                let problem = if e.is_panic() {
+                    "panicked"
+                } else {
+                    "was aborted"
+                };
+                (
+                    e.id(),
+                    ShardExit::Failed(Error::TaskFailed {
+                        task: "shard consumer".into(),
+                        problem: problem.into(),
+                    }),
+                )
+            }
+        };
+        let Some(key) = self.consumer_leases.remove(&id) else {
+            error!(task = %id, "exit of an unknown shard consumer");
+            return;
+        };
+        self.running.remove(&key);
+        match exit {
+            ShardExit::ShardEnded { children } => {
+                let children: Vec<&str> = children.iter().map(|c| c.shard_id.as_str()).collect();
+                info!(lease_key = %key, ?children, "shard finished; releasing its lease");
+                self.release(&key).await;
+            }
+            ShardExit::LeaseLost => {
+                self.held.remove(&key);
+            }
+            // Released with the others once every consumer has stopped.
+            ShardExit::Shutdown => {}
+            ShardExit::Failed(e) => {
+                error!(lease_key = %key, error = %e, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
+                self.release(&key).await;
+            }
+        }
+    }
+
+    async fn release(&mut self, key: &str) {
+        if let Some(lease) = self.held.remove(key) {
+            release_lease(&lease, self.store.as_ref(), &self.config, &self.seeds).await;
+        }
+    }
+
+    /// Asks every consumer to stop and waits up to the shutdown timeout; consumers that do not
+    /// finish in time are aborted (their processors dropped mid-call).
+    async fn stop_consumers(&mut self) {
+        self.consumers_stop.cancel();
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.consumers.join_next_with_id()).await {
+                Ok(Some(joined)) => self.on_consumer_exit(joined).await,
+                Ok(None) => return,
+                Err(_) => {
+                    warn!(
+                        consumers = self.consumers.len(),
+                        timeout = ?self.config.shutdown_timeout,
+                        "shard consumers did not stop in time; aborting them"
+                    );
+                    self.consumers.abort_all();
+                    while let Some(joined) = self.consumers.join_next_with_id().await {
+                        self.on_consumer_exit(joined).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Releases every held lease, in parallel.
+    async fn release_all(&mut self) {
+        let leases = self.held.all();
+        for lease in &leases {
+            self.held.remove(lease.lease_key());
+        }
+        let (store, config, seeds) = (self.store.as_ref(), &self.config, &self.seeds);
+        futures::future::join_all(
+            leases
+                .iter()
+                .map(|lease| release_lease(lease, store, config, seeds)),
+        )
+        .await;
+    }
+}
+
+async fn release_lease(
+    lease: &HeldLease,
+    store: &dyn LeaseStore,
+    config: &WorkerConfig,
+    seeds: &SeedSource,
+) {
+    if lease.is_lost() {
+        return;
+    }
+    let backoff = config
+        .lease
+        .retry
+        .with_max_attempts(Some(SETUP_ATTEMPTS))
+        .backoff(seeds.next_seed());
+    match retry("release lease", backoff, || lease.release(store)).await {
+        Ok(()) => info!(lease_key = %lease.lease_key(), "released lease"),
+        Err(e) => {
+            warn!(lease_key = %lease.lease_key(), error = %e, "could not release lease; it will expire")
+        }
+    }
+}
