@@ -1,0 +1,8 @@
+#![doc = include_str!("../README.md")]
+#![deny(rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
+#![warn(missing_docs)]
+
+pub mod schema;
+mod store;
+
+pub use store::DynamoLeaseStore;

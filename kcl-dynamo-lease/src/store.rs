@@ -1,0 +1,441 @@
+//! [`DynamoLeaseStore`]: the [`LeaseStore`] on a DynamoDB table.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
+};
+use kcl_core::{Error, Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, Result, Service};
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::schema::{
+    CHECKPOINT, CHECKPOINT_SUB_SEQUENCE_NUMBER, LEASE_COUNTER, LEASE_KEY, LEASE_OWNER,
+    OWNER_SWITCHES_SINCE_CHECKPOINT, lease_from_item, lease_to_item, number,
+};
+
+/// A lease table in DynamoDB, named after the application.
+///
+/// The table has the hash key `leaseKey` (string) and no range key, as in the Java KCL, and
+/// on-demand billing when this store creates it. Every write is conditional.
+#[derive(Debug, Clone)]
+pub struct DynamoLeaseStore {
+    client: Client,
+    table: String,
+    create_if_missing: bool,
+    table_active_timeout: Duration,
+}
+
+/// How often table creation is polled. DynamoDB usually activates a new on-demand table within
+/// seconds.
+const TABLE_POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+impl DynamoLeaseStore {
+    /// A store for `table` (usually the application name). Endpoint, region and credentials
+    /// come from the SDK config the client was built with, so `AWS_ENDPOINT_URL_DYNAMODB`
+    /// points it at DynamoDB Local.
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        DynamoLeaseStore {
+            client,
+            table: table.into(),
+            create_if_missing: true,
+            table_active_timeout: Duration::from_secs(120),
+        }
+    }
+
+    /// Whether [`LeaseStore::initialize`] creates a missing table (default `true`). When
+    /// `false`, a missing table is [`Error::LeaseTableNotFound`].
+    #[must_use]
+    pub fn with_create_if_missing(mut self, create: bool) -> Self {
+        self.create_if_missing = create;
+        self
+    }
+
+    /// How long [`LeaseStore::initialize`] waits for the table to become active (default 2 min).
+    #[must_use]
+    pub fn with_table_active_timeout(mut self, timeout: Duration) -> Self {
+        self.table_active_timeout = timeout;
+        self
+    }
+
+    fn error<E>(&self, operation: &'static str, err: SdkError<E>) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        classify(&self.table, operation, err)
+    }
+
+    /// The table's status and key schema, or `None` when it does not exist.
+    async fn describe(&self) -> Result<Option<aws_sdk_dynamodb::types::TableDescription>> {
+        match self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+        {
+            Ok(output) => Ok(output.table),
+            Err(e) => match self.error("DescribeTable", e) {
+                Error::LeaseTableNotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn create_table(&self) -> Result<()> {
+        let key = AttributeDefinition::builder()
+            .attribute_name(LEASE_KEY)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(|e| build_error("CreateTable", e))?;
+        let schema = KeySchemaElement::builder()
+            .attribute_name(LEASE_KEY)
+            .key_type(KeyType::Hash)
+            .build()
+            .map_err(|e| build_error("CreateTable", e))?;
+        let result = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .attribute_definitions(key)
+            .key_schema(schema)
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await;
+        match result {
+            Ok(_) => {
+                info!(table = %self.table, "created lease table");
+                Ok(())
+            }
+            // Another worker created it first.
+            Err(e) if e.code() == Some("ResourceInUseException") => Ok(()),
+            Err(e) => Err(self.error("CreateTable", e)),
+        }
+    }
+
+    fn check_schema(&self, table: &aws_sdk_dynamodb::types::TableDescription) -> Result<()> {
+        let keys: Vec<String> = table
+            .key_schema()
+            .iter()
+            .map(|k| format!("{} {}", k.attribute_name(), k.key_type().as_str()))
+            .collect();
+        let key_type = table
+            .attribute_definitions()
+            .iter()
+            .find(|d| d.attribute_name() == LEASE_KEY)
+            .map(|d| d.attribute_type().as_str().to_owned());
+        if keys != [format!("{LEASE_KEY} HASH")] || key_type.as_deref() != Some("S") {
+            return Err(Error::LeaseTableSchema {
+                table: self.table.clone(),
+                problem: format!(
+                    "key schema is [{}] with `{LEASE_KEY}` of type {}; a lease table has the \
+                     single hash key `{LEASE_KEY}` of type S",
+                    keys.join(", "),
+                    key_type.as_deref().unwrap_or("(undefined)")
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn build_error(operation: &'static str, e: aws_sdk_dynamodb::error::BuildError) -> Error {
+    Error::Service {
+        service: Service::LeaseStore,
+        operation,
+        source: e.into(),
+    }
+}
+
+/// The one place where DynamoDB SDK errors are mapped onto [`Error`] variants. (A failed
+/// condition is recognised where the lease is known, in [`DynamoLeaseStore::update_lease`].)
+fn classify<E>(table: &str, operation: &'static str, err: SdkError<E>) -> Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let service = Service::LeaseStore;
+    let status = match &err {
+        SdkError::ServiceError(e) => Some(e.raw().status().as_u16()),
+        _ => None,
+    };
+    match (&err, err.code()) {
+        (
+            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_),
+            _,
+        ) => Error::Transient {
+            service,
+            operation,
+            source: err.into(),
+        },
+        (_, Some("ResourceNotFoundException")) => Error::LeaseTableNotFound {
+            table: table.to_owned(),
+        },
+        (
+            _,
+            Some(
+                "ProvisionedThroughputExceededException"
+                | "RequestLimitExceeded"
+                | "ThrottlingException"
+                | "LimitExceededException",
+            ),
+        ) => Error::Throttled {
+            service,
+            operation,
+            source: err.into(),
+        },
+        (
+            _,
+            Some("InternalServerError" | "ServiceUnavailable" | "TransactionConflictException"),
+        ) => Error::Transient {
+            service,
+            operation,
+            source: err.into(),
+        },
+        _ if status.is_some_and(|s| s >= 500) => Error::Transient {
+            service,
+            operation,
+            source: err.into(),
+        },
+        _ => Error::Service {
+            service,
+            operation,
+            source: err.into(),
+        },
+    }
+}
+
+/// The condition, update expression, names and values of one conditional lease update.
+type UpdateRequest = (
+    String,
+    String,
+    HashMap<String, String>,
+    HashMap<String, AttributeValue>,
+);
+
+/// The condition and update expressions of one lease update.
+fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<UpdateRequest> {
+    let mut names = HashMap::from([
+        ("#key".to_owned(), LEASE_KEY.to_owned()),
+        ("#owner".to_owned(), LEASE_OWNER.to_owned()),
+        ("#counter".to_owned(), LEASE_COUNTER.to_owned()),
+    ]);
+    let mut values = HashMap::from([
+        (":expected_counter".to_owned(), number(fence.counter)),
+        (":next_counter".to_owned(), number(fence.counter + 1)),
+    ]);
+    let owner_condition = match &fence.owner {
+        Some(owner) => {
+            values.insert(
+                ":expected_owner".to_owned(),
+                AttributeValue::S(owner.clone()),
+            );
+            "#owner = :expected_owner"
+        }
+        None => "attribute_not_exists(#owner)",
+    };
+    // attribute_exists(#key): an update must never create a lease that was deleted.
+    let condition =
+        format!("attribute_exists(#key) AND #counter = :expected_counter AND {owner_condition}");
+    let update_expression = match update {
+        LeaseUpdate::Renew => "SET #counter = :next_counter".to_owned(),
+        LeaseUpdate::Take { new_owner } => {
+            names.insert(
+                "#switches".to_owned(),
+                OWNER_SWITCHES_SINCE_CHECKPOINT.to_owned(),
+            );
+            values.insert(
+                ":new_owner".to_owned(),
+                AttributeValue::S(new_owner.clone()),
+            );
+            values.insert(":zero".to_owned(), number(0));
+            values.insert(":one".to_owned(), number(1));
+            "SET #owner = :new_owner, #counter = :next_counter, \
+             #switches = if_not_exists(#switches, :zero) + :one"
+                .to_owned()
+        }
+        LeaseUpdate::Checkpoint { checkpoint } => {
+            names.insert("#checkpoint".to_owned(), CHECKPOINT.to_owned());
+            names.insert("#sub".to_owned(), CHECKPOINT_SUB_SEQUENCE_NUMBER.to_owned());
+            names.insert(
+                "#switches".to_owned(),
+                OWNER_SWITCHES_SINCE_CHECKPOINT.to_owned(),
+            );
+            values.insert(
+                ":checkpoint".to_owned(),
+                AttributeValue::S(checkpoint.as_text().to_owned()),
+            );
+            values.insert(":sub".to_owned(), number(checkpoint.sub_sequence_number()));
+            values.insert(":zero".to_owned(), number(0));
+            "SET #checkpoint = :checkpoint, #sub = :sub, #switches = :zero, #counter = :next_counter".to_owned()
+        }
+        LeaseUpdate::Release => "SET #counter = :next_counter REMOVE #owner".to_owned(),
+        // `LeaseUpdate` is non-exhaustive: a kcl-core newer than this crate may add one.
+        other => {
+            return Err(Error::Service {
+                service: Service::LeaseStore,
+                operation: "UpdateItem",
+                source: format!(
+                    "lease update {other:?} is not supported by this kcl-dynamo-lease version"
+                )
+                .into(),
+            });
+        }
+    };
+    Ok((condition, update_expression, names, values))
+}
+
+#[async_trait]
+impl LeaseStore for DynamoLeaseStore {
+    fn table_name(&self) -> &str {
+        &self.table
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        let deadline = Instant::now() + self.table_active_timeout;
+        let mut created = false;
+        loop {
+            match self.describe().await? {
+                None if !created && self.create_if_missing => {
+                    self.create_table().await?;
+                    created = true;
+                }
+                None if !created => {
+                    return Err(Error::LeaseTableNotFound {
+                        table: self.table.clone(),
+                    });
+                }
+                // Just created: DescribeTable may not show it yet.
+                None => {}
+                Some(table) => {
+                    self.check_schema(&table)?;
+                    if table.table_status() == Some(&TableStatus::Active) {
+                        return Ok(());
+                    }
+                    debug!(table = %self.table, status = ?table.table_status(), "waiting for the lease table");
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    service: Service::LeaseStore,
+                    operation: "waiting for the lease table to become active",
+                    timeout: self.table_active_timeout,
+                });
+            }
+            tokio::time::sleep(TABLE_POLL_INTERVAL).await;
+        }
+    }
+
+    async fn list_leases(&self) -> Result<LeaseScan> {
+        let mut scan = LeaseScan::default();
+        let mut start_key = None;
+        loop {
+            let output = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| self.error("Scan", e))?;
+            for item in output.items() {
+                match lease_from_item(&self.table, item) {
+                    Ok(lease) => scan.leases.push(lease),
+                    Err(e) => scan.invalid.push(e),
+                }
+            }
+            start_key = output.last_evaluated_key;
+            if start_key.is_none() {
+                return Ok(scan);
+            }
+        }
+    }
+
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, AttributeValue::S(lease_key.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.error("GetItem", e))?;
+        output
+            .item
+            .as_ref()
+            .map(|item| lease_from_item(&self.table, item))
+            .transpose()
+    }
+
+    async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(lease_to_item(lease)))
+            .condition_expression("attribute_not_exists(#key)")
+            .expression_attribute_names("#key", LEASE_KEY)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
+            Err(e) => Err(self.error("PutItem", e)),
+        }
+    }
+
+    async fn update_lease(
+        &self,
+        lease_key: &str,
+        fence: &LeaseFence,
+        update: &LeaseUpdate,
+    ) -> Result<Lease> {
+        let (condition, update_expression, names, values) = update_expressions(fence, update)?;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, AttributeValue::S(lease_key.to_owned()))
+            .condition_expression(condition)
+            .update_expression(update_expression)
+            .set_expression_attribute_names(Some(names))
+            .set_expression_attribute_values(Some(values))
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(output) => {
+                let item = output.attributes.unwrap_or_default();
+                lease_from_item(&self.table, &item)
+            }
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), UpdateItemError::ConditionalCheckFailedException(_)) =>
+            {
+                let UpdateItemError::ConditionalCheckFailedException(failed) = e.into_err() else {
+                    unreachable!("matched above")
+                };
+                // The stored lease, if it still exists and decodes; a garbage item counts as
+                // changed, which is what it is.
+                let current = failed
+                    .item
+                    .as_ref()
+                    .and_then(|item| lease_from_item(&self.table, item).ok())
+                    .map(Box::new);
+                Err(Error::LeaseConditionFailed {
+                    lease_key: lease_key.to_owned(),
+                    operation: update.operation(),
+                    current,
+                })
+            }
+            Err(e) => Err(self.error("UpdateItem", e)),
+        }
+    }
+}
