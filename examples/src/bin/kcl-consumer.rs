@@ -1,0 +1,248 @@
+//! kcl-consumer: consumes a Kinesis stream with a fleet-aware worker and prints one JSON line
+//! per record.
+//!
+//! ```text
+//! kcl-consumer --app NAME --stream NAME [--initial-position trim-horizon|latest|at-timestamp=RFC3339]
+//!              [--worker-id ID] [--output PATH] [lease and polling settings]
+//! ```
+//!
+//! Endpoints, region and credentials come from the standard AWS environment and config files.
+//! Each batch is written and flushed to the output, then checkpointed, so a record is
+//! checkpointed only once it is on disk. SIGTERM or SIGINT shuts down gracefully
+//! (`shutdown_requested` checkpoints, leases are released) and the process exits 0.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use kcl_core::{
+    CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, LeaseConfig, LeaseStore,
+    PollingConfig, Record, RecordProcessor, StreamClient, Worker, WorkerConfig, async_trait,
+};
+use kcl_dynamo_lease::DynamoLeaseStore;
+use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Mutex;
+use tracing::{error, info};
+
+#[derive(Debug, Parser)]
+#[command(about = "Consume a Kinesis stream and print one JSON line per record")]
+struct Args {
+    /// Application name: workers with the same name share the shards; names the lease table.
+    #[arg(long)]
+    app: String,
+    /// Stream name or ARN.
+    #[arg(long)]
+    stream: String,
+    /// Where shards without a checkpoint start: trim-horizon, latest, at-timestamp=RFC3339.
+    #[arg(long, default_value = "latest", value_parser = parse_initial_position)]
+    initial_position: InitialPosition,
+    /// Worker id (default: host name and a random UUID).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// Output file, appended to (default: stdout).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Lease table name (default: the application name).
+    #[arg(long)]
+    lease_table: Option<String>,
+    /// Lease duration, e.g. 10s.
+    #[arg(long, value_parser = parse_duration)]
+    lease_duration: Option<Duration>,
+    /// Lease renewal interval, e.g. 3s.
+    #[arg(long, value_parser = parse_duration)]
+    renewal_interval: Option<Duration>,
+    /// Interval of lease taking rounds, e.g. 2s.
+    #[arg(long, value_parser = parse_duration)]
+    taker_interval: Option<Duration>,
+    /// Interval of shard syncs, e.g. 60s.
+    #[arg(long, value_parser = parse_duration)]
+    shard_sync_interval: Option<Duration>,
+    /// Most leases this worker holds.
+    #[arg(long)]
+    max_leases_per_worker: Option<usize>,
+    /// Most records per GetRecords call (1 to 10000).
+    #[arg(long)]
+    max_records: Option<u32>,
+    /// Pause after an empty read, e.g. 1500ms.
+    #[arg(long, value_parser = parse_duration)]
+    idle_time_between_empty_reads: Option<Duration>,
+    /// Batches fetched ahead of processing.
+    #[arg(long)]
+    max_prefetched_batches: Option<usize>,
+    /// How long a graceful shutdown waits for processors, e.g. 20s.
+    #[arg(long, value_parser = parse_duration)]
+    shutdown_timeout: Option<Duration>,
+}
+
+impl Args {
+    fn config(&self) -> WorkerConfig {
+        let defaults = LeaseConfig::default();
+        let lease = LeaseConfig::default()
+            .with_lease_duration(self.lease_duration.unwrap_or(defaults.lease_duration))
+            .with_renewal_interval(self.renewal_interval.unwrap_or(defaults.renewal_interval))
+            .with_taker_interval(self.taker_interval.unwrap_or(defaults.taker_interval))
+            .with_shard_sync_interval(
+                self.shard_sync_interval
+                    .unwrap_or(defaults.shard_sync_interval),
+            )
+            .with_max_leases_per_worker(
+                self.max_leases_per_worker
+                    .unwrap_or(defaults.max_leases_per_worker),
+            );
+        let polling_defaults = PollingConfig::default();
+        let polling = PollingConfig::default()
+            .with_max_records(self.max_records.unwrap_or(polling_defaults.max_records))
+            .with_idle_time_between_empty_reads(
+                self.idle_time_between_empty_reads
+                    .unwrap_or(polling_defaults.idle_time_between_empty_reads),
+            )
+            .with_max_prefetched_batches(
+                self.max_prefetched_batches
+                    .unwrap_or(polling_defaults.max_prefetched_batches),
+            );
+        let mut config = WorkerConfig::new(&self.app, &self.stream)
+            .with_initial_position(self.initial_position)
+            .with_lease(lease)
+            .with_polling(polling);
+        if let Some(id) = &self.worker_id {
+            config = config.with_worker_id(id);
+        }
+        if let Some(table) = &self.lease_table {
+            config = config.with_lease_table_name(table);
+        }
+        if let Some(timeout) = self.shutdown_timeout {
+            config = config.with_shutdown_timeout(timeout);
+        }
+        config
+    }
+}
+
+type Output = Arc<Mutex<Box<dyn AsyncWrite + Send + Unpin>>>;
+
+/// Writes each record as a JSON line, flushes, then checkpoints.
+struct JsonLines {
+    shard_id: String,
+    output: Output,
+}
+
+#[async_trait]
+impl RecordProcessor for JsonLines {
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    async fn process_records(
+        &mut self,
+        records: &[Record],
+        checkpointer: &mut Checkpointer,
+        _millis_behind_latest: Option<u64>,
+    ) -> Result<(), Self::Error> {
+        let mut text = String::new();
+        for record in records {
+            text.push_str(&record_json_line(&self.shard_id, record));
+            text.push('\n');
+        }
+        {
+            let mut out = self.output.lock().await;
+            out.write_all(text.as_bytes()).await?;
+            out.flush().await?;
+        }
+        checkpointer.checkpoint().await?;
+        Ok(())
+    }
+
+    async fn shutdown_requested(
+        &mut self,
+        checkpointer: &mut Checkpointer,
+    ) -> Result<(), Self::Error> {
+        // Everything delivered was written and flushed in process_records.
+        checkpointer.checkpoint().await?;
+        Ok(())
+    }
+}
+
+async fn open_output(
+    path: Option<&PathBuf>,
+) -> std::io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
+    Ok(match path {
+        Some(path) => Box::new(
+            tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .await?,
+        ),
+        None => Box::new(tokio::io::stdout()),
+    })
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT.
+fn cancel_on_signal(token: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %e, "kcl-consumer failed");
+            let mut source = std::error::Error::source(e.as_ref());
+            while let Some(cause) = source {
+                error!(cause = %cause);
+                source = cause.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let config = args.config();
+    config.validate()?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+
+    let sdk = aws_config::load_from_env().await;
+    let stream: Arc<dyn StreamClient> = Arc::new(KinesisStreamClient::new(
+        aws_sdk_kinesis::Client::new(&sdk),
+        &config.stream,
+    ));
+    let leases: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        config.lease_table(),
+    ));
+    let output: Output = Arc::new(Mutex::new(open_output(args.output.as_ref()).await?));
+    let factory = {
+        let output = output.clone();
+        move |shard_id: &str| JsonLines {
+            shard_id: shard_id.to_owned(),
+            output: output.clone(),
+        }
+    };
+    let worker = Worker::new(config, stream, leases, factory)?;
+    info!(worker_id = worker.worker_id(), "starting");
+    worker.run(shutdown).await?;
+    output.lock().await.flush().await?;
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Helpers shared by the example CLIs (`kcl-consumer`, `kcl-producer`).
+
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use kcl_core::{InitialPosition, Record};
+use serde::Serialize;
+
+/// The workspace README, compiled as a doctest so its example cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
+/// Parses `500ms`, `10s`, `2m` or a bare number of milliseconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "ms"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration such as 500ms, 10s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("`{text}`: unit must be ms, s or m")),
+    }
+}
+
+/// Parses `trim-horizon`, `latest` or `at-timestamp=RFC3339`.
+pub fn parse_initial_position(text: &str) -> Result<InitialPosition, String> {
+    match text {
+        "trim-horizon" | "TRIM_HORIZON" => Ok(InitialPosition::TrimHorizon),
+        "latest" | "LATEST" => Ok(InitialPosition::Latest),
+        other => {
+            let Some(at) = other.strip_prefix("at-timestamp=") else {
+                return Err(format!(
+                    "`{other}`: expected trim-horizon, latest or at-timestamp=RFC3339"
+                ));
+            };
+            let time = aws_smithy_types::DateTime::from_str(
+                at,
+                aws_smithy_types::date_time::Format::DateTime,
+            )
+            .map_err(|e| format!("`{at}` is not an RFC 3339 time: {e}"))?;
+            let time = SystemTime::try_from(time).map_err(|e| format!("`{at}`: {e}"))?;
+            Ok(InitialPosition::AtTimestamp(time))
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RecordLine<'a> {
+    shard_id: &'a str,
+    sequence_number: &'a str,
+    sub_sequence_number: u64,
+    partition_key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+/// One record as a JSON object: `data` as text when it is UTF-8, else `data_base64`.
+pub fn record_json_line(shard_id: &str, record: &Record) -> String {
+    let text = std::str::from_utf8(&record.data).ok();
+    let line = RecordLine {
+        shard_id,
+        sequence_number: record.sequence_number.as_str(),
+        sub_sequence_number: record.sub_sequence_number,
+        partition_key: &record.partition_key,
+        data: text,
+        data_base64: text
+            .is_none()
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&record.data)),
+    };
+    serde_json::to_string(&line).expect("a record line serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kcl_core::SequenceNumber;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("10h").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn initial_positions() {
+        assert_eq!(
+            parse_initial_position("trim-horizon"),
+            Ok(InitialPosition::TrimHorizon)
+        );
+        assert_eq!(
+            parse_initial_position("latest"),
+            Ok(InitialPosition::Latest)
+        );
+        let at = parse_initial_position("at-timestamp=2024-05-01T12:00:00Z").unwrap();
+        let InitialPosition::AtTimestamp(t) = at else {
+            panic!("{at:?}")
+        };
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_714_564_800
+        );
+        assert!(parse_initial_position("at-timestamp=yesterday").is_err());
+        assert!(parse_initial_position("oldest").is_err());
+    }
+
+    #[test]
+    fn record_lines_use_text_or_base64() {
+        let seq = SequenceNumber::new("495903382714902566085596925383615710959").unwrap();
+        let text = Record::new(seq.clone(), "k", "héllo \"x\"");
+        let line: serde_json::Value =
+            serde_json::from_str(&record_json_line("shardId-1", &text)).unwrap();
+        assert_eq!(line["data"], "héllo \"x\"");
+        assert_eq!(line["shard_id"], "shardId-1");
+        assert_eq!(line["sequence_number"], seq.as_str());
+        assert_eq!(line["sub_sequence_number"], 0);
+        assert!(line.get("data_base64").is_none());
+        let binary = Record::new(seq, "k", vec![0xff, 0x00, 0xfe]);
+        let line: serde_json::Value =
+            serde_json::from_str(&record_json_line("shardId-1", &binary)).unwrap();
+        assert_eq!(line["data_base64"], "/wD+");
+        assert!(line.get("data").is_none());
+    }
+}
