@@ -1,0 +1,400 @@
+//! Helpers for the integration tests, which run against real servers: kinesis-mock for Kinesis
+//! and DynamoDB Local for the lease table, started by `scripts/test` and reached through the
+//! SDK's standard variables `AWS_ENDPOINT_URL_KINESIS` and `AWS_ENDPOINT_URL_DYNAMODB`.
+//!
+//! Without those servers every test fails with a message saying how to start them: an
+//! integration test never passes by skipping.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use kcl_core::{
+    CancellationToken, Checkpoint, Checkpointer, KinesisStreamClient, LeaseStore, Record,
+    RecordProcessor, StreamClient, Worker, WorkerConfig, async_trait,
+};
+use kcl_dynamo_lease::DynamoLeaseStore;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Upper bound for a test's waits: kinesis-mock is slow on two busy cores.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+fn require(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{var} is not set: the integration tests need kinesis-mock and DynamoDB Local. \
+             Run them with `scripts/test`, which installs and starts both servers."
+        ),
+    }
+}
+
+/// The SDK configuration for the local servers (endpoints, region and keys from the
+/// environment). Panics when the servers' variables are missing.
+pub async fn sdk_config() -> aws_config::SdkConfig {
+    require("AWS_ENDPOINT_URL_KINESIS");
+    require("AWS_ENDPOINT_URL_DYNAMODB");
+    aws_config::load_from_env().await
+}
+
+/// A Kinesis client for kinesis-mock.
+pub async fn kinesis() -> aws_sdk_kinesis::Client {
+    aws_sdk_kinesis::Client::new(&sdk_config().await)
+}
+
+/// A DynamoDB client for DynamoDB Local.
+pub async fn dynamodb() -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&sdk_config().await)
+}
+
+/// A name no other test uses: `prefix-` and 8 hex digits.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Creates a stream and waits until it is active.
+pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards: i32) {
+    client
+        .create_stream()
+        .stream_name(name)
+        .shard_count(shards)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateStream {name}: {e:?}"));
+    wait_for("stream active", Duration::from_secs(30), || async {
+        client
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| {
+                o.stream_description_summary()
+                    .map(|d| d.stream_status().clone())
+            })
+            == Some(StreamStatus::Active)
+    })
+    .await;
+}
+
+/// A record that was put: its id (the payload), shard and sequence number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Put {
+    /// The payload, unique per record.
+    pub data: String,
+    /// The partition key.
+    pub partition_key: String,
+    /// The shard Kinesis chose.
+    pub shard_id: String,
+    /// The sequence number Kinesis assigned.
+    pub sequence_number: String,
+}
+
+/// Puts records (`(partition key, payload)`), 500 per call, retrying rejected entries.
+pub async fn put_records(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    records: &[(String, String)],
+) -> Vec<Put> {
+    let mut puts = Vec::with_capacity(records.len());
+    for chunk in records.chunks(500) {
+        let mut pending: Vec<&(String, String)> = chunk.iter().collect();
+        while !pending.is_empty() {
+            let entries = pending
+                .iter()
+                .map(|(key, data)| {
+                    PutRecordsRequestEntry::builder()
+                        .partition_key(key)
+                        .data(Blob::new(data.as_bytes()))
+                        .build()
+                        .expect("entry")
+                })
+                .collect();
+            let output = client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("PutRecords {stream}: {e:?}"));
+            let mut failed = Vec::new();
+            for (record, result) in pending.iter().zip(output.records()) {
+                match (result.shard_id(), result.sequence_number()) {
+                    (Some(shard), Some(seq)) if result.error_code().is_none() => puts.push(Put {
+                        data: record.1.clone(),
+                        partition_key: record.0.clone(),
+                        shard_id: shard.to_owned(),
+                        sequence_number: seq.to_owned(),
+                    }),
+                    _ => failed.push(*record),
+                }
+            }
+            if !failed.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            pending = failed;
+        }
+    }
+    puts
+}
+
+/// `count` records `prefix-000000`… with partition keys spread over `keys` keys.
+pub fn records(prefix: &str, from: usize, count: usize, keys: usize) -> Vec<(String, String)> {
+    (from..from + count)
+        .map(|i| (format!("key-{}", i % keys), format!("{prefix}-{i:06}")))
+        .collect()
+}
+
+/// Waits until `done` returns true; panics after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What processors report, shared by all processors of a test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `initialize` with the starting checkpoint.
+    Initialized(Checkpoint),
+    /// `lease_lost`.
+    LeaseLost,
+    /// `shard_ended`.
+    ShardEnded,
+    /// `shutdown_requested`.
+    ShutdownRequested,
+}
+
+/// A delivered record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// Worker that processed it.
+    pub worker: String,
+    /// Shard it came from.
+    pub shard_id: String,
+    /// Its sequence number.
+    pub sequence_number: String,
+    /// Its payload as text.
+    pub data: String,
+}
+
+/// Deliveries, and events as (worker, shard, event).
+type Log = (Vec<Delivered>, Vec<(String, String, Event)>);
+
+/// The log of deliveries and events of one test.
+#[derive(Debug, Clone, Default)]
+pub struct Recorder(Arc<Mutex<Log>>);
+
+impl Recorder {
+    /// Everything delivered, in delivery order.
+    pub fn delivered(&self) -> Vec<Delivered> {
+        self.0.lock().unwrap().0.clone()
+    }
+    /// Number of deliveries.
+    pub fn count(&self) -> usize {
+        self.0.lock().unwrap().0.len()
+    }
+    /// Events of `shard_id`, in order, with the worker that reported them.
+    pub fn events(&self, shard_id: &str) -> Vec<(String, Event)> {
+        let log = self.0.lock().unwrap();
+        log.1
+            .iter()
+            .filter(|(_, s, _)| s == shard_id)
+            .map(|(w, _, e)| (w.clone(), e.clone()))
+            .collect()
+    }
+    /// All events.
+    pub fn all_events(&self) -> Vec<(String, String, Event)> {
+        self.0.lock().unwrap().1.clone()
+    }
+    fn event(&self, worker: &str, shard_id: &str, event: Event) {
+        self.0
+            .lock()
+            .unwrap()
+            .1
+            .push((worker.to_owned(), shard_id.to_owned(), event));
+    }
+    /// A factory of recording processors for `worker`.
+    pub fn factory(
+        &self,
+        worker: &str,
+    ) -> impl Fn(&str) -> RecordingProcessor + Send + Sync + 'static {
+        let (recorder, worker) = (self.clone(), worker.to_owned());
+        move |shard_id: &str| RecordingProcessor {
+            worker: worker.clone(),
+            shard_id: shard_id.to_owned(),
+            recorder: recorder.clone(),
+        }
+    }
+}
+
+/// Records each batch, then checkpoints it; checkpoints again when asked to shut down.
+#[derive(Debug)]
+pub struct RecordingProcessor {
+    worker: String,
+    shard_id: String,
+    recorder: Recorder,
+}
+
+#[async_trait]
+impl RecordProcessor for RecordingProcessor {
+    type Error = kcl_core::Error;
+
+    async fn initialize(
+        &mut self,
+        shard_id: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), Self::Error> {
+        self.recorder.event(
+            &self.worker,
+            shard_id,
+            Event::Initialized(checkpoint.clone()),
+        );
+        Ok(())
+    }
+
+    async fn process_records(
+        &mut self,
+        records: &[Record],
+        checkpointer: &mut Checkpointer,
+        _millis_behind_latest: Option<u64>,
+    ) -> Result<(), Self::Error> {
+        {
+            let mut log = self.recorder.0.lock().unwrap();
+            for r in records {
+                log.0.push(Delivered {
+                    worker: self.worker.clone(),
+                    shard_id: self.shard_id.clone(),
+                    sequence_number: r.sequence_number.to_string(),
+                    data: String::from_utf8_lossy(&r.data).into_owned(),
+                });
+            }
+        }
+        checkpointer.checkpoint().await
+    }
+
+    async fn lease_lost(&mut self) {
+        self.recorder
+            .event(&self.worker, &self.shard_id, Event::LeaseLost);
+    }
+
+    async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) -> Result<(), Self::Error> {
+        self.recorder
+            .event(&self.worker, &self.shard_id, Event::ShardEnded);
+        checkpointer.checkpoint().await
+    }
+
+    async fn shutdown_requested(
+        &mut self,
+        checkpointer: &mut Checkpointer,
+    ) -> Result<(), Self::Error> {
+        self.recorder
+            .event(&self.worker, &self.shard_id, Event::ShutdownRequested);
+        checkpointer.checkpoint().await
+    }
+}
+
+/// A worker running in a task of the test.
+#[derive(Debug)]
+pub struct RunningWorker {
+    /// Cancel to shut the worker down.
+    pub shutdown: CancellationToken,
+    /// The worker's task.
+    pub task: JoinHandle<kcl_core::Result<()>>,
+}
+
+impl RunningWorker {
+    /// Shuts the worker down gracefully and returns its result.
+    pub async fn stop(self) -> kcl_core::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("worker shut down in time")
+            .expect("worker task did not panic")
+    }
+}
+
+/// The stream client and lease store of `config`, on the local servers.
+pub async fn clients(config: &WorkerConfig) -> (Arc<dyn StreamClient>, Arc<dyn LeaseStore>) {
+    let sdk = sdk_config().await;
+    let stream = Arc::new(KinesisStreamClient::new(
+        aws_sdk_kinesis::Client::new(&sdk),
+        &config.stream,
+    ));
+    let store = Arc::new(DynamoLeaseStore::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        config.lease_table(),
+    ));
+    (stream, store)
+}
+
+/// Starts a worker with recording processors.
+pub async fn start_worker(config: WorkerConfig, recorder: &Recorder) -> RunningWorker {
+    let (stream, store) = clients(&config).await;
+    let factory = recorder.factory(&config.worker_id);
+    let worker = Worker::new(config, stream, store, factory).expect("valid config");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    RunningWorker { shutdown, task }
+}
+
+/// Deliveries grouped by shard, as sequence numbers in delivery order.
+pub fn by_shard(delivered: &[Delivered]) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in delivered {
+        map.entry(d.shard_id.clone())
+            .or_default()
+            .push(d.sequence_number.clone());
+    }
+    map
+}
+
+/// Puts grouped by shard, as sequence numbers in put order (which is shard order).
+pub fn puts_by_shard(puts: &[Put]) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in puts {
+        map.entry(p.shard_id.clone())
+            .or_default()
+            .push(p.sequence_number.clone());
+    }
+    for seqs in map.values_mut() {
+        seqs.sort_by(|a, b| (a.len(), a).cmp(&(b.len(), b)));
+    }
+    map
+}
+
+/// Path of a binary of the `kcl-examples` package, built on first use (once per test binary),
+/// so a CLI test never runs a stale binary.
+pub fn example_binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    BUILT.get_or_init(|| {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "kcl-examples", "--bins"])
+            .current_dir(&workspace)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the example CLIs failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    let path = target.join("debug").join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
