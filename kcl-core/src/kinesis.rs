@@ -22,6 +22,7 @@ use crate::stream::{
 pub struct KinesisStreamClient {
     client: Client,
     stream: String,
+    list_shards_page_size: Option<i32>,
 }
 
 impl KinesisStreamClient {
@@ -30,7 +31,15 @@ impl KinesisStreamClient {
         KinesisStreamClient {
             client,
             stream: stream.into(),
+            list_shards_page_size: None,
         }
+    }
+
+    /// Shards per `ListShards` page (1 to 10,000). Default: the service's (1,000).
+    #[must_use]
+    pub fn with_list_shards_page_size(mut self, size: i32) -> Self {
+        self.list_shards_page_size = Some(size);
+        self
     }
 
     fn is_arn(&self) -> bool {
@@ -166,6 +175,7 @@ impl StreamClient for KinesisStreamClient {
                 (None, false) => request.stream_name(&self.stream),
             };
             let output = request
+                .set_max_results(self.list_shards_page_size)
                 .send()
                 .await
                 .map_err(|e| self.error(OPERATION, None, e))?;

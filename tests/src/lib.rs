@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
@@ -379,22 +379,42 @@ pub fn puts_by_shard(puts: &[Put]) -> BTreeMap<String, Vec<String>> {
     map
 }
 
-/// Path of a binary of the `kcl-examples` package, built on first use (once per test binary),
-/// so a CLI test never runs a stale binary.
+/// Path of a binary of the `kcl-examples` package. `scripts/test` builds them before the
+/// tests run (a `cargo build` from inside `cargo test` inherits variables that make cargo
+/// rebuild the dependency tree); a missing binary, or one older than the library sources,
+/// fails the test with instructions instead of running stale code.
 pub fn example_binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    BUILT.get_or_init(|| {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "kcl-examples", "--bins"])
-            .current_dir(&workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the example CLIs failed");
-    });
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace.join("target"), PathBuf::from);
     let path = target.join("debug").join(name);
-    assert!(path.exists(), "{} was not built", path.display());
+    let hint = "run the tests with scripts/test, or `cargo build -p kcl-examples --bins` first";
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} does not exist: {hint}", path.display()));
+    for dir in ["kcl-core/src", "kcl-dynamo-lease/src", "examples/src"] {
+        if let Some(newer) = newest_file(&workspace.join(dir)).filter(|(t, _)| *t > built) {
+            panic!(
+                "{} is older than {}: {hint}",
+                path.display(),
+                newer.1.display()
+            );
+        }
+    }
     path
+}
+
+fn newest_file(dir: &std::path::Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                newest_file(&path)
+            } else {
+                Some((entry.metadata().ok()?.modified().ok()?, path))
+            }
+        })
+        .max()
 }

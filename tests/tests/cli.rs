@@ -60,24 +60,24 @@ async fn the_consumer_cli_consumes_everything_and_resumes_after_sigterm() {
     let kinesis = kinesis().await;
     let stream = unique("cli");
     create_stream(&kinesis, &stream, 4).await;
-    let first = put_records(&kinesis, &stream, &records("first", 0, 1200, 101)).await;
+    let first = put_records(&kinesis, &stream, &records("first", 0, 2000, 101)).await;
     let dir = std::env::temp_dir().join(unique("kcl-cli"));
     std::fs::create_dir_all(&dir).unwrap();
     let output = dir.join("records.jsonl");
     let app = unique("cli-app");
 
     let child = consumer(&app, &stream, &output).await;
-    wait_for("1200 lines", PATIENCE, || async {
-        lines(&output).len() >= 1200
+    wait_for("2000 lines", PATIENCE, || async {
+        lines(&output).len() >= 2000
     })
     .await;
     let status = sigterm(child).await;
     assert!(status.success(), "exit status after SIGTERM: {status}");
 
-    let second = put_records(&kinesis, &stream, &records("second", 0, 600, 101)).await;
+    let second = put_records(&kinesis, &stream, &records("second", 0, 1000, 101)).await;
     let child = consumer(&app, &stream, &output).await;
-    wait_for("1800 lines", PATIENCE, || async {
-        lines(&output).len() >= 1800
+    wait_for("3000 lines", PATIENCE, || async {
+        lines(&output).len() >= 3000
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await; // room for a re-delivery to show up
@@ -87,7 +87,7 @@ async fn the_consumer_cli_consumes_everything_and_resumes_after_sigterm() {
     let out = lines(&output);
     assert_eq!(
         out.len(),
-        1800,
+        3000,
         "no record written twice: the restart resumed after the checkpoints"
     );
     let data: BTreeSet<&str> = out.iter().map(|l| l["data"].as_str().unwrap()).collect();

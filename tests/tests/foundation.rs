@@ -709,3 +709,106 @@ async fn a_missing_stream_is_a_typed_error() {
         "{err:?}"
     );
 }
+
+/// Processes records one by one, checkpointing each, and fails on the record `poison`.
+struct Poisoned {
+    delivered: Arc<Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl RecordProcessor for Poisoned {
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    async fn process_records(
+        &mut self,
+        records: &[Record],
+        checkpointer: &mut Checkpointer,
+        _: Option<u64>,
+    ) -> Result<(), Self::Error> {
+        for record in records {
+            let data = String::from_utf8_lossy(&record.data).into_owned();
+            self.delivered.lock().unwrap().push(data.clone());
+            if data == "poison" {
+                return Err("cannot process the poison record".into());
+            }
+            checkpointer.checkpoint_record(record).await?;
+        }
+        Ok(())
+    }
+
+    async fn shutdown_requested(
+        &mut self,
+        checkpointer: &mut Checkpointer,
+    ) -> Result<(), Self::Error> {
+        // The usual "checkpoint everything on shutdown": must not cover the failed records.
+        checkpointer.checkpoint().await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_processor_is_never_checkpointed_past_the_record_it_failed_on() {
+    let kinesis = kinesis().await;
+    let stream = unique("poison");
+    create_stream(&kinesis, &stream, 1).await;
+    let mut input = records("ok", 0, 10, 1);
+    input.push(("key-0".into(), "poison".into()));
+    input.extend(records("after", 0, 10, 1));
+    let puts = put_records(&kinesis, &stream, &input).await;
+    let app = unique("app");
+    let fast_retry = kcl_core::ProcessingConfig::default().with_retry(
+        kcl_core::RetryConfig::new(Duration::from_millis(50), Duration::from_millis(100))
+            .with_max_attempts(Some(3)),
+    );
+    let config = config(&app, &stream, "w1").with_processing(fast_retry);
+    let (stream_client, store_client) = clients(&config).await;
+    let delivered = Arc::new(Mutex::new(Vec::new()));
+    let factory = {
+        let delivered = delivered.clone();
+        move |_: &str| Poisoned {
+            delivered: delivered.clone(),
+        }
+    };
+    let worker = Worker::new(config, stream_client, store_client.clone(), factory).unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    // Three attempts, then the shard restarts from its checkpoint and fails again.
+    wait_for(
+        "the poison record to be retried across a restart",
+        PATIENCE,
+        || async {
+            delivered
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|d| *d == "poison")
+                .count()
+                >= 6
+        },
+    )
+    .await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    let delivered = delivered.lock().unwrap().clone();
+    assert!(
+        delivered.iter().all(|d| !d.starts_with("after")),
+        "nothing after the poison record"
+    );
+    let ok: Vec<&String> = delivered.iter().filter(|d| d.starts_with("ok")).collect();
+    assert_eq!(
+        ok.len(),
+        10,
+        "the records before it were checkpointed once and not delivered again"
+    );
+    let lease = store_client
+        .get_lease(&puts[0].shard_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        lease.checkpoint.as_text(),
+        puts[9].sequence_number,
+        "checkpoint at the last good record"
+    );
+}
