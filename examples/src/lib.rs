@@ -11,6 +11,28 @@ use serde::Serialize;
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+/// Logs to stderr, at `RUST_LOG` or `info`, in colour only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
+/// Logs an error that ends a program, with its chain of causes.
+pub fn log_failure(program: &str, error: &(dyn std::error::Error + 'static)) {
+    tracing::error!(error = %error, "{program} failed");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        tracing::error!(cause = %cause);
+        source = cause.source();
+    }
+}
+
 /// Parses `500ms`, `10s`, `2m` or a bare number of milliseconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

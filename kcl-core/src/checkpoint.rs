@@ -193,7 +193,6 @@ mod tests {
 
     use super::*;
     use crate::config::RetryConfig;
-    use crate::lease::{Lease, LeaseFence};
     use crate::testing::InMemoryLeaseStore;
 
     fn seq(s: &str) -> SequenceNumber {
@@ -201,23 +200,7 @@ mod tests {
     }
 
     async fn checkpointer(store: &Arc<InMemoryLeaseStore>) -> Checkpointer {
-        store
-            .create_lease_if_absent(&Lease::new("s-0", Checkpoint::TrimHorizon))
-            .await
-            .unwrap();
-        let lease = store
-            .update_lease(
-                "s-0",
-                &LeaseFence {
-                    owner: None,
-                    counter: 0,
-                },
-                &LeaseUpdate::Take {
-                    new_owner: "w1".into(),
-                },
-            )
-            .await
-            .unwrap();
+        let lease = store.take_as("s-0", "w1");
         let held = HeldLease::new(lease, "w1", Duration::from_secs(10), Instant::now());
         let retry = RetryConfig::new(Duration::from_millis(1), Duration::from_millis(2))
             .with_max_attempts(Some(3));
@@ -295,17 +278,7 @@ mod tests {
         let store = Arc::new(InMemoryLeaseStore::new("t"));
         let mut cp = checkpointer(&store).await;
         cp.set_highest_delivered(ExtendedSequenceNumber::new(seq("30"), 0));
-        let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
-        store
-            .update_lease(
-                "s-0",
-                &fence,
-                &LeaseUpdate::Take {
-                    new_owner: "w2".into(),
-                },
-            )
-            .await
-            .unwrap();
+        store.take_as("s-0", "w2");
         let err = cp.checkpoint().await.unwrap_err();
         assert!(matches!(err, Error::LeaseLost { .. }), "{err:?}");
         assert_eq!(stored(&store).await, Checkpoint::TrimHorizon);

@@ -80,6 +80,23 @@ impl InMemoryLeaseStore {
         lock(&self.leases).insert(lease.lease_key.clone(), lease);
     }
 
+    /// Gives the lease to `owner` with a conditional take on its current fence, creating it
+    /// (at `TRIM_HORIZON`) if missing: what a worker does once it saw the lease expire.
+    ///
+    /// # Panics
+    /// If the take fails, which in a test means the setup is wrong.
+    pub fn take_as(&self, lease_key: &str, owner: &str) -> Lease {
+        let mut leases = lock(&self.leases);
+        let stored = leases
+            .entry(lease_key.to_owned())
+            .or_insert_with(|| Lease::new(lease_key, crate::Checkpoint::TrimHorizon));
+        *stored = LeaseUpdate::Take {
+            new_owner: owner.to_owned(),
+        }
+        .apply(stored);
+        stored.clone()
+    }
+
     fn take_failure(counter: &AtomicUsize) -> bool {
         counter
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

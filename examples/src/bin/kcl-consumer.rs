@@ -25,7 +25,7 @@ use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
-use tracing::{error, info};
+use tracing::info;
 
 #[derive(Debug, Parser)]
 #[command(about = "Consume a Kinesis stream and print one JSON line per record")]
@@ -194,24 +194,12 @@ fn cancel_on_signal(token: CancellationToken) -> std::io::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    kcl_examples::init_logging();
     let args = Args::parse();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!(error = %e, "kcl-consumer failed");
-            let mut source = std::error::Error::source(e.as_ref());
-            while let Some(cause) = source {
-                error!(cause = %cause);
-                source = cause.source();
-            }
+            kcl_examples::log_failure("kcl-consumer", e.as_ref());
             ExitCode::FAILURE
         }
     }

@@ -189,37 +189,18 @@ impl HeldLeases {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::LeaseFence;
-    use crate::sequence::Checkpoint;
     use crate::testing::InMemoryLeaseStore;
 
     const DURATION: Duration = Duration::from_secs(10);
 
-    async fn taken(store: &InMemoryLeaseStore, key: &str, worker: &str) -> Arc<HeldLease> {
-        store
-            .create_lease_if_absent(&Lease::new(key, Checkpoint::TrimHorizon))
-            .await
-            .unwrap();
-        let lease = store
-            .update_lease(
-                key,
-                &LeaseFence {
-                    owner: None,
-                    counter: 0,
-                },
-                &LeaseUpdate::Take {
-                    new_owner: worker.into(),
-                },
-            )
-            .await
-            .unwrap();
-        HeldLease::new(lease, worker, DURATION, Instant::now())
+    fn taken(store: &InMemoryLeaseStore, key: &str, worker: &str) -> Arc<HeldLease> {
+        HeldLease::new(store.take_as(key, worker), worker, DURATION, Instant::now())
     }
 
     #[tokio::test(start_paused = true)]
     async fn writes_chain_their_fences() {
         let store = InMemoryLeaseStore::new("t");
-        let held = taken(&store, "s-0", "w1").await;
+        let held = taken(&store, "s-0", "w1");
         let valid = held.valid_until();
         tokio::time::advance(Duration::from_secs(1)).await;
         held.write(&store, &LeaseUpdate::Renew).await.unwrap();
@@ -231,18 +212,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_taken_lease_is_lost_and_refuses_writes() {
         let store = InMemoryLeaseStore::new("t");
-        let held = taken(&store, "s-0", "w1").await;
-        let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
-        store
-            .update_lease(
-                "s-0",
-                &fence,
-                &LeaseUpdate::Take {
-                    new_owner: "w2".into(),
-                },
-            )
-            .await
-            .unwrap();
+        let held = taken(&store, "s-0", "w1");
+        store.take_as("s-0", "w2");
         let err = held.write(&store, &LeaseUpdate::Renew).await.unwrap_err();
         assert!(matches!(err, Error::LeaseLost { .. }), "{err:?}");
         assert!(held.is_lost());
@@ -256,7 +227,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unanswered_own_write_is_not_a_lost_lease() {
         let store = InMemoryLeaseStore::new("t");
-        let held = taken(&store, "s-0", "w1").await;
+        let held = taken(&store, "s-0", "w1");
         // A renewal of ours applied, but its answer never arrived.
         let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
         store
@@ -271,7 +242,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn release_clears_the_owner_and_ends_the_hold() {
         let store = InMemoryLeaseStore::new("t");
-        let held = taken(&store, "s-0", "w1").await;
+        let held = taken(&store, "s-0", "w1");
         held.release(&store).await.unwrap();
         assert_eq!(store.get_lease("s-0").await.unwrap().unwrap().owner, None);
         assert!(held.lost_token().is_cancelled());
