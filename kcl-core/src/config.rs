@@ -117,8 +117,24 @@ pub struct LeaseConfig {
     /// Default 60 s: the Java KCL's `shardSyncIntervalMillis`.
     pub shard_sync_interval: Duration,
     /// Most leases one worker holds. Default unlimited, as the Java KCL's `maxLeasesForWorker`
-    /// (`Integer.MAX_VALUE`).
+    /// (`Integer.MAX_VALUE`). Leases left over when every worker is at its limit are logged
+    /// and counted in [`WorkerStatus::spillover`](crate::WorkerStatus).
     pub max_leases_per_worker: usize,
+    /// Most leases a worker asks other workers for in one taking round. Default 50: a new
+    /// worker asks for its whole share at once (the Java KCL's `maxLeasesToStealAtOneTime` is
+    /// 1, so it takes one taker interval, 20 s, per lease), bounded so that one round's
+    /// handoffs stay a modest burst of processor restarts and lease writes. 0 disables
+    /// balancing by handoff (free and expired leases are still taken).
+    pub max_leases_to_steal: usize,
+    /// How long a worker waits for a lease it asked for to be handed over before it takes it
+    /// anyway, and how long a lease reserved for a worker waits for that worker. Default 10 s
+    /// (one lease duration): enough for a processor to finish a batch and checkpoint. (The
+    /// Java KCL 3's `gracefulLeaseHandoffTimeoutMillis` is 30 s.)
+    pub handoff_timeout: Duration,
+    /// How often a worker reads the leases it is waiting for, so it starts a handed-over shard
+    /// within this long of its release. Default 200 ms; one `BatchGetItem` per interval, and
+    /// only while a handoff is pending.
+    pub handoff_poll_interval: Duration,
     /// Backoff for retrying lease-table calls (renewals retry only while the lease has not
     /// run out). Default 100 ms to 1 s: several retries fit in one renewal interval.
     pub retry: RetryConfig,
@@ -132,6 +148,9 @@ impl Default for LeaseConfig {
             taker_interval: Duration::from_secs(2),
             shard_sync_interval: Duration::from_secs(60),
             max_leases_per_worker: usize::MAX,
+            max_leases_to_steal: 50,
+            handoff_timeout: Duration::from_secs(10),
+            handoff_poll_interval: Duration::from_millis(200),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
         }
     }
@@ -168,6 +187,24 @@ impl LeaseConfig {
         self.max_leases_per_worker = n;
         self
     }
+    /// Sets [`LeaseConfig::max_leases_to_steal`].
+    #[must_use]
+    pub fn with_max_leases_to_steal(mut self, n: usize) -> Self {
+        self.max_leases_to_steal = n;
+        self
+    }
+    /// Sets [`LeaseConfig::handoff_timeout`].
+    #[must_use]
+    pub fn with_handoff_timeout(mut self, d: Duration) -> Self {
+        self.handoff_timeout = d;
+        self
+    }
+    /// Sets [`LeaseConfig::handoff_poll_interval`].
+    #[must_use]
+    pub fn with_handoff_poll_interval(mut self, d: Duration) -> Self {
+        self.handoff_poll_interval = d;
+        self
+    }
     /// Sets [`LeaseConfig::retry`].
     #[must_use]
     pub fn with_retry(mut self, retry: RetryConfig) -> Self {
@@ -177,6 +214,26 @@ impl LeaseConfig {
 
     fn validate(&self) -> Result<()> {
         nonzero("lease.lease_duration", self.lease_duration)?;
+        nonzero("lease.handoff_poll_interval", self.handoff_poll_interval)?;
+        // The owner learns of a request at its next renewal or scan: give it that long, and
+        // the requester's polls some chances within the timeout.
+        let notice = self.renewal_interval.min(self.taker_interval);
+        if self.handoff_timeout <= notice {
+            return Err(Error::invalid_config(
+                "lease.handoff_timeout",
+                format!(
+                    "({:?}) must be longer than the shorter of lease.renewal_interval and \
+                     lease.taker_interval ({notice:?}): the owner learns of a request then",
+                    self.handoff_timeout
+                ),
+            ));
+        }
+        if self.handoff_poll_interval >= self.handoff_timeout {
+            return Err(Error::invalid_config(
+                "lease.handoff_poll_interval",
+                "must be shorter than lease.handoff_timeout",
+            ));
+        }
         nonzero("lease.renewal_interval", self.renewal_interval)?;
         nonzero("lease.taker_interval", self.taker_interval)?;
         nonzero("lease.shard_sync_interval", self.shard_sync_interval)?;
@@ -577,6 +634,24 @@ mod tests {
                     .validate()
             ),
             "lease.max_leases_per_worker"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_lease(LeaseConfig::default().with_handoff_timeout(Duration::from_secs(1)))
+                    .validate()
+            ),
+            "lease.handoff_timeout"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_lease(
+                        LeaseConfig::default().with_handoff_poll_interval(Duration::from_secs(11))
+                    )
+                    .validate()
+            ),
+            "lease.handoff_poll_interval"
         );
         assert_eq!(
             field_of(

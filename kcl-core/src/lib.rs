@@ -30,7 +30,7 @@ pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
 pub use stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
-pub use worker::Worker;
+pub use worker::{Worker, WorkerStatus};
 
 /// Re-exported so processors need no direct dependency to implement the trait.
 pub use async_trait::async_trait;

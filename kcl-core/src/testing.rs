@@ -149,7 +149,7 @@ impl LeaseStore for InMemoryLeaseStore {
         }
         let mut leases = lock(&self.leases);
         match leases.get_mut(lease_key) {
-            Some(stored) if stored.fence() == *fence => {
+            Some(stored) if stored.fence() == *fence && update.allowed(stored) => {
                 *stored = update.apply(stored);
                 Ok(stored.clone())
             }

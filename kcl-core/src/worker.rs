@@ -1,5 +1,5 @@
-//! The [`Worker`]: keeps the lease table in step with the stream, takes and renews leases,
-//! runs a shard consumer per held lease, and shuts down cleanly.
+//! The [`Worker`]: keeps the lease table in step with the stream, takes, balances and renews
+//! leases, runs a shard consumer per held lease, hands shards over, and shuts down cleanly.
 //!
 //! Tasks and their owners:
 //! - the worker's own loop (the future returned by [`Worker::run`]) owns everything below;
@@ -7,12 +7,14 @@
 //!   after the consumers have stopped and the leases are released; if it ends on its own the
 //!   worker treats that as a failure and shuts down;
 //! - one shard consumer task per held lease, in the worker's `consumers` set; each is asked to
-//!   stop through a child token of `consumers_stop` and its exit is observed and acted on
-//!   (lease released, dropped, or kept for release at shutdown). Each consumer owns its poller.
+//!   stop through a child token of `consumers_stop` (or its lease's handoff token) and its
+//!   exit is observed and acted on (lease released, handed over, dropped, or kept for release
+//!   at shutdown). Each consumer owns its poller.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -24,14 +26,39 @@ use crate::consumer::{ShardConsumer, ShardExit};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::held::{HeldLease, HeldLeases};
 use crate::lease::renewer::run_renewer;
-use crate::lease::taker::{LeaseObservations, TakeDecision, TakeInput, leases_to_take};
-use crate::lease::{Lease, LeaseStore, LeaseUpdate};
+use crate::lease::taker::{LeaseObservations, TakeDecision, TakeInput, TakeReason, plan};
+use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
 use crate::sequence::Checkpoint;
 use crate::stream::StreamClient;
 
 /// Attempts of a lease-table or stream call made at start-up or at shutdown.
 const SETUP_ATTEMPTS: usize = 5;
+
+/// What a running worker reports about itself after each taking round; see
+/// [`Worker::status`].
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct WorkerStatus {
+    /// Leases this worker holds.
+    pub held_leases: BTreeSet<String>,
+    /// Leases this worker asked other workers for and waits to be handed.
+    pub pending_handoffs: BTreeSet<String>,
+    /// Workers seen in the lease table (this one included).
+    pub workers: usize,
+    /// Leases of unfinished shards.
+    pub active_leases: usize,
+    /// Leases no known worker has room for under `max_leases_per_worker`.
+    pub spillover: usize,
+    /// Taking rounds run so far.
+    pub taking_rounds: u64,
+    /// Leases this worker handed to another worker on request.
+    pub handed_over: u64,
+    /// Leases this worker received through a handoff.
+    pub received: u64,
+    /// Handoffs this worker asked for that timed out and were taken by force.
+    pub forced_takes: u64,
+}
 
 /// Consumes a Kinesis stream with a [`RecordProcessor`](crate::RecordProcessor) per shard,
 /// coordinating with the other workers of the same application through the lease table.
@@ -70,6 +97,7 @@ pub struct Worker<F> {
     stream: Arc<dyn StreamClient>,
     store: Arc<dyn LeaseStore>,
     factory: Arc<F>,
+    status: watch::Sender<WorkerStatus>,
 }
 
 impl<F> std::fmt::Debug for Worker<F> {
@@ -100,6 +128,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             stream,
             store: lease_store,
             factory: Arc::new(factory),
+            status: watch::Sender::new(WorkerStatus::default()),
         })
     }
 
@@ -108,10 +137,16 @@ impl<F: RecordProcessorFactory> Worker<F> {
         &self.config.worker_id
     }
 
-    /// Runs until `shutdown` is cancelled or a fatal error, then shuts down gracefully: each
-    /// processor finishes its batch and gets `shutdown_requested` (within
-    /// [`WorkerConfig::shutdown_timeout`]), and every held lease is released so that other
-    /// workers, or a restart, continue from the checkpoints at once.
+    /// The worker's status, updated after every taking round while it runs.
+    pub fn status(&self) -> watch::Receiver<WorkerStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown` is cancelled or a fatal error, then shuts down gracefully:
+    /// the worker offers its leases to the other live workers, each processor finishes its
+    /// batch and gets `shutdown_requested` (within [`WorkerConfig::shutdown_timeout`]), and
+    /// every held lease is released to the worker it was offered to (or to anyone, without
+    /// other workers), so the shards continue from their checkpoints at once.
     ///
     /// # Errors
     /// Fatal start-up errors (lease table unusable, stream missing) and fatal errors while
@@ -137,6 +172,10 @@ impl<F: RecordProcessorFactory> Worker<F> {
             running: HashMap::new(),
             consumers_stop: CancellationToken::new(),
             reported_invalid: HashSet::new(),
+            incoming: BTreeMap::new(),
+            worker_loads: BTreeMap::new(),
+            status: self.status,
+            counters: WorkerStatus::default(),
         };
         coordinator.run(shutdown).instrument(span).await
     }
@@ -159,6 +198,13 @@ struct Coordinator<F> {
     consumers_stop: CancellationToken,
     /// Invalid lease items already logged, so each is reported once.
     reported_invalid: HashSet<String>,
+    /// Leases this worker asked for, and when it asked (its own clock).
+    incoming: BTreeMap<String, Instant>,
+    /// Load of each worker at the last taking round: where to offer leases at shutdown.
+    worker_loads: BTreeMap<String, usize>,
+    status: watch::Sender<WorkerStatus>,
+    /// The counters of the status.
+    counters: WorkerStatus,
 }
 
 enum Event {
@@ -166,6 +212,7 @@ enum Event {
     ConsumerExited(std::result::Result<(Id, ShardExit), JoinError>),
     RenewerExited(std::result::Result<(), JoinError>),
     TakeLeases,
+    PollHandoffs,
     SyncShards,
 }
 
@@ -199,9 +246,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .in_current_span(),
         );
 
-        let mut taker = tokio::time::interval(self.config.lease.taker_interval);
+        let lease_config = &self.config.lease;
+        let mut taker = tokio::time::interval(lease_config.taker_interval);
         taker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let sync_every = self.config.lease.shard_sync_interval;
+        let mut handoff_poll = tokio::time::interval(lease_config.handoff_poll_interval);
+        handoff_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let sync_every = lease_config.shard_sync_interval;
         let mut sync = tokio::time::interval_at(Instant::now() + sync_every, sync_every);
         sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
@@ -214,6 +264,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 Some(joined) = self.consumers.join_next_with_id() => Event::ConsumerExited(joined),
                 Some(joined) = background.join_next() => Event::RenewerExited(joined),
                 _ = taker.tick() => Event::TakeLeases,
+                _ = handoff_poll.tick(), if !self.incoming.is_empty() => Event::PollHandoffs,
                 _ = sync.tick() => Event::SyncShards,
             };
             match event {
@@ -229,6 +280,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     });
                 }
                 Event::TakeLeases => self.take_leases().await,
+                Event::PollHandoffs => self.poll_handoffs().await,
                 Event::SyncShards => match self.sync_shards().await {
                     Err(e @ Error::StreamNotFound { .. }) => break Err(e),
                     Err(e) => warn!(error = %e, "shard sync failed; next sync retries"),
@@ -240,6 +292,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             error!(error = %e, "worker stopping after a fatal error");
         }
 
+        self.offer_leases_before_stopping().await;
         self.stop_consumers().await;
         self.release_all().await;
         renewer_stop.cancel();
@@ -248,6 +301,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 error!(error = %e, "lease renewer failed");
             }
         }
+        self.publish_status(None);
         info!("worker stopped");
         outcome
     }
@@ -318,7 +372,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         }
     }
 
-    /// One taking round: read the table, update the observations, take what the taker says.
+    /// One taking round: read the table, update the observations, pass on requests for held
+    /// leases, then take and ask for what the planner says.
     async fn take_leases(&mut self) {
         let scan = match self.store.list_leases().await {
             Ok(scan) => scan,
@@ -330,6 +385,23 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let now = Instant::now();
         self.report_invalid(&scan.invalid);
         self.observations.observe(&scan.leases, now);
+        self.forget_lost_leases();
+        let me = self.config.worker_id.clone();
+        for lease in &scan.leases {
+            match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
+                // Someone asked for a lease we hold: hand it over.
+                (Some(owner), Some(to)) if owner == me => {
+                    if let Some(held) = self.held.get(&lease.lease_key) {
+                        held.handoff_requested(to);
+                    }
+                }
+                // A lease offered to us, or asked for by us: watch it closely.
+                (Some(_), Some(to)) if to == me => {
+                    self.incoming.entry(lease.lease_key.clone()).or_insert(now);
+                }
+                _ => {}
+            }
+        }
         // A consumer still winding down keeps its lease out of reach, so one shard never has
         // two consumers in this worker.
         let held: BTreeSet<String> = self
@@ -339,38 +411,119 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .map(|l| l.lease_key().to_owned())
             .chain(self.running.keys().cloned())
             .collect();
-        let decisions = leases_to_take(&TakeInput {
+        let lease_config = &self.config.lease;
+        let decisions = plan(&TakeInput {
             worker_id: &self.config.worker_id,
             leases: &scan.leases,
             held: &held,
             observations: &self.observations,
             now,
-            lease_duration: self.config.lease.lease_duration,
-            max_leases_per_worker: self.config.lease.max_leases_per_worker,
+            lease_duration: lease_config.lease_duration,
+            handoff_timeout: lease_config.handoff_timeout,
+            max_leases_per_worker: lease_config.max_leases_per_worker,
+            max_leases_to_steal: lease_config.max_leases_to_steal,
             seed: self.seeds.next_seed(),
         });
-        let takeable = scan
-            .leases
-            .iter()
-            .filter(|l| !l.is_finished() && l.owner.is_none())
-            .count();
-        if decisions.is_empty()
-            && takeable > 0
-            && held.len() >= self.config.lease.max_leases_per_worker
-        {
+        if decisions.spillover > 0 {
             warn!(
-                unowned_leases = takeable,
-                held = held.len(),
-                max_leases_per_worker = self.config.lease.max_leases_per_worker,
-                "lease spill-over: unowned leases left because this worker is at its limit"
+                spillover = decisions.spillover,
+                workers = decisions.workers,
+                max_leases_per_worker = lease_config.max_leases_per_worker,
+                "lease spill-over: more leases than the known workers may hold"
             );
         }
-        for decision in decisions {
+        if !decisions.take.is_empty() || !decisions.request_handoff.is_empty() {
+            debug!(
+                workers = decisions.workers,
+                leases = decisions.active_leases,
+                mine = decisions.counted_for_me,
+                take = decisions.take.len(),
+                ask = decisions.request_handoff.len(),
+                "taking round"
+            );
+        }
+        for decision in decisions.take {
             self.take(decision).await;
         }
+        for request in decisions.request_handoff {
+            let update = LeaseUpdate::RequestHandoff { to: me.clone() };
+            match self
+                .store
+                .update_lease(&request.lease_key, &request.fence, &update)
+                .await
+            {
+                Ok(_) => {
+                    info!(lease_key = %request.lease_key, owner = ?request.fence.owner, "asked for lease");
+                    self.incoming.insert(request.lease_key, Instant::now());
+                }
+                Err(e) if e.kind() == ErrorKind::ConditionFailed => {
+                    debug!(lease_key = %request.lease_key, "lease changed before the handoff request");
+                }
+                Err(e) => {
+                    warn!(lease_key = %request.lease_key, error = %e, "asking for a lease failed")
+                }
+            }
+        }
+        self.worker_loads = decisions.worker_loads;
+        self.counters.taking_rounds += 1;
+        self.publish_status(Some((
+            decisions.workers,
+            decisions.active_leases,
+            decisions.spillover,
+        )));
     }
 
-    async fn take(&mut self, decision: TakeDecision) {
+    /// Reads the leases this worker asked for: takes those released to it, takes by force
+    /// those whose owner did not hand them over in time, forgets those that went elsewhere.
+    async fn poll_handoffs(&mut self) {
+        let keys: Vec<String> = self.incoming.keys().cloned().collect();
+        let scan = match self.store.get_leases(&keys).await {
+            Ok(scan) => scan,
+            Err(e) => {
+                warn!(error = %e, "reading requested leases failed; retrying");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.observations.observe_some(&scan.leases, now);
+        let found: BTreeMap<&str, &Lease> = scan
+            .leases
+            .iter()
+            .map(|l| (l.lease_key.as_str(), l))
+            .collect();
+        let me = self.config.worker_id.clone();
+        for key in keys {
+            let Some(lease) = found.get(key.as_str()) else {
+                self.incoming.remove(&key);
+                continue;
+            };
+            let requested_at = self.incoming[&key];
+            let reason = match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
+                (None, Some(to)) if to == me => TakeReason::Reserved,
+                (Some(_), Some(to)) if to == me => {
+                    if now.duration_since(requested_at) < self.config.lease.handoff_timeout {
+                        continue;
+                    }
+                    warn!(lease_key = %key, owner = ?lease.owner, "handoff timed out; taking the lease");
+                    self.counters.forced_takes += 1;
+                    TakeReason::HandoffTimedOut
+                }
+                // Taken by someone else, released without reservation, or ours already.
+                _ => {
+                    self.incoming.remove(&key);
+                    continue;
+                }
+            };
+            self.incoming.remove(&key);
+            if self.held.get(&key).is_none() && !self.running.contains_key(&key) {
+                self.take(TakeDecision::new(key, lease.fence(), reason))
+                    .await;
+            }
+        }
+        self.publish_status(None);
+    }
+
+    async fn take(&mut self, decision: TakeDecision) -> bool {
         let sent_at = Instant::now();
         let update = LeaseUpdate::Take {
             new_owner: self.config.worker_id.clone(),
@@ -382,6 +535,10 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         {
             Ok(lease) => {
                 info!(lease_key = %lease.lease_key, reason = ?decision.reason, counter = lease.counter, "took lease");
+                self.incoming.remove(&lease.lease_key);
+                if decision.reason == TakeReason::Reserved {
+                    self.counters.received += 1;
+                }
                 let held = HeldLease::new(
                     lease,
                     &self.config.worker_id,
@@ -390,11 +547,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 );
                 self.held.insert(held.clone());
                 self.start_consumer(held);
+                true
             }
             Err(e) if e.kind() == ErrorKind::ConditionFailed => {
                 debug!(lease_key = %decision.lease_key, "lease changed before the take; another worker got it");
+                false
             }
-            Err(e) => warn!(lease_key = %decision.lease_key, error = %e, "taking a lease failed"),
+            Err(e) => {
+                warn!(lease_key = %decision.lease_key, error = %e, "taking a lease failed");
+                false
+            }
         }
     }
 
@@ -464,6 +626,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             ShardExit::LeaseLost => {
                 self.held.remove(&key);
             }
+            ShardExit::HandedOff => {
+                // The release keeps `handoffTo`: the lease is reserved for the requester.
+                if self.release(&key).await {
+                    self.counters.handed_over += 1;
+                }
+            }
             // Released with the others once every consumer has stopped.
             ShardExit::Shutdown => {}
             ShardExit::Failed(e) => {
@@ -471,11 +639,63 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 self.release(&key).await;
             }
         }
+        self.publish_status(None);
     }
 
-    async fn release(&mut self, key: &str) {
-        if let Some(lease) = self.held.remove(key) {
-            release_lease(&lease, self.store.as_ref(), &self.config, &self.seeds).await;
+    async fn release(&mut self, key: &str) -> bool {
+        match self.held.remove(key) {
+            Some(lease) => {
+                release_lease(&lease, self.store.as_ref(), &self.config, &self.seeds).await
+            }
+            None => false,
+        }
+    }
+
+    /// Before stopping: offers each held lease to the least loaded other live worker (a
+    /// handoff request written by the owner), then keeps processing for one taking interval
+    /// so the receivers see the offers and watch for the releases.
+    async fn offer_leases_before_stopping(&mut self) {
+        let me = self.config.worker_id.clone();
+        let mut receivers: Vec<(usize, String)> = self
+            .worker_loads
+            .iter()
+            .filter(|(w, _)| **w != me)
+            .map(|(w, c)| (*c, w.clone()))
+            .collect();
+        let leases = self.held.all();
+        if receivers.is_empty() || leases.is_empty() {
+            return;
+        }
+        let mut offered = 0usize;
+        for lease in &leases {
+            receivers.sort();
+            let (load, to) = &mut receivers[0];
+            let offer = LeaseUpdate::RequestHandoff { to: to.clone() };
+            match lease.write(self.store.as_ref(), &offer).await {
+                Ok(_) => {
+                    debug!(lease_key = %lease.lease_key(), to = %to, "offered lease");
+                    *load += 1;
+                    offered += 1;
+                }
+                // Already asked for by another worker: the release goes to that one.
+                Err(e) => debug!(lease_key = %lease.lease_key(), error = %e, "lease not offered"),
+            }
+        }
+        let wait = (self.config.lease.taker_interval + self.config.lease.handoff_poll_interval)
+            .min(self.config.shutdown_timeout / 2);
+        info!(
+            offered,
+            receivers = receivers.len(),
+            ?wait,
+            "offered leases to other workers; processing until they watch"
+        );
+        let deadline = Instant::now() + wait;
+        loop {
+            tokio::select! {
+                biased;
+                Some(joined) = self.consumers.join_next_with_id() => self.on_consumer_exit(joined).await,
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
         }
     }
 
@@ -518,6 +738,50 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         )
         .await;
     }
+
+    /// Drops the leases the renewer found lost from the registry. Their consumers may still be
+    /// finishing a batch; `running` keeps those shards out of reach until they exit.
+    fn forget_lost_leases(&mut self) {
+        for lease in self.held.remove_lost() {
+            debug!(lease_key = %lease.lease_key(), "forgetting lost lease");
+        }
+    }
+
+    /// Publishes the status; `round` carries the taking round's view of the fleet.
+    fn publish_status(&mut self, round: Option<(usize, usize, usize)>) {
+        self.forget_lost_leases();
+        let held = self
+            .held
+            .all()
+            .iter()
+            .map(|l| l.lease_key().to_owned())
+            .collect();
+        let pending = self.incoming.keys().cloned().collect();
+        let counters = &self.counters;
+        self.status.send_modify(|status| {
+            if let Some((workers, active, spillover)) = round {
+                status.workers = workers;
+                status.active_leases = active;
+                status.spillover = spillover;
+            }
+            status.held_leases = held;
+            status.pending_handoffs = pending;
+            status.taking_rounds = counters.taking_rounds;
+            status.handed_over = counters.handed_over;
+            status.received = counters.received;
+            status.forced_takes = counters.forced_takes;
+        });
+    }
+}
+
+impl TakeDecision {
+    fn new(lease_key: String, fence: LeaseFence, reason: TakeReason) -> Self {
+        TakeDecision {
+            lease_key,
+            fence,
+            reason,
+        }
+    }
 }
 
 async fn release_lease(
@@ -525,9 +789,9 @@ async fn release_lease(
     store: &dyn LeaseStore,
     config: &WorkerConfig,
     seeds: &SeedSource,
-) {
+) -> bool {
     if lease.is_lost() {
-        return;
+        return false;
     }
     let backoff = config
         .lease
@@ -535,9 +799,13 @@ async fn release_lease(
         .with_max_attempts(Some(SETUP_ATTEMPTS))
         .backoff(seeds.next_seed());
     match retry("release lease", backoff, || lease.release(store)).await {
-        Ok(()) => info!(lease_key = %lease.lease_key(), "released lease"),
+        Ok(()) => {
+            info!(lease_key = %lease.lease_key(), "released lease");
+            true
+        }
         Err(e) => {
-            warn!(lease_key = %lease.lease_key(), error = %e, "could not release lease; it will expire")
+            warn!(lease_key = %lease.lease_key(), error = %e, "could not release lease; it will expire");
+            false
         }
     }
 }

@@ -1,222 +1,19 @@
 //! Worker behaviour on the in-memory stream and lease store, on paused Tokio time.
 //! (The same behaviours are tested against kinesis-mock and DynamoDB Local in `tests/`.)
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
+use common::*;
 use kcl_core::testing::{InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
-    CancellationToken, Checkpoint, Checkpointer, Error, InitialPosition, LeaseConfig, LeaseStore,
-    LeaseUpdate, PollingConfig, Record, RecordProcessor, StreamClient, Worker, WorkerConfig,
-    async_trait,
+    Checkpoint, Error, LeaseConfig, LeaseStore, LeaseUpdate, PollingConfig, StreamClient, Worker,
 };
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-#[derive(Debug, Clone, PartialEq)]
-enum Event {
-    Initialized(Checkpoint),
-    Batch(usize),
-    LeaseLost,
-    ShutdownRequested,
-}
-
-#[derive(Debug, Clone, Default)]
-struct Log(Arc<Mutex<LogInner>>);
-
-#[derive(Debug, Default)]
-struct LogInner {
-    /// (worker, shard, sequence number, data) in delivery order.
-    delivered: Vec<(String, String, String, Vec<u8>)>,
-    events: Vec<(String, Event)>,
-}
-
-impl Log {
-    fn delivered(&self) -> Vec<(String, String, String, Vec<u8>)> {
-        self.0.lock().unwrap().delivered.clone()
-    }
-    fn count(&self) -> usize {
-        self.0.lock().unwrap().delivered.len()
-    }
-    fn events(&self, shard: &str) -> Vec<Event> {
-        let inner = self.0.lock().unwrap();
-        inner
-            .events
-            .iter()
-            .filter(|(s, _)| s == shard)
-            .map(|(_, e)| e.clone())
-            .collect()
-    }
-}
-
-/// How a test processor misbehaves.
-#[derive(Debug, Clone, Default)]
-struct Faults {
-    /// process_records calls that fail, counted over all shards; before failing, the processor
-    /// checkpoints at the first record of the batch.
-    failures_left: Arc<AtomicUsize>,
-    /// Shards whose every batch fails.
-    always_fail: Option<String>,
-    /// Time spent per batch.
-    delay: Duration,
-}
-
-struct TestProcessor {
-    worker: String,
-    shard: String,
-    log: Log,
-    faults: Faults,
-}
-
-#[async_trait]
-impl RecordProcessor for TestProcessor {
-    type Error = Error;
-
-    async fn initialize(&mut self, shard_id: &str, checkpoint: &Checkpoint) -> Result<(), Error> {
-        self.log
-            .0
-            .lock()
-            .unwrap()
-            .events
-            .push((shard_id.to_owned(), Event::Initialized(checkpoint.clone())));
-        Ok(())
-    }
-
-    async fn process_records(
-        &mut self,
-        records: &[Record],
-        checkpointer: &mut Checkpointer,
-        _millis_behind_latest: Option<u64>,
-    ) -> Result<(), Error> {
-        tokio::time::sleep(self.faults.delay).await;
-        let fail = self.faults.always_fail.as_deref() == Some(self.shard.as_str())
-            || self
-                .faults
-                .failures_left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-        if fail {
-            checkpointer.checkpoint_record(&records[0]).await?;
-            let mut log = self.log.0.lock().unwrap();
-            log.delivered.push((
-                self.worker.clone(),
-                self.shard.clone(),
-                records[0].sequence_number.to_string(),
-                records[0].data.clone(),
-            ));
-            return Err(Error::InvalidConfig {
-                field: "test",
-                problem: "injected processor failure".into(),
-            });
-        }
-        {
-            let mut log = self.log.0.lock().unwrap();
-            for r in records {
-                log.delivered.push((
-                    self.worker.clone(),
-                    self.shard.clone(),
-                    r.sequence_number.to_string(),
-                    r.data.clone(),
-                ));
-            }
-            log.events
-                .push((self.shard.clone(), Event::Batch(records.len())));
-        }
-        checkpointer.checkpoint().await
-    }
-
-    async fn lease_lost(&mut self) {
-        self.log
-            .0
-            .lock()
-            .unwrap()
-            .events
-            .push((self.shard.clone(), Event::LeaseLost));
-    }
-
-    async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) -> Result<(), Error> {
-        self.log
-            .0
-            .lock()
-            .unwrap()
-            .events
-            .push((self.shard.clone(), Event::ShutdownRequested));
-        checkpointer.checkpoint().await
-    }
-}
-
-fn config(worker: &str) -> WorkerConfig {
-    WorkerConfig::new("test-app", "test-stream")
-        .with_worker_id(worker)
-        .with_initial_position(InitialPosition::TrimHorizon)
-        .with_rng_seed(7)
-}
-
-struct Running {
-    shutdown: CancellationToken,
-    task: JoinHandle<kcl_core::Result<()>>,
-}
-
-impl Running {
-    async fn stop(self) -> kcl_core::Result<()> {
-        self.shutdown.cancel();
-        self.task.await.expect("worker task")
-    }
-}
-
-fn start(
-    config: WorkerConfig,
-    stream: &Arc<InMemoryStream>,
-    store: &Arc<InMemoryLeaseStore>,
-    log: &Log,
-    faults: &Faults,
-) -> Running {
-    let (worker_id, log, faults) = (config.worker_id.clone(), log.clone(), faults.clone());
-    let factory = move |shard: &str| TestProcessor {
-        worker: worker_id.clone(),
-        shard: shard.to_owned(),
-        log: log.clone(),
-        faults: faults.clone(),
-    };
-    let worker = Worker::new(
-        config,
-        stream.clone() as Arc<dyn StreamClient>,
-        store.clone() as Arc<dyn LeaseStore>,
-        factory,
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
-    Running { shutdown, task }
-}
-
-async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn put(stream: &InMemoryStream, from: usize, to: usize) -> BTreeMap<String, Vec<String>> {
-    let mut by_shard: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for i in from..to {
-        let (shard, seq) = stream.put_record(&format!("key-{i}"), format!("record-{i}"));
-        by_shard.entry(shard).or_default().push(seq.to_string());
-    }
-    by_shard
-}
-
-/// Every put record delivered exactly once, in shard order.
-fn assert_exactly_once_in_order(log: &Log, expected: &BTreeMap<String, Vec<String>>) {
-    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (_, shard, seq, _) in log.delivered() {
-        got.entry(shard).or_default().push(seq);
-    }
-    assert_eq!(&got, expected);
-}
 
 #[tokio::test(start_paused = true)]
 async fn consumes_every_record_in_order_and_releases_leases_on_shutdown() {
@@ -336,7 +133,7 @@ async fn a_failed_batch_is_delivered_again_from_the_processors_checkpoint() {
     wait_until("all records", Duration::from_secs(30), || {
         log.delivered()
             .iter()
-            .map(|d| &d.2)
+            .map(|d| &d.sequence_number)
             .collect::<HashSet<_>>()
             .len()
             == 50
@@ -378,7 +175,11 @@ async fn a_batch_that_keeps_failing_restarts_the_shard_from_its_checkpoint() {
     })
     .await;
     worker.stop().await.unwrap();
-    let delivered: Vec<String> = log.delivered().into_iter().map(|d| d.2).collect();
+    let delivered: Vec<String> = log
+        .delivered()
+        .into_iter()
+        .map(|d| d.sequence_number)
+        .collect();
     // Each attempt processes one record and checkpoints it, then fails: the checkpoint moves
     // one record per attempt and never past a record that was not processed.
     let lease = store.get_lease(shard).await.unwrap().unwrap();

@@ -31,6 +31,10 @@ pub const CHILD_SHARD_IDS: &str = "childShardIds";
 pub const STARTING_HASH_KEY: &str = "startingHashKey";
 /// Last hash key of the shard (decimal string).
 pub const ENDING_HASH_KEY: &str = "endingHashKey";
+/// The worker a pending handoff goes to (a request to the owner, or a reservation of an
+/// unowned lease). Not a Java KCL attribute: KCL 3 hands over through `checkpointOwner` with
+/// a leader; this library has no leader.
+pub const HANDOFF_TO: &str = "handoffTo";
 
 /// The item stored for `lease`.
 pub fn lease_to_item(lease: &Lease) -> HashMap<String, AttributeValue> {
@@ -67,6 +71,9 @@ pub fn lease_to_item(lease: &Lease) -> HashMap<String, AttributeValue> {
             CHILD_SHARD_IDS.to_owned(),
             AttributeValue::Ss(lease.child_shard_ids.iter().cloned().collect()),
         );
+    }
+    if let Some(to) = &lease.handoff_to {
+        item.insert(HANDOFF_TO.to_owned(), AttributeValue::S(to.clone()));
     }
     if let Some(range) = lease.hash_key_range {
         item.insert(
@@ -112,6 +119,13 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
         Some(AttributeValue::S(owner)) if !owner.is_empty() => Some(owner.clone()),
         other => {
             return Err(decoder.invalid(LEASE_OWNER, describe_wrong("a non-empty string", other)));
+        }
+    };
+    let handoff_to = match item.get(HANDOFF_TO) {
+        None | Some(AttributeValue::Null(true)) => None,
+        Some(AttributeValue::S(to)) if !to.is_empty() => Some(to.clone()),
+        other => {
+            return Err(decoder.invalid(HANDOFF_TO, describe_wrong("a non-empty string", other)));
         }
     };
     let counter = decoder.required_number(LEASE_COUNTER)?;
@@ -165,6 +179,7 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
     lease.owner_switches_since_checkpoint = owner_switches;
     lease.child_shard_ids = children;
     lease.hash_key_range = hash_key_range;
+    lease.handoff_to = handoff_to;
     Ok(lease)
 }
 
@@ -359,9 +374,20 @@ mod tests {
             ids.clone(),
             ids,
             proptest::option::of((any::<u128>(), any::<u128>())),
+            proptest::option::of("[a-z0-9-]{1,40}"),
         )
             .prop_map(
-                |(key, owner, counter, checkpoint, switches, parents, children, range)| {
+                |(
+                    key,
+                    owner,
+                    counter,
+                    checkpoint,
+                    switches,
+                    parents,
+                    children,
+                    range,
+                    handoff_to,
+                )| {
                     let mut lease = Lease::new(key, checkpoint).with_parents(parents);
                     lease.owner = owner;
                     lease.counter = counter;
@@ -371,6 +397,7 @@ mod tests {
                         starting_hash_key: a.min(b),
                         ending_hash_key: a.max(b),
                     });
+                    lease.handoff_to = handoff_to;
                     lease
                 },
             )
@@ -400,7 +427,7 @@ mod tests {
                     Just(LEASE_KEY), Just(LEASE_OWNER), Just(LEASE_COUNTER), Just(CHECKPOINT),
                     Just(CHECKPOINT_SUB_SEQUENCE_NUMBER), Just(OWNER_SWITCHES_SINCE_CHECKPOINT),
                     Just(PARENT_SHARD_ID), Just(CHILD_SHARD_IDS), Just(STARTING_HASH_KEY),
-                    Just(ENDING_HASH_KEY),
+                    Just(ENDING_HASH_KEY), Just(HANDOFF_TO),
                 ], proptest::option::of(arb_value())),
                 0..5,
             ),

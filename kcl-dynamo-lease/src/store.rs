@@ -8,15 +8,15 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
-    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
+    ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
 };
 use kcl_core::{Error, Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, Result, Service};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::schema::{
-    CHECKPOINT, CHECKPOINT_SUB_SEQUENCE_NUMBER, LEASE_COUNTER, LEASE_KEY, LEASE_OWNER,
+    CHECKPOINT, CHECKPOINT_SUB_SEQUENCE_NUMBER, HANDOFF_TO, LEASE_COUNTER, LEASE_KEY, LEASE_OWNER,
     OWNER_SWITCHES_SINCE_CHECKPOINT, lease_from_item, lease_to_item, number,
 };
 
@@ -31,6 +31,9 @@ pub struct DynamoLeaseStore {
     create_if_missing: bool,
     table_active_timeout: Duration,
 }
+
+/// BatchGetItem takes at most 100 keys.
+const MAX_KEYS_PER_BATCH_GET: usize = 100;
 
 /// How often table creation is polled. DynamoDB usually activates a new on-demand table within
 /// seconds.
@@ -218,17 +221,15 @@ type UpdateRequest = (
     HashMap<String, AttributeValue>,
 );
 
-/// The condition and update expressions of one lease update.
+/// The condition and update expressions of one lease update. (DynamoDB rejects names and
+/// values that the expressions do not use, so each update adds only its own.)
 fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<UpdateRequest> {
     let mut names = HashMap::from([
         ("#key".to_owned(), LEASE_KEY.to_owned()),
         ("#owner".to_owned(), LEASE_OWNER.to_owned()),
         ("#counter".to_owned(), LEASE_COUNTER.to_owned()),
     ]);
-    let mut values = HashMap::from([
-        (":expected_counter".to_owned(), number(fence.counter)),
-        (":next_counter".to_owned(), number(fence.counter + 1)),
-    ]);
+    let mut values = HashMap::from([(":expected_counter".to_owned(), number(fence.counter))]);
     let owner_condition = match &fence.owner {
         Some(owner) => {
             values.insert(
@@ -240,15 +241,21 @@ fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<Update
         None => "attribute_not_exists(#owner)",
     };
     // attribute_exists(#key): an update must never create a lease that was deleted.
-    let condition =
+    let mut condition =
         format!("attribute_exists(#key) AND #counter = :expected_counter AND {owner_condition}");
+    let mut name = |placeholder: &str, attribute: &str| {
+        names.insert(placeholder.to_owned(), attribute.to_owned());
+    };
+    let mut next_counter = || values.insert(":next_counter".to_owned(), number(fence.counter + 1));
     let update_expression = match update {
-        LeaseUpdate::Renew => "SET #counter = :next_counter".to_owned(),
+        LeaseUpdate::Renew => {
+            next_counter();
+            "SET #counter = :next_counter"
+        }
         LeaseUpdate::Take { new_owner } => {
-            names.insert(
-                "#switches".to_owned(),
-                OWNER_SWITCHES_SINCE_CHECKPOINT.to_owned(),
-            );
+            next_counter();
+            name("#switches", OWNER_SWITCHES_SINCE_CHECKPOINT);
+            name("#handoff", HANDOFF_TO);
             values.insert(
                 ":new_owner".to_owned(),
                 AttributeValue::S(new_owner.clone()),
@@ -256,25 +263,32 @@ fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<Update
             values.insert(":zero".to_owned(), number(0));
             values.insert(":one".to_owned(), number(1));
             "SET #owner = :new_owner, #counter = :next_counter, \
-             #switches = if_not_exists(#switches, :zero) + :one"
-                .to_owned()
+             #switches = if_not_exists(#switches, :zero) + :one REMOVE #handoff"
+        }
+        LeaseUpdate::RequestHandoff { to } => {
+            // One request at a time, and the counter stays (see `kcl_core::lease`).
+            name("#handoff", HANDOFF_TO);
+            condition.push_str(" AND attribute_not_exists(#handoff)");
+            values.insert(":to".to_owned(), AttributeValue::S(to.clone()));
+            "SET #handoff = :to"
         }
         LeaseUpdate::Checkpoint { checkpoint } => {
-            names.insert("#checkpoint".to_owned(), CHECKPOINT.to_owned());
-            names.insert("#sub".to_owned(), CHECKPOINT_SUB_SEQUENCE_NUMBER.to_owned());
-            names.insert(
-                "#switches".to_owned(),
-                OWNER_SWITCHES_SINCE_CHECKPOINT.to_owned(),
-            );
+            next_counter();
+            name("#checkpoint", CHECKPOINT);
+            name("#sub", CHECKPOINT_SUB_SEQUENCE_NUMBER);
+            name("#switches", OWNER_SWITCHES_SINCE_CHECKPOINT);
             values.insert(
                 ":checkpoint".to_owned(),
                 AttributeValue::S(checkpoint.as_text().to_owned()),
             );
             values.insert(":sub".to_owned(), number(checkpoint.sub_sequence_number()));
             values.insert(":zero".to_owned(), number(0));
-            "SET #checkpoint = :checkpoint, #sub = :sub, #switches = :zero, #counter = :next_counter".to_owned()
+            "SET #checkpoint = :checkpoint, #sub = :sub, #switches = :zero, #counter = :next_counter"
         }
-        LeaseUpdate::Release => "SET #counter = :next_counter REMOVE #owner".to_owned(),
+        LeaseUpdate::Release => {
+            next_counter();
+            "SET #counter = :next_counter REMOVE #owner"
+        }
         // `LeaseUpdate` is non-exhaustive: a kcl-core newer than this crate may add one.
         other => {
             return Err(Error::Service {
@@ -287,7 +301,7 @@ fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<Update
             });
         }
     };
-    Ok((condition, update_expression, names, values))
+    Ok((condition, update_expression.to_owned(), names, values))
 }
 
 #[async_trait]
@@ -372,6 +386,54 @@ impl LeaseStore for DynamoLeaseStore {
             .as_ref()
             .map(|item| lease_from_item(&self.table, item))
             .transpose()
+    }
+
+    async fn get_leases(&self, lease_keys: &[String]) -> Result<LeaseScan> {
+        let mut scan = LeaseScan::default();
+        for chunk in lease_keys.chunks(MAX_KEYS_PER_BATCH_GET) {
+            let keys = chunk
+                .iter()
+                .map(|key| HashMap::from([(LEASE_KEY.to_owned(), AttributeValue::S(key.clone()))]))
+                .collect();
+            let mut request = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| build_error("BatchGetItem", e))?,
+            );
+            let mut delay = TABLE_POLL_INTERVAL / 5;
+            while let Some(keys) = request.take() {
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, keys)
+                    .send()
+                    .await
+                    .map_err(|e| self.error("BatchGetItem", e))?;
+                for item in output
+                    .responses
+                    .unwrap_or_default()
+                    .remove(&self.table)
+                    .unwrap_or_default()
+                {
+                    match lease_from_item(&self.table, &item) {
+                        Ok(lease) => scan.leases.push(lease),
+                        Err(e) => scan.invalid.push(e),
+                    }
+                }
+                // Keys DynamoDB did not get to (throttling, size limits) are asked again.
+                request = output
+                    .unprocessed_keys
+                    .and_then(|mut unprocessed| unprocessed.remove(&self.table))
+                    .filter(|k| !k.keys().is_empty());
+                if request.is_some() {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        Ok(scan)
     }
 
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {

@@ -1,8 +1,8 @@
 //! The shard consumer: runs one [`RecordProcessor`] over one shard lease.
 //!
 //! States: get the first shard iterator → `initialize` → deliver batches in order → one exit:
-//! shard end (`shard_ended`, then `SHARD_END` checkpoint), shutdown (`shutdown_requested`),
-//! lease lost (`lease_lost`), or failure. The consumer is a task owned by the worker; it owns
+//! shard end (`shard_ended`, then `SHARD_END` checkpoint), shutdown or handoff to another
+//! worker (`shutdown_requested`), lease lost (`lease_lost`), or failure. The consumer is a task owned by the worker; it owns
 //! its poller task and stops it before returning.
 
 pub(crate) mod poller;
@@ -39,6 +39,8 @@ pub(crate) enum ShardExit {
     LeaseLost,
     /// The worker asked the consumer to stop; the processor could checkpoint.
     Shutdown,
+    /// Another worker asked for the lease; the processor could checkpoint.
+    HandedOff,
     /// The consumer cannot go on; releasing the lease restarts the shard from its checkpoint.
     Failed(Error),
 }
@@ -47,6 +49,7 @@ pub(crate) enum ShardExit {
 enum Interrupt {
     LeaseLost,
     Shutdown,
+    HandedOff,
     Failed(Error),
 }
 
@@ -55,6 +58,7 @@ impl From<Interrupt> for ShardExit {
         match i {
             Interrupt::LeaseLost => ShardExit::LeaseLost,
             Interrupt::Shutdown => ShardExit::Shutdown,
+            Interrupt::HandedOff => ShardExit::HandedOff,
             Interrupt::Failed(e) => ShardExit::Failed(e),
         }
     }
@@ -124,10 +128,12 @@ impl<P: RecordProcessor> ShardConsumer<P> {
         // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
         // LATEST reads everything put after `initialize` was called.
         let lost = self.lease.lost_token().clone();
+        let handoff = self.lease.handoff_token().clone();
         let iterator = tokio::select! {
             biased;
             _ = lost.cancelled() => return ShardExit::LeaseLost,
             _ = self.shutdown.cancelled() => return ShardExit::Shutdown,
+            _ = handoff.cancelled() => return ShardExit::HandedOff,
             it = poller.iterator_at(&start) => it,
         };
         let iterator = match iterator {
@@ -172,6 +178,7 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                 biased;
                 _ = lost.cancelled() => break ShardExit::LeaseLost,
                 _ = self.shutdown.cancelled() => break ShardExit::Shutdown,
+                _ = handoff.cancelled() => break ShardExit::HandedOff,
                 next = rx.recv() => next,
             };
             let batch = match next {
@@ -206,7 +213,7 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                 info!("lease lost; telling the processor");
                 self.processor.lease_lost().await;
             }
-            ShardExit::Shutdown => {
+            ShardExit::Shutdown | ShardExit::HandedOff => {
                 if let Err(e) = self.processor.shutdown_requested(&mut checkpointer).await {
                     let e: BoxError = e.into();
                     warn!(error = %e, "shutdown_requested failed");
@@ -279,6 +286,7 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                 biased;
                 _ = self.lease.lost_token().cancelled() => return Err(Interrupt::LeaseLost),
                 _ = self.shutdown.cancelled() => return Err(Interrupt::Shutdown),
+                _ = self.lease.handoff_token().cancelled() => return Err(Interrupt::HandedOff),
                 _ = tokio::time::sleep(delay) => {}
             }
             pending = Cow::Owned(remaining);

@@ -30,6 +30,9 @@ pub(crate) struct HeldLease {
     valid_until: SyncMutex<Instant>,
     /// Cancelled once the lease is lost or released: consumers stop, writes are refused.
     lost: CancellationToken,
+    /// Cancelled once another worker asked for the lease: its consumer stops gracefully and
+    /// the worker releases the lease to the requester.
+    handoff: CancellationToken,
 }
 
 impl HeldLease {
@@ -47,6 +50,7 @@ impl HeldLease {
             state: Mutex::new(lease),
             valid_until: SyncMutex::new(written_at + lease_duration),
             lost: CancellationToken::new(),
+            handoff: CancellationToken::new(),
         })
     }
 
@@ -61,6 +65,19 @@ impl HeldLease {
 
     pub(crate) fn is_lost(&self) -> bool {
         self.lost.is_cancelled()
+    }
+
+    /// Cancelled when another worker asked for the lease.
+    pub(crate) fn handoff_token(&self) -> &CancellationToken {
+        &self.handoff
+    }
+
+    /// Signals that another worker asked for the lease (seen in a write's answer or a scan).
+    pub(crate) fn handoff_requested(&self, to: &str) {
+        if !self.handoff.is_cancelled() && to != self.worker_id {
+            info!(lease_key = %self.lease_key, to, "lease asked for: handing it over");
+            self.handoff.cancel();
+        }
     }
 
     /// The instant after which another worker may consider the lease expired.
@@ -125,9 +142,18 @@ impl HeldLease {
         };
         match result {
             Ok(lease) => {
+                let own_offer = matches!(update, LeaseUpdate::RequestHandoff { .. });
+                // A request shows up in the answer of any write; our own offer (written at
+                // shutdown) is not a request to stop now.
+                if let (Some(to), false) = (&lease.handoff_to, own_offer) {
+                    self.handoff_requested(to);
+                }
+                // Only a write that moved the counter shows other workers we are alive.
+                if lease.counter != state.counter {
+                    *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                        sent_at + self.lease_duration;
+                }
                 *state = lease.clone();
-                *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
-                    sent_at + self.lease_duration;
                 Ok(lease)
             }
             Err(Error::LeaseConditionFailed { current, .. }) => {
@@ -181,8 +207,23 @@ impl HeldLeases {
         self.map().remove(lease_key)
     }
 
+    pub(crate) fn get(&self, lease_key: &str) -> Option<Arc<HeldLease>> {
+        self.map().get(lease_key).cloned()
+    }
+
     pub(crate) fn all(&self) -> Vec<Arc<HeldLease>> {
         self.map().values().cloned().collect()
+    }
+
+    /// Forgets the leases that were lost (their consumers may still be winding down).
+    pub(crate) fn remove_lost(&self) -> Vec<Arc<HeldLease>> {
+        let mut map = self.map();
+        let lost: Vec<String> = map
+            .iter()
+            .filter(|(_, l)| l.is_lost())
+            .map(|(k, _)| k.clone())
+            .collect();
+        lost.iter().filter_map(|key| map.remove(key)).collect()
     }
 }
 

@@ -1,14 +1,26 @@
 //! Leases: one per shard, the unit of ownership and the home of the shard's checkpoint.
 //!
 //! Every write to a lease is conditional on its [`LeaseFence`] (owner and counter), and every
-//! write increments the counter. So a worker whose lease was taken can never overwrite the new
-//! owner's checkpoint: its fence no longer matches.
+//! write but a handoff request increments the counter. So a worker whose lease was taken can
+//! never overwrite the new owner's checkpoint: its fence no longer matches.
 //!
-//! Invariant kept by every writer: a worker only writes a lease it owns (renew, checkpoint,
-//! release) or changes its owner (take). Nobody else writes a lease owned by another worker
-//! without changing the owner. Hence a failed condition on a lease that still names this
-//! worker as owner can only come from one of this worker's own writes whose answer was lost,
-//! which [`held`] uses to tell a lost answer from a lost lease.
+//! Invariant kept by every writer: a worker changes the counter only of a lease it owns
+//! (renew, checkpoint, release) or while changing its owner (take). The one write to another
+//! worker's lease that keeps the owner, a handoff request, leaves the counter alone. Hence a
+//! failed condition on a lease that still names this worker as owner can only come from one
+//! of this worker's own writes whose answer was lost, which [`held`] uses to tell a lost
+//! answer from a lost lease. And a request never looks like a renewal to a worker watching a
+//! dead owner's counter.
+//!
+//! # Handoff
+//! A worker that wants a live worker's lease (to balance the fleet) does not take it: it
+//! writes [`LeaseUpdate::RequestHandoff`], setting `handoffTo`. The owner sees the request in
+//! its next write's answer or lease scan, lets its processor finish the batch and checkpoint
+//! (`shutdown_requested`), and releases the lease, keeping `handoffTo` as a reservation. The
+//! requester takes it as soon as it sees it released: no records are delivered twice and the
+//! shard pauses only for the checkpoint and two writes. A worker shutting down offers its
+//! leases to live workers the same way. Others leave a reserved lease alone until it has sat
+//! unchanged for the handoff timeout.
 
 pub(crate) mod held;
 pub(crate) mod renewer;
@@ -43,6 +55,9 @@ pub struct Lease {
     pub child_shard_ids: BTreeSet<String>,
     /// The hash keys the shard serves (`startingHashKey`, `endingHashKey`).
     pub hash_key_range: Option<HashKeyRange>,
+    /// The worker the lease is being handed to (`handoffTo`): set on an owned lease, a request
+    /// to its owner to hand it over; on an unowned lease, a reservation for that worker.
+    pub handoff_to: Option<String>,
 }
 
 impl Lease {
@@ -57,6 +72,7 @@ impl Lease {
             parent_shard_ids: BTreeSet::new(),
             child_shard_ids: BTreeSet::new(),
             hash_key_range: None,
+            handoff_to: None,
         }
     }
 
@@ -97,25 +113,34 @@ pub struct LeaseFence {
     pub counter: u64,
 }
 
-/// A change to a lease. Each one also increments the counter.
+/// A change to a lease. Each one but [`LeaseUpdate::RequestHandoff`] also increments the
+/// counter.
 ///
-/// [`LeaseUpdate::apply`] defines the result; a [`LeaseStore`] must store exactly that.
+/// [`LeaseUpdate::apply`] defines the result and [`LeaseUpdate::allowed`] the condition
+/// beyond the fence; a [`LeaseStore`] must implement exactly these.
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
 pub enum LeaseUpdate {
     /// Heartbeat: only the counter changes.
     Renew,
-    /// Change the owner; counts an owner switch.
+    /// Change the owner; counts an owner switch and ends any pending handoff.
     Take {
         /// The new owner's worker id.
         new_owner: String,
+    },
+    /// Ask the owner to hand the lease over (or, written by the owner, offer it): sets
+    /// `handoffTo`. Allowed only when no handoff is pending. The counter does not change.
+    RequestHandoff {
+        /// The worker that is to own the lease next.
+        to: String,
     },
     /// Store a checkpoint; resets the owner-switch count.
     Checkpoint {
         /// The new checkpoint.
         checkpoint: Checkpoint,
     },
-    /// Clear the owner so another worker can take the lease at once.
+    /// Clear the owner so another worker can take the lease at once. A pending handoff stays,
+    /// as a reservation for its worker.
     Release,
 }
 
@@ -129,6 +154,11 @@ impl LeaseUpdate {
             LeaseUpdate::Take { new_owner } => {
                 next.owner = Some(new_owner.clone());
                 next.owner_switches_since_checkpoint += 1;
+                next.handoff_to = None;
+            }
+            LeaseUpdate::RequestHandoff { to } => {
+                next.counter = lease.counter;
+                next.handoff_to = Some(to.clone());
             }
             LeaseUpdate::Checkpoint { checkpoint } => {
                 next.checkpoint = checkpoint.clone();
@@ -139,11 +169,20 @@ impl LeaseUpdate {
         next
     }
 
+    /// Whether the update may be applied to `lease`, beyond matching the fence.
+    pub fn allowed(&self, lease: &Lease) -> bool {
+        match self {
+            LeaseUpdate::RequestHandoff { .. } => lease.handoff_to.is_none(),
+            _ => true,
+        }
+    }
+
     /// The operation's name in errors and logs.
     pub fn operation(&self) -> &'static str {
         match self {
             LeaseUpdate::Renew => "renew",
             LeaseUpdate::Take { .. } => "take",
+            LeaseUpdate::RequestHandoff { .. } => "handoff request",
             LeaseUpdate::Checkpoint { .. } => "checkpoint",
             LeaseUpdate::Release => "release",
         }
@@ -181,6 +220,21 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// One lease, or `None` if there is no item with that key.
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>>;
 
+    /// The leases with these keys that exist (in any order). Used to watch a few leases more
+    /// often than the whole table, e.g. pending handoffs.
+    async fn get_leases(&self, lease_keys: &[String]) -> Result<LeaseScan> {
+        let mut scan = LeaseScan::default();
+        for key in lease_keys {
+            match self.get_lease(key).await {
+                Ok(Some(lease)) => scan.leases.push(lease),
+                Ok(None) => {}
+                Err(e @ Error::InvalidLeaseItem { .. }) => scan.invalid.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(scan)
+    }
+
     /// Stores `lease` unless an item with its key exists. Returns whether it was created.
     /// Two workers creating the same lease at once is harmless: exactly one creates it.
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool>;
@@ -203,6 +257,31 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
 mod tests {
     use super::*;
     use crate::sequence::SequenceNumber;
+
+    #[test]
+    fn a_handoff_request_sets_handoff_to_without_bumping_the_counter() {
+        let lease = Lease::new("shardId-0", Checkpoint::TrimHorizon);
+        let request = LeaseUpdate::RequestHandoff { to: "w2".into() };
+        assert!(request.allowed(&lease));
+        let requested = request.apply(&lease);
+        assert_eq!(requested.counter, lease.counter);
+        assert_eq!(requested.handoff_to.as_deref(), Some("w2"));
+        assert!(
+            !LeaseUpdate::RequestHandoff { to: "w3".into() }.allowed(&requested),
+            "one at a time"
+        );
+        let released = LeaseUpdate::Release.apply(&requested);
+        assert_eq!(
+            released.handoff_to.as_deref(),
+            Some("w2"),
+            "a release keeps the reservation"
+        );
+        let taken = LeaseUpdate::Take {
+            new_owner: "w2".into(),
+        }
+        .apply(&released);
+        assert_eq!(taken.handoff_to, None, "a take ends the handoff");
+    }
 
     #[test]
     fn every_update_bumps_the_counter() {

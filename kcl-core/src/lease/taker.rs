@@ -1,11 +1,27 @@
-//! Which leases to take: a pure function of the lease table, this worker's observations and
-//! the time, so it can be property-tested without a store or a clock.
+//! Which leases to take and which to ask for: a pure function of the lease table, this
+//! worker's observations and the time, property-tested without a store or a clock.
 //!
 //! Expiry is decided by observation, never by comparing clocks across machines: a lease is
 //! expired when this worker has seen its counter unchanged for the lease duration, measured on
 //! its own monotonic clock ([`LeaseObservations`]).
+//!
+//! # Balancing
+//! Each lease of an unfinished shard counts for one worker: its owner, or the worker a handoff
+//! is pending to. The workers are those counted for a live lease, plus this one. With `n`
+//! leases and `k` workers a balanced fleet has every worker at `⌊n/k⌋` or `⌈n/k⌉`. A worker
+//!
+//! 1. takes free leases (reserved for it, unowned, orphaned, expired, lapsed reservations) up
+//!    to `⌈n/k⌉`;
+//! 2. if it still holds fewer than `⌊n/k⌋`, asks the most loaded workers for the difference,
+//!    one lease at a time from whoever holds the most, never taking a worker below `⌊n/k⌋`;
+//! 3. if it holds `⌊n/k⌋` and some worker holds more than `⌈n/k⌉`, asks that worker for one.
+//!
+//! Several leases move in one round when the imbalance is large. No worker asks for a lease
+//! that would leave the owner with fewer than it keeps itself, and a lease counts for the
+//! worker it is being handed to as soon as it is requested, so two workers never take leases
+//! back and forth.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -36,26 +52,44 @@ impl LeaseObservations {
     pub fn observe(&mut self, leases: &[Lease], now: Instant) {
         let mut next = HashMap::with_capacity(leases.len());
         for lease in leases {
-            let seen = match self.seen.get(&lease.lease_key) {
-                Some(seen) if seen.counter == lease.counter => *seen,
-                _ => Seen {
-                    counter: lease.counter,
-                    changed_at: now,
-                },
-            };
-            next.insert(lease.lease_key.clone(), seen);
+            next.insert(lease.lease_key.clone(), self.seen_now(lease, now));
         }
         self.seen = next;
+    }
+
+    /// Records a read of some leases at `now`, keeping what is known of the others.
+    pub fn observe_some(&mut self, leases: &[Lease], now: Instant) {
+        for lease in leases {
+            let seen = self.seen_now(lease, now);
+            self.seen.insert(lease.lease_key.clone(), seen);
+        }
+    }
+
+    fn seen_now(&self, lease: &Lease, now: Instant) -> Seen {
+        match self.seen.get(&lease.lease_key) {
+            Some(seen) if seen.counter == lease.counter => *seen,
+            _ => Seen {
+                counter: lease.counter,
+                changed_at: now,
+            },
+        }
+    }
+
+    /// How long the lease's counter has been unchanged as far as this worker has seen, or
+    /// `None` if it was never observed with this counter.
+    pub fn unchanged_for(&self, lease: &Lease, now: Instant) -> Option<Duration> {
+        self.seen
+            .get(&lease.lease_key)
+            .filter(|seen| seen.counter == lease.counter)
+            .map(|seen| now.saturating_duration_since(seen.changed_at))
     }
 
     /// True when the lease's counter has not changed for `lease_duration` as far as this
     /// worker has seen. A lease never observed, or observed with another counter, is not
     /// expired.
     pub fn is_expired(&self, lease: &Lease, now: Instant, lease_duration: Duration) -> bool {
-        self.seen.get(&lease.lease_key).is_some_and(|seen| {
-            seen.counter == lease.counter
-                && now.saturating_duration_since(seen.changed_at) >= lease_duration
-        })
+        self.unchanged_for(lease, now)
+            .is_some_and(|d| d >= lease_duration)
     }
 }
 
@@ -63,13 +97,20 @@ impl LeaseObservations {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum TakeReason {
-    /// Nobody owns it (new, or released by a worker that shut down or finished).
-    Unowned,
+    /// Its owner released it for this worker at the end of a handoff.
+    Reserved,
     /// The table names this worker as owner but it does not hold the lease: a take whose
     /// answer was lost. Taken back at once instead of waiting for it to expire.
     Orphaned,
+    /// Nobody owns it (new, or released by a worker that shut down or finished).
+    Unowned,
     /// Its owner stopped renewing it.
     Expired,
+    /// It was reserved for a worker that did not take it within the handoff timeout.
+    LapsedReservation,
+    /// This worker asked for it and its owner did not hand it over within the handoff
+    /// timeout. (Decided by the worker while it watches its requests, not by [`plan`].)
+    HandoffTimedOut,
 }
 
 /// A lease to take, with the fence the take must match.
@@ -84,6 +125,16 @@ pub struct TakeDecision {
     pub reason: TakeReason,
 }
 
+/// A lease of a live worker to ask for (see [`LeaseUpdate::RequestHandoff`](crate::LeaseUpdate)).
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct HandoffRequest {
+    /// The lease.
+    pub lease_key: String,
+    /// Its owner and counter as seen in the table.
+    pub fence: LeaseFence,
+}
+
 /// The inputs of one taking round.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -92,7 +143,7 @@ pub struct TakeInput<'a> {
     pub worker_id: &'a str,
     /// The lease table as just read.
     pub leases: &'a [Lease],
-    /// Leases this worker holds (and renews).
+    /// Leases this worker holds (renews, or still runs a consumer for).
     pub held: &'a BTreeSet<String>,
     /// Counter observations, already updated with `leases`.
     pub observations: &'a LeaseObservations,
@@ -100,50 +151,172 @@ pub struct TakeInput<'a> {
     pub now: Instant,
     /// The lease duration.
     pub lease_duration: Duration,
+    /// How long a reservation for another worker is respected.
+    pub handoff_timeout: Duration,
     /// Most leases this worker may hold.
     pub max_leases_per_worker: usize,
+    /// Most handoffs to ask for in one round.
+    pub max_leases_to_steal: usize,
     /// Orders equally good candidates, so that workers starting together pick different
     /// leases instead of all racing for the same ones.
     pub seed: u64,
 }
 
-/// Decides which leases to take: every unowned, orphaned or expired lease of an unfinished
-/// shard, in that order of preference, up to `max_leases_per_worker` held in all.
-pub fn leases_to_take(input: &TakeInput<'_>) -> Vec<TakeDecision> {
-    let room = input.max_leases_per_worker.saturating_sub(input.held.len());
-    let mut candidates: Vec<(TakeReason, u64, &Lease)> = input
-        .leases
-        .iter()
-        .filter(|lease| !lease.is_finished() && !input.held.contains(&lease.lease_key))
-        .filter_map(|lease| {
-            let reason = match lease.owner.as_deref() {
-                None => TakeReason::Unowned,
-                Some(owner) if owner == input.worker_id => TakeReason::Orphaned,
-                Some(_)
-                    if input
-                        .observations
-                        .is_expired(lease, input.now, input.lease_duration) =>
-                {
-                    TakeReason::Expired
-                }
-                Some(_) => return None,
-            };
-            Some((reason, shuffle_key(input.seed, &lease.lease_key), lease))
-        })
-        .collect();
-    candidates.sort_by(|a, b| (a.0, a.1, &a.2.lease_key).cmp(&(b.0, b.1, &b.2.lease_key)));
-    candidates
-        .into_iter()
-        .take(room)
-        .map(|(reason, _, lease)| TakeDecision {
-            lease_key: lease.lease_key.clone(),
-            fence: lease.fence(),
-            reason,
-        })
-        .collect()
+/// The decisions of one taking round, and what they were based on.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct TakePlan {
+    /// Free leases to take now.
+    pub take: Vec<TakeDecision>,
+    /// Leases of live workers to ask for.
+    pub request_handoff: Vec<HandoffRequest>,
+    /// Workers counted (this one included).
+    pub workers: usize,
+    /// Leases of unfinished shards.
+    pub active_leases: usize,
+    /// Leases counted for this worker before this round's decisions.
+    pub counted_for_me: usize,
+    /// Leases that no known worker has room for under `max_leases_per_worker`.
+    pub spillover: usize,
+    /// Leases counted for each worker (this one included) before this round's decisions.
+    pub worker_loads: BTreeMap<String, usize>,
 }
 
-/// A per-seed pseudo-random position of a lease key (FNV-1a, then a splitmix64 finaliser).
+/// Who a lease counts for, or why it is free.
+enum Standing<'a> {
+    Finished,
+    CountsFor(&'a str),
+    Free(TakeReason),
+}
+
+fn standing<'a>(lease: &'a Lease, input: &TakeInput<'a>) -> Standing<'a> {
+    if lease.is_finished() {
+        return Standing::Finished;
+    }
+    let me = input.worker_id;
+    let expired = || {
+        input
+            .observations
+            .is_expired(lease, input.now, input.lease_duration)
+    };
+    match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
+        (Some(owner), _) if owner == me && !input.held.contains(&lease.lease_key) => {
+            Standing::Free(TakeReason::Orphaned)
+        }
+        (Some(owner), _) if owner != me && expired() => Standing::Free(TakeReason::Expired),
+        (Some(_), Some(to)) => Standing::CountsFor(to),
+        (Some(owner), None) => Standing::CountsFor(owner),
+        (None, Some(to)) if to == me => Standing::Free(TakeReason::Reserved),
+        (None, Some(to)) => {
+            let lapsed = input
+                .observations
+                .unchanged_for(lease, input.now)
+                .is_some_and(|d| d >= input.handoff_timeout);
+            if lapsed {
+                Standing::Free(TakeReason::LapsedReservation)
+            } else {
+                Standing::CountsFor(to)
+            }
+        }
+        (None, None) => Standing::Free(TakeReason::Unowned),
+    }
+}
+
+/// Decides one taking round; see the module documentation for the rules.
+pub fn plan(input: &TakeInput<'_>) -> TakePlan {
+    let me = input.worker_id;
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::from([(me, 0)]);
+    let mut free: Vec<(TakeReason, u64, &Lease)> = Vec::new();
+    // Leases each other worker owns and could be asked for (no handoff pending).
+    let mut requestable: BTreeMap<&str, Vec<&Lease>> = BTreeMap::new();
+    let mut active = 0usize;
+    for lease in input.leases {
+        match standing(lease, input) {
+            Standing::Finished => continue,
+            Standing::CountsFor(worker) => {
+                *counts.entry(worker).or_default() += 1;
+                if worker != me && lease.handoff_to.is_none() {
+                    requestable.entry(worker).or_default().push(lease);
+                }
+            }
+            Standing::Free(reason) => {
+                free.push((reason, shuffle_key(input.seed, &lease.lease_key), lease))
+            }
+        }
+        active += 1;
+    }
+    let workers = counts.len();
+    let floor = active / workers;
+    let ceil = active.div_ceil(workers);
+    let cap = input.max_leases_per_worker;
+    let mine = counts[me];
+    let mut plan = TakePlan {
+        workers,
+        active_leases: active,
+        counted_for_me: mine,
+        spillover: active.saturating_sub(workers.saturating_mul(cap)),
+        worker_loads: counts.iter().map(|(w, c)| ((*w).to_owned(), *c)).collect(),
+        ..TakePlan::default()
+    };
+
+    // 1. Free leases, best reasons first; what is reserved for or orphaned by this worker is
+    //    its own already, the rest only up to the fair share.
+    free.sort_by(|a, b| (a.0, a.1, &a.2.lease_key).cmp(&(b.0, b.1, &b.2.lease_key)));
+    let mut holding = mine;
+    for (reason, _, lease) in free {
+        let wanted = match reason {
+            TakeReason::Reserved | TakeReason::Orphaned => holding < cap,
+            _ => holding < ceil.min(cap),
+        };
+        if wanted {
+            plan.take.push(TakeDecision {
+                lease_key: lease.lease_key.clone(),
+                fence: lease.fence(),
+                reason,
+            });
+            holding += 1;
+        }
+    }
+
+    // 2./3. Ask the most loaded workers.
+    let (goal, keeps) = if holding < floor.min(cap) {
+        (floor.min(cap) - holding, floor)
+    } else if holding < ceil.min(cap) && counts.iter().any(|(w, c)| *w != me && *c > ceil) {
+        (1, ceil)
+    } else {
+        (0, ceil)
+    };
+    let goal = goal.min(input.max_leases_to_steal);
+    let mut loads: Vec<(usize, u64, &str)> = counts
+        .iter()
+        .filter(|(w, _)| **w != me)
+        .map(|(w, c)| (*c, shuffle_key(input.seed, w), *w))
+        .collect();
+    for lease_list in requestable.values_mut() {
+        lease_list.sort_by_key(|l| (shuffle_key(input.seed, &l.lease_key), l.lease_key.as_str()));
+    }
+    while plan.request_handoff.len() < goal {
+        // The most loaded worker that can give one and stay at or above what it keeps.
+        loads.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(b.2)));
+        let Some(victim) = loads.iter_mut().find(|(count, _, w)| {
+            *count > keeps && requestable.get(w).is_some_and(|l| !l.is_empty())
+        }) else {
+            break;
+        };
+        victim.0 -= 1;
+        let lease = requestable
+            .get_mut(victim.2)
+            .and_then(Vec::pop)
+            .expect("checked non-empty");
+        plan.request_handoff.push(HandoffRequest {
+            lease_key: lease.lease_key.clone(),
+            fence: lease.fence(),
+        });
+    }
+    plan
+}
+
+/// A per-seed pseudo-random position of a key (FNV-1a, then a splitmix64 finaliser).
 fn shuffle_key(seed: u64, key: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
     for b in key.bytes() {
@@ -156,185 +329,4 @@ fn shuffle_key(seed: u64, key: &str) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::sequence::Checkpoint;
-
-    const DURATION: Duration = Duration::from_secs(10);
-
-    fn lease(key: &str, owner: Option<&str>, counter: u64) -> Lease {
-        let mut lease = Lease::new(key, Checkpoint::TrimHorizon);
-        lease.owner = owner.map(str::to_owned);
-        lease.counter = counter;
-        lease
-    }
-
-    fn take(
-        me: &str,
-        leases: &[Lease],
-        held: &BTreeSet<String>,
-        observations: &LeaseObservations,
-        now: Instant,
-        max: usize,
-    ) -> Vec<TakeDecision> {
-        leases_to_take(&TakeInput {
-            worker_id: me,
-            leases,
-            held,
-            observations,
-            now,
-            lease_duration: DURATION,
-            max_leases_per_worker: max,
-            seed: 42,
-        })
-    }
-
-    #[test]
-    fn expiry_needs_an_unchanged_counter_for_the_lease_duration() {
-        let t0 = Instant::now();
-        let mut obs = LeaseObservations::new();
-        let l = lease("a", Some("w2"), 5);
-        obs.observe(std::slice::from_ref(&l), t0);
-        assert!(!obs.is_expired(&l, t0 + DURATION - Duration::from_millis(1), DURATION));
-        assert!(obs.is_expired(&l, t0 + DURATION, DURATION));
-
-        // A renewal seen at t0+8s restarts the count.
-        let renewed = lease("a", Some("w2"), 6);
-        obs.observe(std::slice::from_ref(&renewed), t0 + Duration::from_secs(8));
-        assert!(!obs.is_expired(&renewed, t0 + Duration::from_secs(17), DURATION));
-        assert!(obs.is_expired(&renewed, t0 + Duration::from_secs(18), DURATION));
-    }
-
-    #[test]
-    fn a_lease_seen_once_is_fresh_and_a_forgotten_one_is_not_expired() {
-        let t0 = Instant::now();
-        let mut obs = LeaseObservations::new();
-        let l = lease("a", Some("w2"), 5);
-        assert!(!obs.is_expired(&l, t0, DURATION), "never observed");
-        obs.observe(std::slice::from_ref(&l), t0 + Duration::from_secs(100));
-        assert!(!obs.is_expired(&l, t0 + Duration::from_secs(105), DURATION));
-        obs.observe(&[], t0 + Duration::from_secs(106));
-        assert!(!obs.is_expired(&l, t0 + Duration::from_secs(200), DURATION));
-    }
-
-    #[test]
-    fn takes_unowned_orphaned_and_expired_but_not_live_or_finished() {
-        let t0 = Instant::now();
-        let mut finished = lease("done", None, 3);
-        finished.checkpoint = Checkpoint::ShardEnd;
-        let leases = vec![
-            lease("free", None, 0),
-            lease("mine-lost-answer", Some("me"), 2),
-            lease("dead", Some("w2"), 7),
-            lease("alive", Some("w3"), 9),
-            lease("held", Some("me"), 4),
-            finished,
-        ];
-        let mut obs = LeaseObservations::new();
-        obs.observe(&leases, t0);
-        let mut alive = leases.clone();
-        alive[3].counter += 1;
-        obs.observe(&alive, t0 + Duration::from_secs(6));
-        let held = BTreeSet::from(["held".to_owned()]);
-        let got = take("me", &alive, &held, &obs, t0 + DURATION, usize::MAX);
-        let got: Vec<_> = got
-            .iter()
-            .map(|d| (d.lease_key.as_str(), d.reason))
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                ("free", TakeReason::Unowned),
-                ("mine-lost-answer", TakeReason::Orphaned),
-                ("dead", TakeReason::Expired),
-            ]
-        );
-    }
-
-    #[test]
-    fn respects_the_lease_limit_preferring_unowned() {
-        let t0 = Instant::now();
-        let leases = vec![lease("x", Some("dead"), 1), lease("y", None, 0)];
-        let mut obs = LeaseObservations::new();
-        obs.observe(&leases, t0);
-        let held = BTreeSet::from(["h".to_owned()]);
-        let got = take("me", &leases, &held, &obs, t0 + DURATION, 2);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].lease_key, "y");
-        assert!(take("me", &leases, &held, &obs, t0 + DURATION, 1).is_empty());
-    }
-
-    fn arb_table() -> impl Strategy<Value = (Vec<Lease>, Vec<bool>, Vec<u64>)> {
-        // Owners: none, me, or one of three others; some leases finished; counter advances.
-        let one = (0usize..5, any::<bool>(), 0u64..3, any::<bool>());
-        proptest::collection::vec(one, 0..30).prop_map(|rows| {
-            let mut leases = Vec::new();
-            let mut held = Vec::new();
-            let mut bumps = Vec::new();
-            for (i, (owner, finished, bump, is_held)) in rows.into_iter().enumerate() {
-                let owner = match owner {
-                    0 => None,
-                    1 => Some("me"),
-                    n => Some(["w1", "w2", "w3"][n - 2]),
-                };
-                let mut l = lease(&format!("shardId-{i:012}"), owner, 10);
-                if finished {
-                    l.checkpoint = Checkpoint::ShardEnd;
-                }
-                held.push(is_held && owner == Some("me"));
-                leases.push(l);
-                bumps.push(bump);
-            }
-            (leases, held, bumps)
-        })
-    }
-
-    proptest! {
-        #[test]
-        fn decisions_are_safe_and_complete(
-            (leases, held_flags, bumps) in arb_table(),
-            elapsed_ms in 0u64..20_000,
-            max in 1usize..40,
-        ) {
-            let t0 = Instant::now();
-            let now = t0 + Duration::from_millis(elapsed_ms);
-            let mut obs = LeaseObservations::new();
-            obs.observe(&leases, t0);
-            // Leases whose counter was bumped were renewed just now.
-            let later: Vec<Lease> = leases.iter().zip(&bumps).map(|(l, b)| {
-                let mut l = l.clone();
-                l.counter += b;
-                l
-            }).collect();
-            obs.observe(&later, now);
-            let held: BTreeSet<String> = later.iter().zip(&held_flags)
-                .filter(|(_, h)| **h).map(|(l, _)| l.lease_key.clone()).collect();
-            let got = take("me", &later, &held, &obs, now, max);
-
-            let by_key: HashMap<&str, &Lease> = later.iter().map(|l| (l.lease_key.as_str(), l)).collect();
-            let mut seen = BTreeSet::new();
-            for d in &got {
-                prop_assert!(seen.insert(d.lease_key.clone()), "taken twice");
-                let l = by_key[d.lease_key.as_str()];
-                prop_assert!(!l.is_finished());
-                prop_assert!(!held.contains(&d.lease_key));
-                prop_assert_eq!(&d.fence, &l.fence());
-                if let Some(owner) = &l.owner {
-                    if owner != "me" {
-                        prop_assert!(obs.is_expired(l, now, DURATION), "took a live lease");
-                    }
-                }
-            }
-            prop_assert!(held.len() + got.len() <= max.max(held.len()));
-            // Complete: everything takeable is taken unless the limit was reached.
-            let takeable = later.iter().filter(|l| !l.is_finished() && !held.contains(&l.lease_key)
-                && match l.owner.as_deref() {
-                    None | Some("me") => true,
-                    Some(_) => obs.is_expired(l, now, DURATION),
-                }).count();
-            prop_assert_eq!(got.len(), takeable.min(max.saturating_sub(held.len())));
-        }
-    }
-}
+mod tests;

@@ -1,0 +1,537 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::lease::LeaseUpdate;
+use crate::sequence::Checkpoint;
+
+const DURATION: Duration = Duration::from_secs(10);
+const HANDOFF: Duration = Duration::from_secs(10);
+
+fn lease(key: &str, owner: Option<&str>, counter: u64) -> Lease {
+    let mut lease = Lease::new(key, Checkpoint::TrimHorizon);
+    lease.owner = owner.map(str::to_owned);
+    lease.counter = counter;
+    lease
+}
+
+fn input<'a>(
+    me: &'a str,
+    leases: &'a [Lease],
+    held: &'a BTreeSet<String>,
+    observations: &'a LeaseObservations,
+    now: Instant,
+) -> TakeInput<'a> {
+    TakeInput {
+        worker_id: me,
+        leases,
+        held,
+        observations,
+        now,
+        lease_duration: DURATION,
+        handoff_timeout: HANDOFF,
+        max_leases_per_worker: usize::MAX,
+        max_leases_to_steal: usize::MAX,
+        seed: 42,
+    }
+}
+
+fn held_by(me: &str, leases: &[Lease]) -> BTreeSet<String> {
+    leases
+        .iter()
+        .filter(|l| l.owner.as_deref() == Some(me))
+        .map(|l| l.lease_key.clone())
+        .collect()
+}
+
+fn taken(plan: &TakePlan) -> Vec<(&str, TakeReason)> {
+    plan.take
+        .iter()
+        .map(|d| (d.lease_key.as_str(), d.reason))
+        .collect()
+}
+
+#[test]
+fn expiry_needs_an_unchanged_counter_for_the_lease_duration() {
+    let t0 = Instant::now();
+    let mut obs = LeaseObservations::new();
+    let l = lease("a", Some("w2"), 5);
+    obs.observe(std::slice::from_ref(&l), t0);
+    assert!(!obs.is_expired(&l, t0 + DURATION - Duration::from_millis(1), DURATION));
+    assert!(obs.is_expired(&l, t0 + DURATION, DURATION));
+
+    // A renewal seen at t0+8s restarts the count.
+    let renewed = lease("a", Some("w2"), 6);
+    obs.observe(std::slice::from_ref(&renewed), t0 + Duration::from_secs(8));
+    assert!(!obs.is_expired(&renewed, t0 + Duration::from_secs(17), DURATION));
+    assert!(obs.is_expired(&renewed, t0 + Duration::from_secs(18), DURATION));
+}
+
+#[test]
+fn a_lease_seen_once_is_fresh_and_a_forgotten_one_is_not_expired() {
+    let t0 = Instant::now();
+    let mut obs = LeaseObservations::new();
+    let l = lease("a", Some("w2"), 5);
+    assert!(!obs.is_expired(&l, t0, DURATION), "never observed");
+    obs.observe(std::slice::from_ref(&l), t0 + Duration::from_secs(100));
+    assert!(!obs.is_expired(&l, t0 + Duration::from_secs(105), DURATION));
+    obs.observe(&[], t0 + Duration::from_secs(106));
+    assert!(!obs.is_expired(&l, t0 + Duration::from_secs(200), DURATION));
+}
+
+#[test]
+fn a_handoff_request_does_not_look_like_a_renewal() {
+    let t0 = Instant::now();
+    let mut obs = LeaseObservations::new();
+    let dead = lease("a", Some("dead"), 5);
+    obs.observe(std::slice::from_ref(&dead), t0);
+    let requested = LeaseUpdate::RequestHandoff { to: "w2".into() }.apply(&dead);
+    obs.observe(
+        std::slice::from_ref(&requested),
+        t0 + Duration::from_secs(5),
+    );
+    assert!(obs.is_expired(&requested, t0 + DURATION, DURATION));
+}
+
+#[test]
+fn takes_free_leases_but_not_live_or_finished_ones() {
+    let t0 = Instant::now();
+    let mut finished = lease("done", None, 3);
+    finished.checkpoint = Checkpoint::ShardEnd;
+    let leases = vec![
+        lease("free", None, 0),
+        lease("mine-lost-answer", Some("me"), 2),
+        lease("dead", Some("w2"), 7),
+        lease("alive-1", Some("w3"), 9),
+        lease("alive-2", Some("w3"), 9),
+        lease("alive-3", Some("w3"), 9),
+        lease("held", Some("me"), 4),
+        finished,
+    ];
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let mut alive = leases.clone();
+    for l in &mut alive[3..6] {
+        l.counter += 1;
+    }
+    obs.observe(&alive, t0 + Duration::from_secs(6));
+    let held = BTreeSet::from(["held".to_owned()]);
+    let plan = plan(&input("me", &alive, &held, &obs, t0 + DURATION));
+    assert_eq!(
+        taken(&plan),
+        vec![
+            ("mine-lost-answer", TakeReason::Orphaned),
+            ("free", TakeReason::Unowned),
+            ("dead", TakeReason::Expired),
+        ]
+    );
+    // 7 active leases, 2 live workers (w2 is dead): me ends with 4, w3 has 3.
+    assert!(plan.request_handoff.is_empty());
+    assert_eq!((plan.workers, plan.active_leases), (2, 7));
+}
+
+#[test]
+fn free_leases_are_taken_only_up_to_the_fair_share() {
+    let t0 = Instant::now();
+    let mut leases: Vec<Lease> = (0..6).map(|i| lease(&format!("u{i}"), None, 0)).collect();
+    leases.extend((0..2).map(|i| lease(&format!("w2-{i}"), Some("w2"), 1)));
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let held = BTreeSet::new();
+    // 8 leases, 2 workers: 4 each; w2 has 2, so 2 unowned stay for w2.
+    let plan = plan(&input("me", &leases, &held, &obs, t0));
+    assert_eq!(plan.take.len(), 4);
+    assert!(plan.request_handoff.is_empty());
+}
+
+#[test]
+fn a_new_worker_asks_for_its_whole_share_in_one_round() {
+    let t0 = Instant::now();
+    let leases: Vec<Lease> = (0..12)
+        .map(|i| lease(&format!("s{i:02}"), Some("old"), 3))
+        .collect();
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let held = BTreeSet::new();
+    let plan = plan(&input("new", &leases, &held, &obs, t0));
+    assert!(plan.take.is_empty());
+    assert_eq!(plan.request_handoff.len(), 6);
+    assert!(
+        plan.request_handoff
+            .iter()
+            .all(|r| r.fence.owner.as_deref() == Some("old"))
+    );
+    let mut limited = input("new", &leases, &held, &obs, t0);
+    limited.max_leases_to_steal = 2;
+    assert_eq!(super::plan(&limited).request_handoff.len(), 2);
+}
+
+#[test]
+fn asks_the_most_loaded_and_never_below_the_floor() {
+    let t0 = Instant::now();
+    // 10 leases over a:5, b:3, c:2, me:0 → 4 workers, floor 2, ceil 3.
+    let mut leases = Vec::new();
+    for (owner, n) in [("a", 5), ("b", 3), ("c", 2)] {
+        for i in 0..n {
+            leases.push(lease(&format!("{owner}{i}"), Some(owner), 1));
+        }
+    }
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let held = BTreeSet::new();
+    let plan = plan(&input("me", &leases, &held, &obs, t0));
+    let from: Vec<&str> = plan
+        .request_handoff
+        .iter()
+        .map(|r| r.fence.owner.as_deref().unwrap())
+        .collect();
+    // a (5) gives until it is no longer the most loaded: a→4, a→3 (tie with b broken by seed)…
+    assert_eq!(from.len(), 2, "{from:?}");
+    assert!(
+        from.iter().all(|w| *w == "a" || *w == "b"),
+        "c is at the floor: {from:?}"
+    );
+}
+
+#[test]
+fn a_worker_at_the_floor_asks_only_a_worker_above_the_ceiling() {
+    let t0 = Instant::now();
+    // me:2, a:3, b:3 → 8 leases, 3 workers: floor 2, ceil 3: balanced.
+    let mut leases = Vec::new();
+    for (owner, n) in [("me", 2), ("a", 3), ("b", 3)] {
+        for i in 0..n {
+            leases.push(lease(&format!("{owner}{i}"), Some(owner), 1));
+        }
+    }
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let held = held_by("me", &leases);
+    let balanced = plan(&input("me", &leases, &held, &obs, t0));
+    assert!(balanced.take.is_empty() && balanced.request_handoff.is_empty());
+    assert_eq!(
+        (
+            balanced.workers,
+            balanced.active_leases,
+            balanced.counted_for_me
+        ),
+        (3, 8, 2)
+    );
+    assert_eq!(balanced.worker_loads["a"], 3);
+    // a:4, b:2 → a is above the ceiling: me (at the floor) asks a for one.
+    leases[7].owner = Some("a".into());
+    let plan = plan(&input("me", &leases, &held, &obs, t0));
+    assert_eq!(plan.request_handoff.len(), 1);
+    assert_eq!(plan.request_handoff[0].fence.owner.as_deref(), Some("a"));
+}
+
+#[test]
+fn pending_handoffs_count_for_their_target() {
+    let t0 = Instant::now();
+    let mut leases: Vec<Lease> = (0..6)
+        .map(|i| lease(&format!("s{i}"), Some("old"), 3))
+        .collect();
+    for l in leases.iter_mut().take(3) {
+        l.handoff_to = Some("new".into());
+    }
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let none = BTreeSet::new();
+    // The requester does not ask again, the owner does not ask back.
+    let new = plan(&input("new", &leases, &none, &obs, t0));
+    assert!(new.request_handoff.is_empty() && new.take.is_empty());
+    assert_eq!(new.counted_for_me, 3);
+    let old_held = held_by("old", &leases);
+    let old = plan(&input("old", &leases, &old_held, &obs, t0));
+    assert!(old.request_handoff.is_empty() && old.take.is_empty());
+    assert_eq!(old.counted_for_me, 3);
+}
+
+#[test]
+fn a_reservation_is_taken_by_its_worker_and_respected_by_others_until_it_lapses() {
+    let t0 = Instant::now();
+    let mut reserved = lease("r", None, 4);
+    reserved.handoff_to = Some("w2".into());
+    let leases = vec![reserved, lease("x", Some("w3"), 1)];
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let none = BTreeSet::new();
+    assert_eq!(
+        taken(&plan(&input("w2", &leases, &none, &obs, t0))),
+        vec![("r", TakeReason::Reserved)]
+    );
+    let w3 = BTreeSet::from(["x".to_owned()]);
+    assert!(
+        plan(&input("w3", &leases, &w3, &obs, t0 + HANDOFF / 2))
+            .take
+            .is_empty()
+    );
+    // w3 keeps renewing x; r has sat untouched for the handoff timeout.
+    let mut renewed = leases.clone();
+    renewed[1].counter += 1;
+    obs.observe(&renewed, t0 + HANDOFF - Duration::from_secs(1));
+    assert_eq!(
+        taken(&plan(&input("me", &renewed, &none, &obs, t0 + HANDOFF))),
+        vec![("r", TakeReason::LapsedReservation)]
+    );
+}
+
+#[test]
+fn the_lease_limit_caps_taking_and_reports_spillover() {
+    let t0 = Instant::now();
+    let leases: Vec<Lease> = (0..5).map(|i| lease(&format!("u{i}"), None, 0)).collect();
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let none = BTreeSet::new();
+    let mut capped = input("me", &leases, &none, &obs, t0);
+    capped.max_leases_per_worker = 2;
+    let plan = plan(&capped);
+    assert_eq!(plan.take.len(), 2);
+    assert_eq!(plan.spillover, 3);
+}
+
+// ---- Properties ------------------------------------------------------------------------
+
+fn arb_table() -> impl Strategy<Value = (Vec<Lease>, Vec<bool>, Vec<u64>)> {
+    // Owners: none, me, or one of three others; some leases finished, some with a pending
+    // handoff; counters advance for some.
+    let one = (0usize..5, any::<bool>(), 0u64..3, any::<bool>(), 0usize..6);
+    proptest::collection::vec(one, 0..30).prop_map(|rows| {
+        let names = ["me", "w1", "w2", "w3"];
+        let mut leases = Vec::new();
+        let mut held = Vec::new();
+        let mut bumps = Vec::new();
+        for (i, (owner, finished, bump, is_held, handoff)) in rows.into_iter().enumerate() {
+            let owner = owner.checked_sub(1).map(|n| names[n]);
+            let mut l = lease(&format!("shardId-{i:012}"), owner, 10);
+            if finished {
+                l.checkpoint = Checkpoint::ShardEnd;
+            }
+            l.handoff_to = names.get(handoff).map(|w| (*w).to_owned());
+            held.push(is_held && owner == Some("me"));
+            leases.push(l);
+            bumps.push(bump);
+        }
+        (leases, held, bumps)
+    })
+}
+
+proptest! {
+    #[test]
+    fn decisions_are_safe(
+        (leases, held_flags, bumps) in arb_table(),
+        elapsed_ms in 0u64..25_000,
+        max in 1usize..40,
+        steal in 0usize..10,
+    ) {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_millis(elapsed_ms);
+        let mut obs = LeaseObservations::new();
+        obs.observe(&leases, t0);
+        // Leases whose counter was bumped were renewed just now.
+        let later: Vec<Lease> = leases.iter().zip(&bumps).map(|(l, b)| {
+            let mut l = l.clone();
+            l.counter += b;
+            l
+        }).collect();
+        obs.observe(&later, now);
+        let held: BTreeSet<String> = later.iter().zip(&held_flags)
+            .filter(|(_, h)| **h).map(|(l, _)| l.lease_key.clone()).collect();
+        let mut inp = input("me", &later, &held, &obs, now);
+        inp.max_leases_per_worker = max;
+        inp.max_leases_to_steal = steal;
+        let plan = plan(&inp);
+
+        let by_key: HashMap<&str, &Lease> = later.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        let mut seen = BTreeSet::new();
+        for d in &plan.take {
+            prop_assert!(seen.insert(d.lease_key.clone()), "decided twice");
+            let l = by_key[d.lease_key.as_str()];
+            prop_assert!(!l.is_finished());
+            prop_assert!(!held.contains(&d.lease_key));
+            prop_assert_eq!(&d.fence, &l.fence());
+            match l.owner.as_deref() {
+                Some("me") | None => {}
+                Some(_) => prop_assert!(obs.is_expired(l, now, DURATION), "took a live lease"),
+            }
+            if l.owner.is_none() {
+                if let Some(to) = l.handoff_to.as_deref() {
+                    prop_assert!(to == "me" || obs.unchanged_for(l, now).unwrap() >= HANDOFF,
+                        "took a lease reserved for another worker");
+                }
+            }
+        }
+        prop_assert!(plan.request_handoff.len() <= steal);
+        for r in &plan.request_handoff {
+            prop_assert!(seen.insert(r.lease_key.clone()), "decided twice");
+            let l = by_key[r.lease_key.as_str()];
+            prop_assert!(!l.is_finished() && l.handoff_to.is_none());
+            let owner = l.owner.as_deref().unwrap();
+            prop_assert!(owner != "me" && !obs.is_expired(l, now, DURATION));
+            prop_assert_eq!(&r.fence, &l.fence());
+        }
+        let after = plan.counted_for_me + plan.take.len() + plan.request_handoff.len();
+        prop_assert!(after <= max.max(plan.counted_for_me), "over the limit: {after} > {max}");
+        prop_assert!(after <= plan.active_leases.div_ceil(plan.workers).max(plan.counted_for_me)
+            || plan.take.iter().any(|d| matches!(d.reason, TakeReason::Reserved | TakeReason::Orphaned)),
+            "more than the fair share");
+    }
+}
+
+/// A fleet of live workers sharing one table, run round by round.
+#[derive(Debug, Clone)]
+struct Fleet {
+    table: BTreeMap<String, Lease>,
+    workers: Vec<String>,
+}
+
+impl Fleet {
+    fn new(owners: &[Option<usize>], workers: usize) -> Self {
+        let workers: Vec<String> = (0..workers).map(|i| format!("w{i}")).collect();
+        let table = owners
+            .iter()
+            .enumerate()
+            .map(|(i, owner)| {
+                let key = format!("shardId-{i:012}");
+                let owner = owner.map(|o| workers[o % workers.len()].as_str());
+                (key.clone(), lease(&key, owner, 1))
+            })
+            .collect();
+        Fleet { table, workers }
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        self.table.values().cloned().collect()
+    }
+
+    /// What `worker` does at its turn: hand over what it was asked for (release keeping the
+    /// reservation), then plan against `snapshot`. Returns its decisions.
+    fn turn(&mut self, worker: &str, snapshot: &[Lease], seed: u64) -> TakePlan {
+        for lease in self.table.values_mut() {
+            if lease.owner.as_deref() == Some(worker) && lease.handoff_to.is_some() {
+                *lease = LeaseUpdate::Release.apply(lease);
+            }
+        }
+        let held = held_by(worker, snapshot);
+        // Everyone renews: nothing is expired, nothing lapses.
+        let mut obs = LeaseObservations::new();
+        let now = Instant::now();
+        obs.observe(snapshot, now);
+        let mut inp = input(worker, snapshot, &held, &obs, now);
+        inp.seed = seed;
+        plan(&inp)
+    }
+
+    /// Applies decisions as the store would: conditionally on the fence.
+    fn apply(&mut self, worker: &str, plan: &TakePlan) -> usize {
+        let mut applied = 0;
+        for d in &plan.take {
+            let stored = self.table.get_mut(&d.lease_key).unwrap();
+            if stored.fence() == d.fence {
+                *stored = LeaseUpdate::Take {
+                    new_owner: worker.to_owned(),
+                }
+                .apply(stored);
+                applied += 1;
+            }
+        }
+        for r in &plan.request_handoff {
+            let stored = self.table.get_mut(&r.lease_key).unwrap();
+            let update = LeaseUpdate::RequestHandoff {
+                to: worker.to_owned(),
+            };
+            if stored.fence() == r.fence && update.allowed(stored) {
+                *stored = update.apply(stored);
+                applied += 1;
+            }
+        }
+        applied
+    }
+
+    fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts: BTreeMap<String, usize> =
+            self.workers.iter().map(|w| (w.clone(), 0)).collect();
+        for l in self.table.values() {
+            if let Some(o) = &l.owner {
+                *counts.get_mut(o).unwrap() += 1;
+            }
+        }
+        counts
+    }
+
+    fn balanced(&self) -> bool {
+        let n = self.table.len();
+        let k = self.workers.len();
+        let settled = self
+            .table
+            .values()
+            .all(|l| l.owner.is_some() && l.handoff_to.is_none());
+        settled
+            && self
+                .counts()
+                .values()
+                .all(|c| (n / k..=n.div_ceil(k)).contains(c))
+    }
+}
+
+fn arb_fleet() -> impl Strategy<Value = (Vec<Option<usize>>, usize, u64)> {
+    (1usize..7).prop_flat_map(|workers| {
+        (
+            proptest::collection::vec(proptest::option::weighted(0.8, 0..workers), 0..40),
+            Just(workers),
+            any::<u64>(),
+        )
+    })
+}
+
+proptest! {
+    /// Workers take turns, each seeing the table as the previous one left it.
+    #[test]
+    fn taking_turns_converges_to_a_balanced_fleet_and_stays_there((owners, workers, seed) in arb_fleet()) {
+        let mut fleet = Fleet::new(&owners, workers);
+        let mut rounds = 0;
+        while !fleet.balanced() {
+            rounds += 1;
+            prop_assert!(rounds <= 4, "not balanced after 4 rounds: {:?}", fleet.counts());
+            for w in fleet.workers.clone() {
+                let snapshot = fleet.leases();
+                let plan = fleet.turn(&w, &snapshot, seed ^ rounds);
+                fleet.apply(&w, &plan);
+            }
+        }
+        // Stable: nobody takes or asks for anything any more.
+        for w in fleet.workers.clone() {
+            let snapshot = fleet.leases();
+            let plan = fleet.turn(&w, &snapshot, seed);
+            prop_assert!(plan.take.is_empty() && plan.request_handoff.is_empty(),
+                "{w} still moves leases in a balanced fleet: {plan:?}");
+        }
+    }
+
+    /// All workers decide on the same snapshot, then their writes race (first one wins).
+    #[test]
+    fn deciding_at_once_converges_without_oscillating((owners, workers, seed) in arb_fleet()) {
+        let mut fleet = Fleet::new(&owners, workers);
+        let mut rounds = 0u64;
+        let mut moves = 0usize;
+        while !fleet.balanced() {
+            rounds += 1;
+            prop_assert!(rounds <= 8, "not balanced after 8 rounds: {:?}", fleet.counts());
+            let snapshot = fleet.leases();
+            let mut plans = Vec::new();
+            for w in fleet.workers.clone() {
+                plans.push((w.clone(), fleet.turn(&w, &snapshot, seed ^ rounds)));
+            }
+            let order = (seed ^ rounds) as usize % plans.len();
+            plans.rotate_left(order);
+            for (w, plan) in &plans {
+                moves += fleet.apply(w, plan);
+            }
+        }
+        let n = owners.len();
+        prop_assert!(moves <= 3 * n + workers, "{moves} moves for {n} leases");
+        let snapshot = fleet.leases();
+        for w in fleet.workers.clone() {
+            let plan = fleet.turn(&w, &snapshot, seed);
+            prop_assert!(plan.take.is_empty() && plan.request_handoff.is_empty());
+        }
+    }
+}
