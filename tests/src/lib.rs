@@ -5,7 +5,9 @@
 //! Without those servers every test fails with a message saying how to start them: an
 //! integration test never passes by skipping.
 
-use std::collections::BTreeMap;
+pub mod proxy;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -192,10 +194,18 @@ pub struct Delivered {
     pub sequence_number: String,
     /// Its payload as text.
     pub data: String,
+    /// When it was delivered.
+    pub at: Instant,
 }
 
-/// Deliveries, and events as (worker, shard, event).
-type Log = (Vec<Delivered>, Vec<(String, String, Event)>);
+/// Deliveries; events as (worker, shard, event); the worker inside `process_records` of each
+/// shard; and every time two workers were inside one shard's `process_records` at once.
+type Log = (
+    Vec<Delivered>,
+    Vec<(String, String, Event)>,
+    HashMap<String, String>,
+    Vec<(String, String, String)>,
+);
 
 /// The log of deliveries and events of one test.
 #[derive(Debug, Clone, Default)]
@@ -222,6 +232,11 @@ impl Recorder {
     /// All events.
     pub fn all_events(&self) -> Vec<(String, String, Event)> {
         self.0.lock().unwrap().1.clone()
+    }
+    /// Each time two workers were processing records of one shard at the same time:
+    /// (shard, worker already in it, worker that entered).
+    pub fn overlaps(&self) -> Vec<(String, String, String)> {
+        self.0.lock().unwrap().3.clone()
     }
     fn event(&self, worker: &str, shard_id: &str, event: Event) {
         self.0
@@ -275,18 +290,26 @@ impl RecordProcessor for RecordingProcessor {
         checkpointer: &mut Checkpointer,
         _millis_behind_latest: Option<u64>,
     ) -> Result<(), Self::Error> {
+        let now = Instant::now();
         {
             let mut log = self.recorder.0.lock().unwrap();
+            if let Some(other) = log.2.insert(self.shard_id.clone(), self.worker.clone()) {
+                log.3
+                    .push((self.shard_id.clone(), other, self.worker.clone()));
+            }
             for r in records {
                 log.0.push(Delivered {
                     worker: self.worker.clone(),
                     shard_id: self.shard_id.clone(),
                     sequence_number: r.sequence_number.to_string(),
                     data: String::from_utf8_lossy(&r.data).into_owned(),
+                    at: now,
                 });
             }
         }
-        checkpointer.checkpoint().await
+        let result = checkpointer.checkpoint().await;
+        self.recorder.0.lock().unwrap().2.remove(&self.shard_id);
+        result
     }
 
     async fn lease_lost(&mut self) {
@@ -317,6 +340,8 @@ pub struct RunningWorker {
     pub shutdown: CancellationToken,
     /// The worker's task.
     pub task: JoinHandle<kcl_core::Result<()>>,
+    /// The worker's status.
+    pub status: tokio::sync::watch::Receiver<kcl_core::WorkerStatus>,
 }
 
 impl RunningWorker {
@@ -347,11 +372,77 @@ pub async fn clients(config: &WorkerConfig) -> (Arc<dyn StreamClient>, Arc<dyn L
 /// Starts a worker with recording processors.
 pub async fn start_worker(config: WorkerConfig, recorder: &Recorder) -> RunningWorker {
     let (stream, store) = clients(&config).await;
+    start_worker_on(config, recorder, stream, store)
+}
+
+/// Starts a worker with recording processors on the given clients.
+pub fn start_worker_on(
+    config: WorkerConfig,
+    recorder: &Recorder,
+    stream: Arc<dyn StreamClient>,
+    store: Arc<dyn LeaseStore>,
+) -> RunningWorker {
     let factory = recorder.factory(&config.worker_id);
     let worker = Worker::new(config, stream, store, factory).expect("valid config");
+    let status = worker.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(worker.run(shutdown.clone()));
-    RunningWorker { shutdown, task }
+    RunningWorker {
+        shutdown,
+        task,
+        status,
+    }
+}
+
+/// A DynamoDB lease store whose requests go through `endpoint` (a [`proxy::FaultProxy`]),
+/// with the SDK making at most `attempts` attempts per call.
+pub async fn lease_store_via(endpoint: &str, table: &str, attempts: u32) -> DynamoLeaseStore {
+    let sdk = sdk_config().await;
+    let config = aws_sdk_dynamodb::config::Builder::from(&sdk)
+        .endpoint_url(endpoint)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts))
+        .build();
+    DynamoLeaseStore::new(aws_sdk_dynamodb::Client::from_conf(config), table)
+}
+
+/// The owner of each lease of `table`, by worker: worker → leases (empty while the table
+/// does not exist yet).
+pub async fn lease_owners(table: &str) -> BTreeMap<String, usize> {
+    let store = DynamoLeaseStore::new(dynamodb().await, table);
+    let mut owners = BTreeMap::new();
+    let leases = match store.list_leases().await {
+        Ok(scan) => scan.leases,
+        Err(kcl_core::Error::LeaseTableNotFound { .. }) => Vec::new(),
+        Err(e) => panic!("scan the lease table {table}: {e}"),
+    };
+    for lease in leases {
+        if let Some(owner) = lease.owner {
+            *owners.entry(owner).or_default() += 1;
+        }
+    }
+    owners
+}
+
+/// True when `table` has `leases` leases, all owned, none with a handoff pending, spread over
+/// exactly `workers` workers at ⌊leases/workers⌋ or ⌈leases/workers⌉ each.
+pub async fn evenly_owned(table: &str, workers: usize, leases: usize) -> bool {
+    let store = DynamoLeaseStore::new(dynamodb().await, table);
+    let Ok(scan) = store.list_leases().await else {
+        return false;
+    };
+    let settled = scan.leases.len() == leases
+        && scan
+            .leases
+            .iter()
+            .all(|l| l.owner.is_some() && l.handoff_to.is_none());
+    let mut owners: BTreeMap<&str, usize> = BTreeMap::new();
+    for lease in &scan.leases {
+        if let Some(owner) = &lease.owner {
+            *owners.entry(owner).or_default() += 1;
+        }
+    }
+    let (floor, ceil) = (leases / workers, leases.div_ceil(workers));
+    settled && owners.len() == workers && owners.values().all(|c| (floor..=ceil).contains(c))
 }
 
 /// Deliveries grouped by shard, as sequence numbers in delivery order.

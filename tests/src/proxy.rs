@@ -1,0 +1,303 @@
+//! A fault-injecting HTTP proxy between the AWS SDK and a local server.
+//!
+//! Requests are forwarded unchanged (the local servers accept any SigV4 signature, so the
+//! signed `Host` of the proxy does not matter). Rules match the operation (the `X-Amz-Target`
+//! header, e.g. `UpdateItem`) and answer with an AWS error (throttling, 500), delay the
+//! request, drop the connection, or forward it and drop the answer. The proxy also counts
+//! requests per operation, which the benchmarks use to report DynamoDB requests per lease.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the proxy does to a matching request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer at once with this status and AWS error code, without forwarding.
+    Error {
+        /// HTTP status, e.g. 400 for throttling, 500 for an internal error.
+        status: u16,
+        /// AWS error code, e.g. `ThrottlingException`, `InternalServerError`.
+        code: &'static str,
+    },
+    /// Wait, then forward.
+    Delay(Duration),
+    /// Close the connection without an answer.
+    DropConnection,
+    /// Forward the request (it takes effect), then close the connection without the answer.
+    DropAnswer,
+}
+
+impl Fault {
+    /// DynamoDB or Kinesis throttling (`400 ThrottlingException`).
+    pub const THROTTLING: Fault = Fault::Error {
+        status: 400,
+        code: "ThrottlingException",
+    };
+    /// DynamoDB `ProvisionedThroughputExceededException` (400).
+    pub const THROUGHPUT_EXCEEDED: Fault = Fault::Error {
+        status: 400,
+        code: "ProvisionedThroughputExceededException",
+    };
+    /// An internal server error (500).
+    pub const INTERNAL_ERROR: Fault = Fault::Error {
+        status: 500,
+        code: "InternalServerError",
+    };
+}
+
+/// When a fault applies.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Operation name the `X-Amz-Target` header ends with (`None`: every request).
+    pub operation: Option<String>,
+    /// What to do.
+    pub fault: Fault,
+    /// Apply to this many matching requests, then stop (`None`: until cleared).
+    pub times: Option<usize>,
+    /// Apply to every `every`-th matching request only (1: all).
+    pub every: usize,
+}
+
+impl Rule {
+    /// `fault` for every request of `operation`, until cleared.
+    pub fn on(operation: &str, fault: Fault) -> Self {
+        Rule {
+            operation: Some(operation.to_owned()),
+            fault,
+            times: None,
+            every: 1,
+        }
+    }
+    /// `fault` for every request, until cleared.
+    pub fn all(fault: Fault) -> Self {
+        Rule {
+            operation: None,
+            fault,
+            times: None,
+            every: 1,
+        }
+    }
+    /// Only the next `n` matching requests.
+    #[must_use]
+    pub fn times(mut self, n: usize) -> Self {
+        self.times = Some(n);
+        self
+    }
+    /// Only every `n`-th matching request.
+    #[must_use]
+    pub fn every(mut self, n: usize) -> Self {
+        self.every = n.max(1);
+        self
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rules: Vec<(Rule, usize)>,
+    requests: BTreeMap<String, usize>,
+    faults: BTreeMap<String, usize>,
+}
+
+/// A running proxy; stopped when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: CancellationToken,
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn operation_of(request: &Request<Incoming>) -> String {
+    request
+        .headers()
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| t.rsplit('.').next())
+        .unwrap_or("unknown")
+        .to_owned()
+}
+
+fn aws_error(status: u16, code: &str) -> Response<Full<Bytes>> {
+    let body = format!(r#"{{"__type":"{code}","message":"injected by the test proxy"}}"#);
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/x-amz-json-1.0")
+        .header("x-amzn-errortype", code)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+impl FaultProxy {
+    /// Starts a proxy on a free loopback port in front of `upstream` (`http://host:port`).
+    pub async fn start(upstream: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let upstream: hyper::Uri = upstream.parse().expect("upstream URL");
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let state = Arc::new(Mutex::new(State::default()));
+        let stop = CancellationToken::new();
+        let (task_state, task_stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = tokio::select! {
+                    _ = task_stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
+                let (state, client, upstream) =
+                    (task_state.clone(), client.clone(), upstream.clone());
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let (state, client, upstream) =
+                        (state.clone(), client.clone(), upstream.clone());
+                    handle(request, state, client, upstream)
+                });
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(socket), service)
+                        .await;
+                });
+            }
+        });
+        FaultProxy { addr, state, stop }
+    }
+
+    /// The proxy's URL, to use as the SDK's endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Adds a rule (rules are tried in the order they were added).
+    pub fn inject(&self, rule: Rule) {
+        self.state.lock().unwrap().rules.push((rule, 0));
+    }
+
+    /// Removes every rule.
+    pub fn clear(&self) {
+        self.state.lock().unwrap().rules.clear();
+    }
+
+    /// Requests seen, by operation.
+    pub fn requests(&self) -> BTreeMap<String, usize> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Faults injected, by operation.
+    pub fn faults(&self) -> BTreeMap<String, usize> {
+        self.state.lock().unwrap().faults.clone()
+    }
+
+    /// Forgets the counts.
+    pub fn reset_counts(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.requests.clear();
+        state.faults.clear();
+    }
+}
+
+/// The fault for a request of `operation`, if a rule applies (and counts it).
+fn fault_for(state: &Mutex<State>, operation: &str) -> Option<Fault> {
+    let mut state = state.lock().unwrap();
+    *state.requests.entry(operation.to_owned()).or_default() += 1;
+    let mut chosen = None;
+    for (rule, seen) in state.rules.iter_mut() {
+        if rule.operation.as_deref().is_some_and(|o| o != operation) {
+            continue;
+        }
+        if rule.times == Some(0) {
+            continue;
+        }
+        *seen += 1;
+        if *seen % rule.every != 0 {
+            continue;
+        }
+        if let Some(times) = &mut rule.times {
+            *times -= 1;
+        }
+        chosen = Some(rule.fault.clone());
+        break;
+    }
+    if chosen.is_some() {
+        *state.faults.entry(operation.to_owned()).or_default() += 1;
+    }
+    chosen
+}
+
+/// Why the proxy closes a connection without an answer.
+#[derive(Debug)]
+struct Dropped(String);
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+fn dropped(why: impl std::fmt::Display) -> Dropped {
+    Dropped(why.to_string())
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    upstream: hyper::Uri,
+) -> Result<Response<Full<Bytes>>, Dropped> {
+    let operation = operation_of(&request);
+    let fault = fault_for(&state, &operation);
+    match &fault {
+        Some(Fault::Error { status, code }) => return Ok(aws_error(*status, code)),
+        Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::DropConnection) => return Err(dropped("connection dropped by the test proxy")),
+        Some(Fault::DropAnswer) | None => {}
+    }
+    let (mut parts, body) = request.into_parts();
+    let body = body.collect().await.map_err(dropped)?.to_bytes();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = format!(
+        "{}://{}{}",
+        upstream.scheme_str().unwrap_or("http"),
+        upstream.authority().expect("upstream authority"),
+        path
+    )
+    .parse()
+    .map_err(dropped)?;
+    let answer = client
+        .request(Request::from_parts(parts, Full::new(body)))
+        .await
+        .map_err(dropped)?;
+    let (parts, body) = answer.into_parts();
+    let body = body.collect().await.map_err(dropped)?.to_bytes();
+    if fault == Some(Fault::DropAnswer) {
+        return Err(dropped("answer dropped by the test proxy"));
+    }
+    Ok(Response::from_parts(parts, Full::new(body)))
+}

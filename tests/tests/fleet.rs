@@ -1,0 +1,373 @@
+//! Fleets of workers against kinesis-mock and DynamoDB Local: even splits, a joining worker,
+//! SIGKILL failover and SIGTERM handoff of `kcl-consumer` processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kcl_core::{InitialPosition, LeaseConfig, PollingConfig, WorkerConfig};
+use kcl_integration_tests::{
+    PATIENCE, Recorder, by_shard, create_stream, evenly_owned, example_binary, kinesis,
+    lease_owners, put_records, puts_by_shard, records, sdk_config, start_worker, unique, wait_for,
+};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// Faster than the defaults, so that fleets settle in seconds; the same mechanisms.
+fn lease_config() -> LeaseConfig {
+    LeaseConfig::default()
+        .with_lease_duration(Duration::from_secs(6))
+        .with_renewal_interval(Duration::from_secs(2))
+        .with_taker_interval(Duration::from_secs(1))
+        .with_handoff_timeout(Duration::from_secs(6))
+}
+
+fn config(app: &str, stream: &str, worker: &str) -> WorkerConfig {
+    WorkerConfig::new(app, stream)
+        .with_worker_id(worker)
+        .with_initial_position(InitialPosition::TrimHorizon)
+        .with_lease(lease_config())
+        .with_polling(
+            PollingConfig::default().with_idle_time_between_empty_reads(Duration::from_millis(500)),
+        )
+}
+
+/// Puts a batch of records every 250 ms until stopped; returns everything it put.
+struct Producer {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Vec<kcl_integration_tests::Put>>,
+}
+
+impl Producer {
+    fn start(client: aws_sdk_kinesis::Client, stream: &str, prefix: &str) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (stream, prefix, token) = (stream.to_owned(), prefix.to_owned(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut all = Vec::new();
+            let mut n = 0;
+            while !token.is_cancelled() {
+                all.extend(put_records(&client, &stream, &records(&prefix, n, 20, 37)).await);
+                n += 20;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            all
+        });
+        Producer { stop, task }
+    }
+
+    async fn stop(self) -> Vec<kcl_integration_tests::Put> {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+async fn run_fleet(workers: usize) {
+    let kinesis = kinesis().await;
+    let stream = unique(&format!("fleet{workers}"));
+    create_stream(&kinesis, &stream, 12).await;
+    let mut puts = put_records(&kinesis, &stream, &records("a", 0, 600, 53)).await;
+    let app = unique("fleet-app");
+    let recorder = Recorder::default();
+    let mut running = Vec::new();
+    for i in 0..workers {
+        running.push(start_worker(config(&app, &stream, &format!("w{i}")), &recorder).await);
+    }
+    wait_for("an even split", PATIENCE, || {
+        evenly_owned(&app, workers, 12)
+    })
+    .await;
+    puts.extend(put_records(&kinesis, &stream, &records("b", 0, 600, 53)).await);
+    wait_for("every record", PATIENCE, || async {
+        recorder.count() >= 1200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        evenly_owned(&app, workers, 12).await,
+        "stays balanced: {:?}",
+        lease_owners(&app).await
+    );
+    for worker in running {
+        worker.stop().await.unwrap();
+    }
+    // Starting together, the workers moved leases by graceful handoff only: no record was
+    // delivered twice, and no shard was processed by two workers at once.
+    assert_eq!(by_shard(&recorder.delivered()), puts_by_shard(&puts));
+    assert_eq!(recorder.overlaps(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_split_twelve_shards_evenly_and_consume_everything() {
+    run_fleet(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_split_twelve_shards_evenly_and_consume_everything() {
+    run_fleet(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_workers_split_twelve_shards_evenly_and_consume_everything() {
+    run_fleet(5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_added_to_a_running_fleet_gets_its_share_without_overlap() {
+    let kinesis = kinesis().await;
+    let stream = unique("join");
+    create_stream(&kinesis, &stream, 8).await;
+    let app = unique("join-app");
+    let recorder = Recorder::default();
+    let producer = Producer::start(kinesis.clone(), &stream, "join");
+    let w0 = start_worker(config(&app, &stream, "w0"), &recorder).await;
+    let w1 = start_worker(config(&app, &stream, "w1"), &recorder).await;
+    wait_for("two workers balanced", PATIENCE, || {
+        evenly_owned(&app, 2, 8)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let w2 = start_worker(config(&app, &stream, "w2"), &recorder).await;
+    wait_for("three workers balanced", PATIENCE, || {
+        evenly_owned(&app, 3, 8)
+    })
+    .await;
+    let status = w2.status.borrow().clone();
+    assert!(
+        status.received >= 2,
+        "the new worker was handed its share: {status:?}"
+    );
+    assert_eq!(status.forced_takes, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let puts = producer.stop().await;
+    wait_for("every record", PATIENCE, || async {
+        recorder.count() >= puts.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for worker in [w0, w1, w2] {
+        worker.stop().await.unwrap();
+    }
+    assert_eq!(
+        by_shard(&recorder.delivered()),
+        puts_by_shard(&puts),
+        "every record once, in order"
+    );
+    assert_eq!(
+        recorder.overlaps(),
+        vec![],
+        "no shard processed by two workers at once"
+    );
+}
+
+/// A `kcl-consumer` process writing to its own file.
+struct Consumer {
+    child: Child,
+    output: PathBuf,
+}
+
+async fn spawn_consumer(app: &str, stream: &str, output: &Path, extra: &[&str]) -> Consumer {
+    sdk_config().await;
+    let child = Command::new(example_binary("kcl-consumer"))
+        .args([
+            "--app",
+            app,
+            "--stream",
+            stream,
+            "--initial-position",
+            "trim-horizon",
+        ])
+        .args(["--idle-time-between-empty-reads", "500ms"])
+        .args(extra)
+        .arg("--output")
+        .arg(output)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start kcl-consumer");
+    Consumer {
+        child,
+        output: output.to_owned(),
+    }
+}
+
+/// (data, shard, sequence number) of each line of a consumer's output.
+fn output_lines(path: &Path) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap().to_owned();
+            (s("data"), s("shard_id"), s("sequence_number"))
+        })
+        .collect()
+}
+
+fn assert_shard_order(path: &Path) {
+    let mut last: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for (_, shard, seq) in output_lines(path) {
+        let key = (seq.len(), seq.clone());
+        if let Some(prev) = last.get(&shard) {
+            assert!(key > *prev, "{} out of order in {shard}", path.display());
+        }
+        last.insert(shard, key);
+    }
+}
+
+fn signal(child: &Child, signal: &str) {
+    let pid = child.id().expect("running").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_sigkill_is_replaced_from_its_checkpoints() {
+    let kinesis = kinesis().await;
+    let stream = unique("sigkill");
+    create_stream(&kinesis, &stream, 8).await;
+    let mut puts = put_records(&kinesis, &stream, &records("before", 0, 800, 41)).await;
+    let app = unique("sigkill-app");
+    let dir = std::env::temp_dir().join(unique("kcl-fleet"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fast = [
+        "--lease-duration",
+        "4s",
+        "--renewal-interval",
+        "1s",
+        "--taker-interval",
+        "1s",
+    ];
+    let mut victim = spawn_consumer(&app, &stream, &dir.join("victim.jsonl"), &fast).await;
+    let survivor = spawn_consumer(&app, &stream, &dir.join("survivor.jsonl"), &fast).await;
+    let outputs = [victim.output.clone(), survivor.output.clone()];
+    let union = |outputs: &[PathBuf]| {
+        outputs
+            .iter()
+            .flat_map(|p| output_lines(p))
+            .map(|l| l.0)
+            .collect::<BTreeSet<_>>()
+    };
+    wait_for("both consuming, everything read", PATIENCE, || async {
+        lease_owners(&app).await.len() == 2 && union(&outputs).len() == 800
+    })
+    .await;
+
+    signal(&victim.child, "-KILL");
+    victim.child.wait().await.unwrap();
+    puts.extend(put_records(&kinesis, &stream, &records("after", 0, 400, 41)).await);
+    wait_for("the survivor takes every shard", PATIENCE, || async {
+        lease_owners(&app)
+            .await
+            .values()
+            .copied()
+            .collect::<Vec<_>>()
+            == vec![8]
+    })
+    .await;
+    wait_for("every record", PATIENCE, || async {
+        union(&outputs).len() == 1200
+    })
+    .await;
+    let expected: BTreeSet<String> = puts.iter().map(|p| p.data.clone()).collect();
+    assert_eq!(union(&outputs), expected, "nothing lost");
+    for path in &outputs {
+        assert_shard_order(path);
+    }
+    // Records after the victim's last checkpoint may be delivered again (at-least-once): at
+    // most the batch it was writing when killed, per shard it held.
+    let total: usize = outputs.iter().map(|p| output_lines(p).len()).sum();
+    assert!(
+        total - 1200 <= 800,
+        "{} records delivered twice",
+        total - 1200
+    );
+    let mut survivor = survivor;
+    signal(&survivor.child, "-TERM");
+    assert!(survivor.child.wait().await.unwrap().success());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_with_sigterm_hands_its_shards_over_without_redelivery() {
+    let kinesis = kinesis().await;
+    let stream = unique("sigterm");
+    create_stream(&kinesis, &stream, 8).await;
+    let app = unique("sigterm-app");
+    let dir = std::env::temp_dir().join(unique("kcl-fleet"));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A long lease: a takeover by expiry would take 30 s, a handoff takes about a second.
+    let slow_expiry = [
+        "--lease-duration",
+        "30s",
+        "--renewal-interval",
+        "3s",
+        "--taker-interval",
+        "1s",
+    ];
+    let leaving = spawn_consumer(&app, &stream, &dir.join("leaving.jsonl"), &slow_expiry).await;
+    let staying = spawn_consumer(&app, &stream, &dir.join("staying.jsonl"), &slow_expiry).await;
+    let outputs = [leaving.output.clone(), staying.output.clone()];
+    let producer = Producer::start(kinesis.clone(), &stream, "term");
+    wait_for("both consuming", PATIENCE, || evenly_owned(&app, 2, 8)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let leaving = Arc::new(Mutex::new(leaving));
+    signal(&leaving.lock().await.child, "-TERM");
+    let sent = Instant::now();
+    wait_for("the other worker owns every shard", PATIENCE, || async {
+        lease_owners(&app)
+            .await
+            .values()
+            .copied()
+            .collect::<Vec<_>>()
+            == vec![8]
+    })
+    .await;
+    let handover = sent.elapsed();
+    assert!(
+        handover < Duration::from_secs(15),
+        "took {handover:?}: no pause of a lease duration"
+    );
+    let status = leaving.lock().await.child.wait().await.unwrap();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let puts = producer.stop().await;
+    let lines = || {
+        outputs
+            .iter()
+            .flat_map(|p| output_lines(p))
+            .collect::<Vec<_>>()
+    };
+    wait_for("every record", PATIENCE, || async {
+        lines().len() >= puts.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = lines();
+    let unique_data: BTreeSet<&String> = all.iter().map(|l| &l.0).collect();
+    assert_eq!(unique_data.len(), puts.len(), "nothing lost");
+    assert_eq!(
+        all.len(),
+        puts.len(),
+        "nothing delivered twice: the handoff resumed at the final checkpoints"
+    );
+    for path in &outputs {
+        assert_shard_order(path);
+    }
+    let mut staying = staying;
+    signal(&staying.child, "-TERM");
+    assert!(staying.child.wait().await.unwrap().success());
+    std::fs::remove_dir_all(&dir).ok();
+}
