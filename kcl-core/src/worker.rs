@@ -632,8 +632,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     self.counters.handed_over += 1;
                 }
             }
-            // Released with the others once every consumer has stopped.
-            ShardExit::Shutdown => {}
+            // Only a shutdown stops consumers this way: release at once, to the worker the
+            // lease was offered to, without waiting for the other shards.
+            ShardExit::Shutdown => {
+                self.release(&key).await;
+            }
             ShardExit::Failed(e) => {
                 error!(lease_key = %key, error = %e, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
                 self.release(&key).await;

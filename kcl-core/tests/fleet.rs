@@ -172,9 +172,38 @@ async fn a_worker_shutting_down_hands_its_shards_over_without_redelivery() {
     .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let received_before = w2.status.borrow().received;
+    let w1_shards: Vec<String> = store
+        .leases()
+        .into_iter()
+        .filter(|l| l.owner.as_deref() == Some("w1"))
+        .map(|l| l.lease_key)
+        .collect();
 
+    let stopping = Instant::now();
     w1.stop().await.unwrap();
     wait_until("w2 holds all", Duration::from_secs(30), || w2.held() == 6).await;
+    let lease = LeaseConfig::default();
+    for shard in &w1_shards {
+        let stopped = log
+            .event_time("w1", shard, stopping, |e| *e == Event::ShutdownRequested)
+            .unwrap();
+        let started = log
+            .event_time("w2", shard, stopping, |e| {
+                matches!(e, Event::Initialized(_))
+            })
+            .unwrap();
+        // w1 kept processing while w2 learnt of the offers...
+        assert!(
+            stopped - stopping >= lease.taker_interval,
+            "{shard} stopped before the receivers watched"
+        );
+        // ...so the shard paused for at most one poll of w2.
+        assert!(
+            started - stopped <= lease.handoff_poll_interval,
+            "{shard} paused {:?}",
+            started - stopped
+        );
+    }
     assert_eq!(
         w2.status.borrow().received - received_before,
         3,

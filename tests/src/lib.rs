@@ -202,7 +202,7 @@ pub struct Delivered {
 /// shard; and every time two workers were inside one shard's `process_records` at once.
 type Log = (
     Vec<Delivered>,
-    Vec<(String, String, Event)>,
+    Vec<(String, String, Event, Instant)>,
     HashMap<String, String>,
     Vec<(String, String, String)>,
 );
@@ -225,13 +225,34 @@ impl Recorder {
         let log = self.0.lock().unwrap();
         log.1
             .iter()
-            .filter(|(_, s, _)| s == shard_id)
-            .map(|(w, _, e)| (w.clone(), e.clone()))
+            .filter(|(_, s, _, _)| s == shard_id)
+            .map(|(w, _, e, _)| (w.clone(), e.clone()))
             .collect()
     }
-    /// All events.
+    /// All events as (worker, shard, event).
     pub fn all_events(&self) -> Vec<(String, String, Event)> {
-        self.0.lock().unwrap().1.clone()
+        self.0
+            .lock()
+            .unwrap()
+            .1
+            .iter()
+            .map(|(w, s, e, _)| (w.clone(), s.clone(), e.clone()))
+            .collect()
+    }
+    /// When `worker` reported an event matching `what` for `shard_id`, the first time after
+    /// `since`.
+    pub fn event_time(
+        &self,
+        worker: &str,
+        shard_id: &str,
+        since: Instant,
+        what: impl Fn(&Event) -> bool,
+    ) -> Option<Instant> {
+        let log = self.0.lock().unwrap();
+        log.1
+            .iter()
+            .find(|(w, s, e, at)| w == worker && s == shard_id && *at >= since && what(e))
+            .map(|(_, _, _, at)| *at)
     }
     /// Each time two workers were processing records of one shard at the same time:
     /// (shard, worker already in it, worker that entered).
@@ -239,11 +260,12 @@ impl Recorder {
         self.0.lock().unwrap().3.clone()
     }
     fn event(&self, worker: &str, shard_id: &str, event: Event) {
-        self.0
-            .lock()
-            .unwrap()
-            .1
-            .push((worker.to_owned(), shard_id.to_owned(), event));
+        self.0.lock().unwrap().1.push((
+            worker.to_owned(),
+            shard_id.to_owned(),
+            event,
+            Instant::now(),
+        ));
     }
     /// A factory of recording processors for `worker`.
     pub fn factory(

@@ -63,6 +63,12 @@ struct Args {
     /// Most leases this worker holds.
     #[arg(long)]
     max_leases_per_worker: Option<usize>,
+    /// Most leases asked of other workers per taking round (0: no balancing by handoff).
+    #[arg(long)]
+    max_leases_to_steal: Option<usize>,
+    /// How long a requested handoff may take before the lease is taken anyway, e.g. 10s.
+    #[arg(long, value_parser = parse_duration)]
+    handoff_timeout: Option<Duration>,
     /// Most records per GetRecords call (1 to 10000).
     #[arg(long)]
     max_records: Option<u32>,
@@ -91,7 +97,12 @@ impl Args {
             .with_max_leases_per_worker(
                 self.max_leases_per_worker
                     .unwrap_or(defaults.max_leases_per_worker),
-            );
+            )
+            .with_max_leases_to_steal(
+                self.max_leases_to_steal
+                    .unwrap_or(defaults.max_leases_to_steal),
+            )
+            .with_handoff_timeout(self.handoff_timeout.unwrap_or(defaults.handoff_timeout));
         let polling_defaults = PollingConfig::default();
         let polling = PollingConfig::default()
             .with_max_records(self.max_records.unwrap_or(polling_defaults.max_records))

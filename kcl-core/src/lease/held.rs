@@ -33,6 +33,9 @@ pub(crate) struct HeldLease {
     /// Cancelled once another worker asked for the lease: its consumer stops gracefully and
     /// the worker releases the lease to the requester.
     handoff: CancellationToken,
+    /// The worker this one offered the lease to while shutting down: `handoffTo` naming it is
+    /// our own offer, not a request to stop now.
+    offered_to: SyncMutex<Option<String>>,
 }
 
 impl HeldLease {
@@ -51,6 +54,7 @@ impl HeldLease {
             valid_until: SyncMutex::new(written_at + lease_duration),
             lost: CancellationToken::new(),
             handoff: CancellationToken::new(),
+            offered_to: SyncMutex::new(None),
         })
     }
 
@@ -74,7 +78,13 @@ impl HeldLease {
 
     /// Signals that another worker asked for the lease (seen in a write's answer or a scan).
     pub(crate) fn handoff_requested(&self, to: &str) {
-        if !self.handoff.is_cancelled() && to != self.worker_id {
+        let own_offer = self
+            .offered_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(to);
+        if !self.handoff.is_cancelled() && to != self.worker_id && !own_offer {
             info!(lease_key = %self.lease_key, to, "lease asked for: handing it over");
             self.handoff.cancel();
         }
@@ -142,10 +152,11 @@ impl HeldLease {
         };
         match result {
             Ok(lease) => {
-                let own_offer = matches!(update, LeaseUpdate::RequestHandoff { .. });
-                // A request shows up in the answer of any write; our own offer (written at
-                // shutdown) is not a request to stop now.
-                if let (Some(to), false) = (&lease.handoff_to, own_offer) {
+                if let LeaseUpdate::RequestHandoff { to } = update {
+                    *self.offered_to.lock().unwrap_or_else(|e| e.into_inner()) = Some(to.clone());
+                }
+                // A request shows up in the answer of any write (our own offer excepted).
+                if let Some(to) = &lease.handoff_to {
                     self.handoff_requested(to);
                 }
                 // Only a write that moved the counter shows other workers we are alive.

@@ -39,7 +39,7 @@ pub struct Log(Arc<Mutex<LogInner>>);
 #[derive(Debug, Default)]
 pub struct LogInner {
     delivered: Vec<Delivery>,
-    events: Vec<(String, String, Event)>,
+    events: Vec<(String, String, Event, Instant)>,
     /// Shard → worker inside `process_records` right now.
     processing: HashMap<String, String>,
     /// Times two workers were inside `process_records` of one shard at once.
@@ -58,8 +58,8 @@ impl Log {
         inner
             .events
             .iter()
-            .filter(|(_, s, _)| s == shard)
-            .map(|(_, _, e)| e.clone())
+            .filter(|(_, s, _, _)| s == shard)
+            .map(|(_, _, e, _)| e.clone())
             .collect()
     }
     pub fn worker_events(&self, worker: &str) -> Vec<(String, Event)> {
@@ -67,8 +67,8 @@ impl Log {
         inner
             .events
             .iter()
-            .filter(|(w, _, _)| w == worker)
-            .map(|(_, s, e)| (s.clone(), e.clone()))
+            .filter(|(w, _, _, _)| w == worker)
+            .map(|(_, s, e, _)| (s.clone(), e.clone()))
             .collect()
     }
     /// Two workers in `process_records` of the same shard at the same time.
@@ -76,11 +76,28 @@ impl Log {
         self.0.lock().unwrap().overlaps.clone()
     }
     fn event(&self, worker: &str, shard: &str, event: Event) {
-        self.0
-            .lock()
-            .unwrap()
+        self.0.lock().unwrap().events.push((
+            worker.to_owned(),
+            shard.to_owned(),
+            event,
+            Instant::now(),
+        ));
+    }
+
+    /// When `worker` first reported an event matching `what` for `shard` at or after `since`.
+    pub fn event_time(
+        &self,
+        worker: &str,
+        shard: &str,
+        since: Instant,
+        what: impl Fn(&Event) -> bool,
+    ) -> Option<Instant> {
+        let inner = self.0.lock().unwrap();
+        inner
             .events
-            .push((worker.to_owned(), shard.to_owned(), event));
+            .iter()
+            .find(|(w, s, e, at)| w == worker && s == shard && *at >= since && what(e))
+            .map(|(_, _, _, at)| *at)
     }
     fn enter(&self, worker: &str, shard: &str) {
         let mut inner = self.0.lock().unwrap();
@@ -193,6 +210,7 @@ impl TestProcessor {
                 self.worker.clone(),
                 self.shard.clone(),
                 Event::Batch(records.len()),
+                now,
             ));
         }
         checkpointer.checkpoint().await
