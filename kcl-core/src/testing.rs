@@ -41,6 +41,7 @@ pub struct InMemoryLeaseStore {
     update_calls: AtomicUsize,
     failing_updates: AtomicUsize,
     failing_scans: AtomicUsize,
+    scan_latency: Mutex<Duration>,
 }
 
 impl InMemoryLeaseStore {
@@ -52,7 +53,13 @@ impl InMemoryLeaseStore {
             update_calls: AtomicUsize::new(0),
             failing_updates: AtomicUsize::new(0),
             failing_scans: AtomicUsize::new(0),
+            scan_latency: Mutex::new(Duration::ZERO),
         }
+    }
+
+    /// How long `list_leases` takes from now on (Tokio time); the table is read at the end.
+    pub fn set_scan_latency(&self, latency: Duration) {
+        *lock(&self.scan_latency) = latency;
     }
 
     /// The next `n` calls of `update_lease` fail with a transient error and change nothing.
@@ -115,6 +122,10 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn list_leases(&self) -> Result<LeaseScan> {
+        let latency = *lock(&self.scan_latency);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         if Self::take_failure(&self.failing_scans) {
             return Err(injected(Service::LeaseStore, "Scan"));
         }

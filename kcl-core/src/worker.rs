@@ -174,6 +174,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             reported_invalid: HashSet::new(),
             incoming: BTreeMap::new(),
             worker_loads: BTreeMap::new(),
+            expiry_check: None,
             status: self.status,
             counters: WorkerStatus::default(),
         };
@@ -199,12 +200,27 @@ struct Coordinator<F> {
     /// Invalid lease items already logged, so each is reported once.
     reported_invalid: HashSet<String>,
     /// Leases this worker asked for, and when it asked (its own clock).
-    incoming: BTreeMap<String, Instant>,
+    incoming: BTreeMap<String, Pending>,
     /// Load of each worker at the last taking round: where to offer leases at shutdown.
     worker_loads: BTreeMap<String, usize>,
+    /// An extra taking round at the instant a lease will expire, when that comes before the
+    /// next regular round: expiry is judged at the end of a table read (never earlier than
+    /// the owner's last write), so without it jitter in read times could let an expired lease
+    /// wait one more taker interval.
+    expiry_check: Option<Instant>,
     status: watch::Sender<WorkerStatus>,
     /// The counters of the status.
     counters: WorkerStatus,
+}
+
+/// A lease this worker waits to be handed.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    /// When this worker asked for it, or first saw it offered.
+    since: Instant,
+    /// Asked for by this worker (then taken by force after the handoff timeout), rather than
+    /// offered by a worker shutting down (then left to expire if that worker dies).
+    asked: bool,
 }
 
 enum Event {
@@ -212,6 +228,7 @@ enum Event {
     ConsumerExited(std::result::Result<(Id, ShardExit), JoinError>),
     RenewerExited(std::result::Result<(), JoinError>),
     TakeLeases,
+    CheckExpiry,
     PollHandoffs,
     SyncShards,
 }
@@ -264,6 +281,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 Some(joined) = self.consumers.join_next_with_id() => Event::ConsumerExited(joined),
                 Some(joined) = background.join_next() => Event::RenewerExited(joined),
                 _ = taker.tick() => Event::TakeLeases,
+                _ = sleep_until_some(self.expiry_check), if self.expiry_check.is_some() => Event::CheckExpiry,
                 _ = handoff_poll.tick(), if !self.incoming.is_empty() => Event::PollHandoffs,
                 _ = sync.tick() => Event::SyncShards,
             };
@@ -279,7 +297,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                         },
                     });
                 }
-                Event::TakeLeases => self.take_leases().await,
+                Event::TakeLeases | Event::CheckExpiry => self.take_leases().await,
                 Event::PollHandoffs => self.poll_handoffs().await,
                 Event::SyncShards => match self.sync_shards().await {
                     Err(e @ Error::StreamNotFound { .. }) => break Err(e),
@@ -397,7 +415,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
                 // A lease offered to us, or asked for by us: watch it closely.
                 (Some(_), Some(to)) if to == me => {
-                    self.incoming.entry(lease.lease_key.clone()).or_insert(now);
+                    self.incoming
+                        .entry(lease.lease_key.clone())
+                        .or_insert(Pending {
+                            since: now,
+                            asked: false,
+                        });
                 }
                 _ => {}
             }
@@ -454,7 +477,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             {
                 Ok(_) => {
                     info!(lease_key = %request.lease_key, owner = ?request.fence.owner, "asked for lease");
-                    self.incoming.insert(request.lease_key, Instant::now());
+                    let pending = Pending {
+                        since: Instant::now(),
+                        asked: true,
+                    };
+                    self.incoming.insert(request.lease_key, pending);
                 }
                 Err(e) if e.kind() == ErrorKind::ConditionFailed => {
                     debug!(lease_key = %request.lease_key, "lease changed before the handoff request");
@@ -464,6 +491,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             }
         }
+        // The next lease of another worker to run out before the next regular round.
+        let lease_duration = self.config.lease.lease_duration;
+        let next_round = now + self.config.lease.taker_interval;
+        self.expiry_check = scan
+            .leases
+            .iter()
+            .filter(|l| !l.is_finished() && l.owner.as_deref().is_some_and(|o| o != me))
+            .filter_map(|l| self.observations.expires_at(l, lease_duration))
+            .filter(|at| *at > now && *at <= next_round)
+            .min();
         self.worker_loads = decisions.worker_loads;
         self.counters.taking_rounds += 1;
         self.publish_status(Some((
@@ -473,8 +510,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         )));
     }
 
-    /// Reads the leases this worker asked for: takes those released to it, takes by force
-    /// those whose owner did not hand them over in time, forgets those that went elsewhere.
+    /// Reads the leases this worker waits for: takes those released to it, takes by force
+    /// those it asked for whose owner did not hand them over in time, forgets those that went
+    /// elsewhere.
     async fn poll_handoffs(&mut self) {
         let keys: Vec<String> = self.incoming.keys().cloned().collect();
         let scan = match self.store.get_leases(&keys).await {
@@ -497,11 +535,18 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 self.incoming.remove(&key);
                 continue;
             };
-            let requested_at = self.incoming[&key];
+            let pending = self.incoming[&key];
             let reason = match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
                 (None, Some(to)) if to == me => TakeReason::Reserved,
                 (Some(_), Some(to)) if to == me => {
-                    if now.duration_since(requested_at) < self.config.lease.handoff_timeout {
+                    let waited = now.duration_since(pending.since);
+                    if waited < self.config.lease.handoff_timeout {
+                        continue;
+                    }
+                    if !pending.asked {
+                        // An offer whose owner has not released it: it may still be finishing
+                        // a batch. If it died, the lease expires like any other.
+                        self.incoming.remove(&key);
                         continue;
                     }
                     warn!(lease_key = %key, owner = ?lease.owner, "handoff timed out; taking the lease");
@@ -515,6 +560,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             };
             self.incoming.remove(&key);
+            let at_limit = self.held.all().len() >= self.config.lease.max_leases_per_worker;
+            if at_limit {
+                // The reservation lapses and another worker takes the lease.
+                debug!(lease_key = %key, "not taking a handed-over lease: at max_leases_per_worker");
+                continue;
+            }
             if self.held.get(&key).is_none() && !self.running.contains_key(&key) {
                 self.take(TakeDecision::new(key, lease.fence(), reason))
                     .await;
@@ -784,6 +835,13 @@ impl TakeDecision {
             fence,
             reason,
         }
+    }
+}
+
+/// Sleeps until `at` (a select branch guarded by `at.is_some()`).
+async fn sleep_until_some(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
     }
 }
 

@@ -371,3 +371,40 @@ async fn a_worker_stopped_with_sigterm_hands_its_shards_over_without_redelivery(
     assert!(staying.child.wait().await.unwrap().success());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_limit_leaves_spillover_unowned_and_reported() {
+    let kinesis = kinesis().await;
+    let stream = unique("spill");
+    create_stream(&kinesis, &stream, 8).await;
+    let app = unique("spill-app");
+    let recorder = Recorder::default();
+    let capped = |worker: &str| {
+        let config = config(&app, &stream, worker);
+        let lease = config.lease.clone().with_max_leases_per_worker(3);
+        config.with_lease(lease)
+    };
+    let w0 = start_worker(capped("w0"), &recorder).await;
+    let w1 = start_worker(capped("w1"), &recorder).await;
+    wait_for("both workers at their limit", PATIENCE, || async {
+        lease_owners(&app)
+            .await
+            .values()
+            .copied()
+            .collect::<Vec<_>>()
+            == vec![3, 3]
+    })
+    .await;
+    wait_for("spill-over reported", PATIENCE, || async {
+        w0.status.borrow().spillover == 2 && w1.status.borrow().spillover == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        lease_owners(&app).await.values().sum::<usize>(),
+        6,
+        "two leases stay unowned"
+    );
+    w0.stop().await.unwrap();
+    w1.stop().await.unwrap();
+}

@@ -84,6 +84,15 @@ impl LeaseObservations {
             .map(|seen| now.saturating_duration_since(seen.changed_at))
     }
 
+    /// When the lease will count as expired if its counter does not change again: the
+    /// observed change plus `lease_duration`. `None` if never observed.
+    pub fn expires_at(&self, lease: &Lease, lease_duration: Duration) -> Option<Instant> {
+        self.seen
+            .get(&lease.lease_key)
+            .filter(|seen| seen.counter == lease.counter)
+            .map(|seen| seen.changed_at + lease_duration)
+    }
+
     /// True when the lease's counter has not changed for `lease_duration` as far as this
     /// worker has seen. A lease never observed, or observed with another counter, is not
     /// expired.
