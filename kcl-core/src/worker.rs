@@ -447,7 +447,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             max_leases_to_steal: lease_config.max_leases_to_steal,
             seed: self.seeds.next_seed(),
         });
-        if decisions.spillover > 0 {
+        if decisions.spillover != self.counters.spillover && decisions.spillover > 0 {
             warn!(
                 spillover = decisions.spillover,
                 workers = decisions.workers,
@@ -455,6 +455,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 "lease spill-over: more leases than the known workers may hold"
             );
         }
+        self.counters.spillover = decisions.spillover;
         if !decisions.take.is_empty() || !decisions.request_handoff.is_empty() {
             debug!(
                 workers = decisions.workers,
