@@ -23,6 +23,7 @@
 //! unchanged for the handoff timeout.
 
 pub(crate) mod held;
+pub mod lineage;
 pub(crate) mod renewer;
 pub mod taker;
 

@@ -1,0 +1,422 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::sequence::SequenceNumber;
+
+fn range(start: u128, end: u128) -> HashKeyRange {
+    HashKeyRange {
+        starting_hash_key: start,
+        ending_hash_key: end,
+    }
+}
+
+fn shard(id: &str, parents: &[&str], r: HashKeyRange, open: bool) -> Shard {
+    let mut s = Shard::new(id, r);
+    s.parent_shard_id = parents.first().map(|p| (*p).to_owned());
+    s.adjacent_parent_shard_id = parents.get(1).map(|p| (*p).to_owned());
+    if !open {
+        s.ending_sequence_number = Some("99".into());
+    }
+    s
+}
+
+const HALF: u128 = u128::MAX / 2;
+
+/// p split into c1 (lower half) and c2 (upper half).
+fn split() -> Vec<Shard> {
+    vec![
+        shard("p", &[], HashKeyRange::FULL, false),
+        shard("c1", &["p"], range(0, HALF), true),
+        shard("c2", &["p"], range(HALF + 1, u128::MAX), true),
+    ]
+}
+
+fn keys(leases: &[Lease]) -> Vec<&str> {
+    leases.iter().map(|l| l.lease_key.as_str()).collect()
+}
+
+fn lease_at(key: &str, checkpoint: Checkpoint) -> Lease {
+    Lease::new(key, checkpoint)
+}
+
+fn seq(n: u64) -> Checkpoint {
+    Checkpoint::at(SequenceNumber::new(n.to_string()).unwrap(), 0)
+}
+
+#[test]
+fn a_new_application_at_trim_horizon_starts_with_the_oldest_ancestors() {
+    let create = leases_to_create(&split(), &[], &InitialPosition::TrimHorizon);
+    assert_eq!(keys(&create), vec!["p", "c1", "c2"], "parents first");
+    assert!(
+        create
+            .iter()
+            .all(|l| l.checkpoint == Checkpoint::TrimHorizon)
+    );
+    assert_eq!(create[1].parent_shard_ids, BTreeSet::from(["p".to_owned()]));
+    assert_eq!(create[1].hash_key_range, Some(range(0, HALF)));
+}
+
+#[test]
+fn a_new_application_at_latest_starts_at_the_open_shards() {
+    let create = leases_to_create(&split(), &[], &InitialPosition::Latest);
+    assert_eq!(keys(&create), vec!["c1", "c2"]);
+    assert!(create.iter().all(|l| l.checkpoint == Checkpoint::Latest));
+}
+
+#[test]
+fn children_of_a_shard_in_the_lineage_start_at_trim_horizon_whatever_the_initial_position() {
+    let existing = [lease_at("p", seq(5))];
+    for initial in [InitialPosition::Latest, InitialPosition::TrimHorizon] {
+        let create = leases_to_create(&split(), &existing, &initial);
+        assert_eq!(keys(&create), vec!["c1", "c2"]);
+        assert!(
+            create
+                .iter()
+                .all(|l| l.checkpoint == Checkpoint::TrimHorizon),
+            "{initial:?}"
+        );
+    }
+}
+
+#[test]
+fn a_processed_and_cleaned_up_parent_is_never_leased_again() {
+    // p's lease was deleted after c1 and c2 started.
+    let existing = [lease_at("c1", seq(7)), lease_at("c2", seq(8))];
+    assert!(leases_to_create(&split(), &existing, &InitialPosition::TrimHorizon).is_empty());
+    // Even when only one child still has a lease, the missing sibling starts at TRIM_HORIZON.
+    let create = leases_to_create(&split(), &existing[..1], &InitialPosition::Latest);
+    assert_eq!(keys(&create), vec!["c2"]);
+    assert_eq!(create[0].checkpoint, Checkpoint::TrimHorizon);
+}
+
+#[test]
+fn a_merge_child_names_both_parents_and_waits_for_both() {
+    let shards = vec![
+        shard("a", &[], range(0, HALF), false),
+        shard("b", &[], range(HALF + 1, u128::MAX), false),
+        shard("m", &["a", "b"], HashKeyRange::FULL, true),
+    ];
+    let create = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    assert_eq!(keys(&create), vec!["a", "b", "m"]);
+    let child = &create[2];
+    assert_eq!(
+        child.parent_shard_ids,
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
+
+    // One parent finished, the other not: the child waits for the other.
+    let mut parents = BTreeMap::new();
+    parents.insert("a".to_owned(), lease_at("a", Checkpoint::ShardEnd));
+    parents.insert("b".to_owned(), lease_at("b", seq(3)));
+    assert_eq!(unfinished_parents(child, &parents), vec!["b".to_owned()]);
+    parents.insert("b".to_owned(), lease_at("b", Checkpoint::ShardEnd));
+    assert!(unfinished_parents(child, &parents).is_empty());
+    // A parent whose lease is gone (cleaned up, or trimmed) blocks nothing.
+    parents.remove("a");
+    assert!(unfinished_parents(child, &parents).is_empty());
+}
+
+#[test]
+fn a_shard_whose_parent_was_trimmed_away_is_a_root() {
+    // p is past retention: not listed any more. c1/c2 still name it as parent.
+    let shards = split()[1..].to_vec();
+    let create = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    assert_eq!(keys(&create), vec!["c1", "c2"]);
+    assert!(
+        create
+            .iter()
+            .all(|l| l.checkpoint == Checkpoint::TrimHorizon)
+    );
+    assert!(
+        create[0].parent_shard_ids.contains("p"),
+        "the lineage is still recorded"
+    );
+    let latest = leases_to_create(&shards, &[], &InitialPosition::Latest);
+    assert!(latest.iter().all(|l| l.checkpoint == Checkpoint::Latest));
+}
+
+#[test]
+fn two_workers_syncing_at_once_decide_the_same_leases() {
+    let shards = split();
+    let a = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    let b = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    assert_eq!(
+        a, b,
+        "same leases: the conditional create lets exactly one of each land"
+    );
+    // After either created them, nothing is left to create.
+    assert!(leases_to_create(&shards, &a, &InitialPosition::TrimHorizon).is_empty());
+}
+
+#[test]
+fn a_finished_parent_is_deleted_once_every_child_started_and_checkpointed() {
+    let shards = split();
+    let mut parent = lease_at("p", Checkpoint::ShardEnd);
+    parent.child_shard_ids = BTreeSet::from(["c1".to_owned(), "c2".to_owned()]);
+    let waiting = [
+        parent.clone(),
+        lease_at("c1", seq(4)),
+        lease_at("c2", Checkpoint::TrimHorizon),
+    ];
+    assert!(
+        leases_to_delete(&shards, &waiting).is_empty(),
+        "c2 has not checkpointed"
+    );
+    let started = [
+        parent.clone(),
+        lease_at("c1", seq(4)),
+        lease_at("c2", seq(9)),
+    ];
+    let delete = leases_to_delete(&shards, &started);
+    assert_eq!(delete.len(), 1);
+    assert_eq!(
+        (delete[0].lease_key.as_str(), delete[0].reason),
+        ("p", DeletionReason::ChildrenStarted)
+    );
+    // A child without a lease that was never started keeps the parent.
+    assert!(leases_to_delete(&shards, &[parent.clone(), lease_at("c1", seq(4))]).is_empty());
+    // An unfinished lease is never deleted.
+    assert!(leases_to_delete(&shards, &[lease_at("p", seq(1))]).is_empty());
+}
+
+#[test]
+fn a_finished_lease_past_retention_is_deleted() {
+    let shards = split()[1..].to_vec();
+    let delete = leases_to_delete(
+        &shards,
+        &[
+            lease_at("p", Checkpoint::ShardEnd),
+            lease_at("c1", Checkpoint::TrimHorizon),
+        ],
+    );
+    assert_eq!(delete.len(), 1);
+    assert_eq!(delete[0].reason, DeletionReason::PastRetention);
+}
+
+#[test]
+fn holes_in_the_hash_key_coverage_are_found() {
+    let with = |key: &str, r: HashKeyRange, finished: bool| {
+        let checkpoint = if finished {
+            Checkpoint::ShardEnd
+        } else {
+            Checkpoint::TrimHorizon
+        };
+        lease_at(key, checkpoint).with_hash_key_range(r)
+    };
+    let full = [
+        with("c1", range(0, HALF), false),
+        with("c2", range(HALF + 1, u128::MAX), false),
+    ];
+    assert!(hash_key_holes(&full).is_empty());
+    let overlapping = [
+        with("p", HashKeyRange::FULL, false),
+        with("c1", range(0, HALF), false),
+    ];
+    assert!(hash_key_holes(&overlapping).is_empty());
+    let missing_upper = [
+        with("c1", range(0, HALF), false),
+        with("p", HashKeyRange::FULL, true),
+    ];
+    assert_eq!(
+        hash_key_holes(&missing_upper),
+        vec![range(HALF + 1, u128::MAX)]
+    );
+    let missing_middle = [
+        with("a", range(0, 9), false),
+        with("b", range(20, u128::MAX), false),
+    ];
+    assert_eq!(hash_key_holes(&missing_middle), vec![range(10, 19)]);
+    assert!(
+        hash_key_holes(&[lease_at("x", Checkpoint::TrimHorizon)]).is_empty(),
+        "no ranges: nothing to check"
+    );
+}
+
+// ---- Properties over random resharding histories ----------------------------------------
+
+/// A stream's shard list after random splits and merges of open shards, and trims of closed
+/// shards (past retention).
+#[derive(Debug, Clone)]
+struct History {
+    shards: Vec<Shard>,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Split(usize),
+    Merge(usize),
+    Trim(usize),
+}
+
+fn arb_steps() -> impl Strategy<Value = (usize, Vec<Step>)> {
+    let step = prop_oneof![
+        (0usize..64).prop_map(Step::Split),
+        (0usize..64).prop_map(Step::Merge),
+        (0usize..64).prop_map(Step::Trim),
+    ];
+    (1usize..4, proptest::collection::vec(step, 0..12))
+}
+
+impl History {
+    fn build(roots: usize, steps: &[Step]) -> Self {
+        let width = u128::MAX / roots as u128;
+        let mut shards: Vec<Shard> = (0..roots)
+            .map(|i| {
+                let start = width * i as u128;
+                let end = if i + 1 == roots {
+                    u128::MAX
+                } else {
+                    start + width - 1
+                };
+                shard(&format!("s{i}"), &[], range(start, end), true)
+            })
+            .collect();
+        let mut next = roots;
+        for step in steps {
+            let mut open: Vec<usize> = (0..shards.len()).filter(|i| shards[*i].is_open()).collect();
+            open.sort_by_key(|i| shards[*i].hash_key_range.starting_hash_key);
+            match step {
+                Step::Split(n) => {
+                    let i = open[n % open.len()];
+                    let r = shards[i].hash_key_range;
+                    if r.ending_hash_key - r.starting_hash_key < 2 {
+                        continue;
+                    }
+                    let mid = r.starting_hash_key + (r.ending_hash_key - r.starting_hash_key) / 2;
+                    shards[i].ending_sequence_number = Some("1".into());
+                    let parent = shards[i].shard_id.clone();
+                    for r in [
+                        range(r.starting_hash_key, mid),
+                        range(mid + 1, r.ending_hash_key),
+                    ] {
+                        shards.push(shard(&format!("s{next}"), &[&parent], r, true));
+                        next += 1;
+                    }
+                }
+                Step::Merge(n) if open.len() >= 2 => {
+                    let k = n % (open.len() - 1);
+                    let (a, b) = (open[k], open[k + 1]);
+                    let r = range(
+                        shards[a].hash_key_range.starting_hash_key,
+                        shards[b].hash_key_range.ending_hash_key,
+                    );
+                    shards[a].ending_sequence_number = Some("1".into());
+                    shards[b].ending_sequence_number = Some("1".into());
+                    let (pa, pb) = (shards[a].shard_id.clone(), shards[b].shard_id.clone());
+                    shards.push(shard(&format!("s{next}"), &[&pa, &pb], r, true));
+                    next += 1;
+                }
+                Step::Merge(_) => {}
+                Step::Trim(n) => {
+                    // Kinesis trims the oldest closed shards: those without a listed parent.
+                    let listed: HashSet<String> =
+                        shards.iter().map(|s| s.shard_id.clone()).collect();
+                    let trimmable: Vec<usize> = (0..shards.len())
+                        .filter(|i| !shards[*i].is_open())
+                        .filter(|i| {
+                            shards[*i]
+                                .parent_shard_ids()
+                                .iter()
+                                .all(|p| !listed.contains(p))
+                        })
+                        .collect();
+                    if !trimmable.is_empty() {
+                        shards.remove(trimmable[n % trimmable.len()]);
+                    }
+                }
+            }
+        }
+        History { shards }
+    }
+}
+
+fn arb_initial() -> impl Strategy<Value = InitialPosition> {
+    prop_oneof![
+        Just(InitialPosition::TrimHorizon),
+        Just(InitialPosition::Latest)
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_open_shard_gets_one_lease_and_a_second_sync_changes_nothing(
+        (roots, steps) in arb_steps(),
+        initial in arb_initial(),
+    ) {
+        let history = History::build(roots, &steps);
+        let created = leases_to_create(&history.shards, &[], &initial);
+        let leased: HashSet<&str> = keys(&created).into_iter().collect();
+        prop_assert_eq!(leased.len(), created.len(), "a lease created twice");
+        for s in history.shards.iter().filter(|s| s.is_open()) {
+            prop_assert!(leased.contains(s.shard_id.as_str()), "open shard {} without a lease", s.shard_id);
+        }
+        if matches!(initial, InitialPosition::TrimHorizon) {
+            prop_assert_eq!(created.len(), history.shards.len(), "every retained shard, oldest first");
+        } else {
+            prop_assert!(created.iter().all(|l| l.checkpoint == Checkpoint::Latest));
+            prop_assert_eq!(created.len(), history.shards.iter().filter(|s| s.is_open()).count());
+        }
+        // Parents come before children in the creation order.
+        let position: HashMap<&str, usize> = keys(&created).into_iter().enumerate().map(|(i, k)| (k, i)).collect();
+        for lease in &created {
+            for p in &lease.parent_shard_ids {
+                if let Some(pi) = position.get(p.as_str()) {
+                    prop_assert!(*pi < position[lease.lease_key.as_str()]);
+                }
+            }
+        }
+        prop_assert!(leases_to_create(&history.shards, &created, &initial).is_empty());
+        prop_assert!(hash_key_holes(&created).is_empty());
+    }
+
+    /// Process the stream shard by shard as the workers would (a lease finishes only once its
+    /// parents did), cleaning up and re-syncing after each step: no shard is ever leased twice,
+    /// open shards are always covered, and the table shrinks back to the open shards.
+    #[test]
+    fn a_processed_lineage_is_cleaned_up_and_never_processed_again(
+        (roots, steps) in arb_steps(),
+        initial in arb_initial(),
+        order in any::<u64>(),
+    ) {
+        let history = History::build(roots, &steps);
+        let mut table: BTreeMap<String, Lease> = BTreeMap::new();
+        let mut ever_leased: HashSet<String> = HashSet::new();
+        let sync = |table: &mut BTreeMap<String, Lease>, ever: &mut HashSet<String>| -> Result<(), TestCaseError> {
+            for lease in leases_to_create(&history.shards, &table.values().cloned().collect::<Vec<_>>(), &initial) {
+                prop_assert!(ever.insert(lease.lease_key.clone()), "{} leased a second time", lease.lease_key);
+                table.insert(lease.lease_key.clone(), lease);
+            }
+            Ok(())
+        };
+        sync(&mut table, &mut ever_leased)?;
+        let mut rng = order;
+        for _ in 0..64 {
+            // Finish a closed shard whose parents are done; open shards get a checkpoint.
+            let ready: Vec<String> = table
+                .values()
+                .filter(|l| !l.is_finished())
+                .filter(|l| unfinished_parents(l, &table).is_empty())
+                .map(|l| l.lease_key.clone())
+                .collect();
+            if ready.is_empty() {
+                break;
+            }
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let key = &ready[(rng >> 33) as usize % ready.len()];
+            let open = history.shards.iter().any(|s| s.shard_id == *key && s.is_open());
+            let lease = table.get_mut(key).unwrap();
+            lease.checkpoint = if open { seq(1) } else { Checkpoint::ShardEnd };
+            for deletion in leases_to_delete(&history.shards, &table.values().cloned().collect::<Vec<_>>()) {
+                table.remove(&deletion.lease_key);
+            }
+            sync(&mut table, &mut ever_leased)?;
+            let holes = hash_key_holes(&table.values().cloned().collect::<Vec<_>>());
+            prop_assert!(holes.is_empty(), "holes {holes:?}");
+        }
+        for s in history.shards.iter().filter(|s| s.is_open()) {
+            prop_assert!(table.contains_key(&s.shard_id));
+        }
+        // Everything closed was processed and cleaned up.
+        prop_assert!(table.values().all(|l| !l.is_finished()), "{:?}", table.keys().collect::<Vec<_>>());
+    }
+}
