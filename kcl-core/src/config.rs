@@ -135,6 +135,12 @@ pub struct LeaseConfig {
     /// within this long of its release. Default 200 ms; one `BatchGetItem` per interval, and
     /// only while a handoff is pending.
     pub handoff_poll_interval: Duration,
+    /// How often a worker reads the parent leases its child shards wait for after a reshard,
+    /// so a child starts within this long of its last parent finishing. Default 500 ms (the
+    /// Java KCL's `parentShardPollIntervalMillis` is 10 s); one `BatchGetItem` per interval
+    /// for all waiting children, only while some wait. A parent finishing on the same worker
+    /// starts its children at once.
+    pub parent_poll_interval: Duration,
     /// Backoff for retrying lease-table calls (renewals retry only while the lease has not
     /// run out). Default 100 ms to 1 s: several retries fit in one renewal interval.
     pub retry: RetryConfig,
@@ -151,6 +157,7 @@ impl Default for LeaseConfig {
             max_leases_to_steal: 50,
             handoff_timeout: Duration::from_secs(10),
             handoff_poll_interval: Duration::from_millis(200),
+            parent_poll_interval: Duration::from_millis(500),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
         }
     }
@@ -205,6 +212,12 @@ impl LeaseConfig {
         self.handoff_poll_interval = d;
         self
     }
+    /// Sets [`LeaseConfig::parent_poll_interval`].
+    #[must_use]
+    pub fn with_parent_poll_interval(mut self, d: Duration) -> Self {
+        self.parent_poll_interval = d;
+        self
+    }
     /// Sets [`LeaseConfig::retry`].
     #[must_use]
     pub fn with_retry(mut self, retry: RetryConfig) -> Self {
@@ -214,6 +227,7 @@ impl LeaseConfig {
 
     fn validate(&self) -> Result<()> {
         nonzero("lease.lease_duration", self.lease_duration)?;
+        nonzero("lease.parent_poll_interval", self.parent_poll_interval)?;
         nonzero("lease.handoff_poll_interval", self.handoff_poll_interval)?;
         // The owner learns of a request at its next renewal or scan: give it that long, and
         // the requester's polls some chances within the timeout.

@@ -171,6 +171,21 @@ impl LeaseStore for InMemoryLeaseStore {
             }),
         }
     }
+
+    async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+        let mut leases = lock(&self.leases);
+        match leases.get(lease_key) {
+            Some(stored) if stored.fence() == *fence => {
+                leases.remove(lease_key);
+                Ok(())
+            }
+            current => Err(Error::LeaseConditionFailed {
+                lease_key: lease_key.to_owned(),
+                operation: "delete",
+                current: current.map(|l| Box::new(l.clone())),
+            }),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -195,6 +210,7 @@ struct StreamState {
     next_iterator_id: u64,
     get_records_calls: HashMap<String, Vec<Instant>>,
     failing_get_records: VecDeque<Error>,
+    omit_child_shards: bool,
 }
 
 impl StreamState {
@@ -202,11 +218,56 @@ impl StreamState {
         self.shards
             .iter()
             .find(|s| s.shard.shard_id == shard_id)
-            .ok_or_else(|| Error::Service {
-                service: Service::Kinesis,
-                operation: "GetShardIterator",
-                source: format!("shard {shard_id} does not exist").into(),
+            .ok_or_else(|| Error::ShardNotFound {
+                stream: String::new(),
+                shard_id: shard_id.to_owned(),
             })
+    }
+
+    fn open_shard(&mut self, shard_id: &str) -> &mut MemoryShard {
+        let shard = self
+            .shards
+            .iter_mut()
+            .find(|s| s.shard.shard_id == shard_id)
+            .unwrap_or_else(|| panic!("no shard {shard_id}"));
+        assert!(shard.shard.is_open(), "{shard_id} is closed");
+        shard
+    }
+
+    fn add_shard(&mut self, parents: &[&str], range: HashKeyRange) -> String {
+        let id = format!("shardId-{:012}", self.shards.len());
+        let mut shard = Shard::new(&id, range);
+        shard.parent_shard_id = parents.first().map(|p| (*p).to_owned());
+        shard.adjacent_parent_shard_id = parents.get(1).map(|p| (*p).to_owned());
+        self.shards.push(MemoryShard {
+            shard,
+            records: Vec::new(),
+            children: Vec::new(),
+        });
+        id
+    }
+
+    fn close(&mut self, shard_id: &str, children: &[String]) {
+        let described: Vec<ChildShard> = children
+            .iter()
+            .map(|c| {
+                let child = &self
+                    .shards
+                    .iter()
+                    .find(|s| s.shard.shard_id == *c)
+                    .expect("child")
+                    .shard;
+                ChildShard::new(c.clone(), child.parent_shard_ids(), child.hash_key_range)
+            })
+            .collect();
+        let next = self.next_sequence_number;
+        let shard = self.open_shard(shard_id);
+        let last = shard
+            .records
+            .last()
+            .map_or_else(|| next.to_string(), |r| r.sequence_number.to_string());
+        shard.shard.ending_sequence_number = Some(last);
+        shard.children = described;
     }
 
     fn issue(&mut self, shard_id: &str, next_index: usize) -> String {
@@ -338,6 +399,117 @@ impl InMemoryStream {
             .unwrap_or_default()
     }
 
+    /// Splits an open shard in two at the middle of its hash key range; returns the children.
+    ///
+    /// # Panics
+    /// If the shard does not exist or is closed (a test set-up error).
+    pub fn split_shard(&self, shard_id: &str) -> [String; 2] {
+        let mut state = lock(&self.state);
+        let range = state.open_shard(shard_id).shard.hash_key_range;
+        let mid = range.starting_hash_key + (range.ending_hash_key - range.starting_hash_key) / 2;
+        let halves = [
+            HashKeyRange {
+                starting_hash_key: range.starting_hash_key,
+                ending_hash_key: mid,
+            },
+            HashKeyRange {
+                starting_hash_key: mid + 1,
+                ending_hash_key: range.ending_hash_key,
+            },
+        ];
+        let children = halves.map(|r| state.add_shard(&[shard_id], r));
+        state.close(shard_id, &children);
+        children
+    }
+
+    /// Merges two adjacent open shards into one; returns the child.
+    ///
+    /// # Panics
+    /// If a shard does not exist, is closed, or the two are not adjacent.
+    pub fn merge_shards(&self, shard_id: &str, adjacent_shard_id: &str) -> String {
+        let mut state = lock(&self.state);
+        let a = state.open_shard(shard_id).shard.hash_key_range;
+        let b = state.open_shard(adjacent_shard_id).shard.hash_key_range;
+        let (low, high) = if a.starting_hash_key < b.starting_hash_key {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        assert_eq!(
+            low.ending_hash_key + 1,
+            high.starting_hash_key,
+            "shards are not adjacent"
+        );
+        let range = HashKeyRange {
+            starting_hash_key: low.starting_hash_key,
+            ending_hash_key: high.ending_hash_key,
+        };
+        let child = state.add_shard(&[shard_id, adjacent_shard_id], range);
+        state.close(shard_id, std::slice::from_ref(&child));
+        state.close(adjacent_shard_id, std::slice::from_ref(&child));
+        child
+    }
+
+    /// Doubles the open shards (each split in two), or halves them (adjacent pairs merged), as
+    /// Kinesis' `UpdateShardCount` does with uniform scaling.
+    ///
+    /// # Panics
+    /// If `target` is neither twice nor half the number of open shards.
+    pub fn update_shard_count(&self, target: usize) {
+        let mut open: Vec<(u128, String)> = {
+            let state = lock(&self.state);
+            state
+                .shards
+                .iter()
+                .filter(|s| s.shard.is_open())
+                .map(|s| {
+                    (
+                        s.shard.hash_key_range.starting_hash_key,
+                        s.shard.shard_id.clone(),
+                    )
+                })
+                .collect()
+        };
+        open.sort();
+        if target == open.len() * 2 {
+            for (_, id) in open {
+                self.split_shard(&id);
+            }
+        } else if target * 2 == open.len() {
+            for pair in open.chunks(2) {
+                self.merge_shards(&pair[0].1, &pair[1].1);
+            }
+        } else {
+            panic!(
+                "update_shard_count supports doubling and halving, not {} → {target}",
+                open.len()
+            );
+        }
+    }
+
+    /// The shards as `ListShards` would list them.
+    pub fn shards(&self) -> Vec<Shard> {
+        lock(&self.state)
+            .shards
+            .iter()
+            .map(|s| s.shard.clone())
+            .collect()
+    }
+
+    /// Leaves `ChildShards` out of the last `GetRecords` answer of a closed shard, as some
+    /// emulators and older Kinesis paths do.
+    pub fn omit_child_shards(&self, omit: bool) {
+        lock(&self.state).omit_child_shards = omit;
+    }
+
+    /// Removes a closed shard and its records, as Kinesis does past the retention period.
+    pub fn trim_shard(&self, shard_id: &str) {
+        let mut state = lock(&self.state);
+        state
+            .shards
+            .retain(|s| s.shard.shard_id != shard_id || s.shard.is_open());
+    }
+
     /// Makes every iterator issued so far expire.
     pub fn expire_iterators(&self) {
         let mut state = lock(&self.state);
@@ -437,7 +609,7 @@ impl StreamClient for InMemoryStream {
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         });
         let finished = !shard.shard.is_open() && end == shard.records.len();
-        let children = if finished {
+        let children = if finished && !state.omit_child_shards {
             shard.children.clone()
         } else {
             Vec::new()

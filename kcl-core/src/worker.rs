@@ -21,16 +21,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::{SeedSource, retry};
-use crate::config::{InitialPosition, WorkerConfig};
+use crate::config::WorkerConfig;
 use crate::consumer::{ShardConsumer, ShardExit};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::held::{HeldLease, HeldLeases};
+use crate::lease::lineage;
 use crate::lease::renewer::run_renewer;
 use crate::lease::taker::{LeaseObservations, TakeDecision, TakeInput, TakeReason, plan};
 use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
 use crate::sequence::Checkpoint;
-use crate::stream::StreamClient;
+use crate::stream::{ChildShard, HashKeyRange, StreamClient};
 
 /// Attempts of a lease-table or stream call made at start-up or at shutdown.
 const SETUP_ATTEMPTS: usize = 5;
@@ -177,6 +178,12 @@ impl<F: RecordProcessorFactory> Worker<F> {
             expiry_check: None,
             status: self.status,
             counters: WorkerStatus::default(),
+            awaited_parents: BTreeMap::new(),
+            done_parents: BTreeSet::new(),
+            parents_done: watch::Sender::new(Arc::new(BTreeSet::new())),
+            sync_requested: false,
+            last_holes: Vec::new(),
+            stopping: false,
         };
         coordinator.run(shutdown).instrument(span).await
     }
@@ -211,6 +218,17 @@ struct Coordinator<F> {
     status: watch::Sender<WorkerStatus>,
     /// The counters of the status.
     counters: WorkerStatus,
+    /// Held child leases whose consumers may be waiting, and their parents.
+    awaited_parents: BTreeMap<String, BTreeSet<String>>,
+    /// Parents known to be finished or gone, published to the waiting consumers.
+    done_parents: BTreeSet<String>,
+    parents_done: watch::Sender<Arc<BTreeSet<String>>>,
+    /// A full shard sync is due now (shard end without children, a hole in the leases).
+    sync_requested: bool,
+    /// Hash keys no lease covered at the last taking round.
+    last_holes: Vec<HashKeyRange>,
+    /// Set once shutdown starts: no lease is taken any more.
+    stopping: bool,
 }
 
 /// A lease this worker waits to be handed.
@@ -230,6 +248,7 @@ enum Event {
     TakeLeases,
     CheckExpiry,
     PollHandoffs,
+    PollParents,
     SyncShards,
 }
 
@@ -268,6 +287,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         taker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut handoff_poll = tokio::time::interval(lease_config.handoff_poll_interval);
         handoff_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut parent_poll = tokio::time::interval(lease_config.parent_poll_interval);
+        parent_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let sync_every = lease_config.shard_sync_interval;
         let mut sync = tokio::time::interval_at(Instant::now() + sync_every, sync_every);
         sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -283,6 +304,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 _ = taker.tick() => Event::TakeLeases,
                 _ = sleep_until_some(self.expiry_check), if self.expiry_check.is_some() => Event::CheckExpiry,
                 _ = handoff_poll.tick(), if !self.incoming.is_empty() => Event::PollHandoffs,
+                _ = parent_poll.tick(), if self.awaits_parents() => Event::PollParents,
+                _ = std::future::ready(()), if self.sync_requested => Event::SyncShards,
                 _ = sync.tick() => Event::SyncShards,
             };
             match event {
@@ -299,6 +322,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
                 Event::TakeLeases | Event::CheckExpiry => self.take_leases().await,
                 Event::PollHandoffs => self.poll_handoffs().await,
+                Event::PollParents => self.poll_parents().await,
                 Event::SyncShards => match self.sync_shards().await {
                     Err(e @ Error::StreamNotFound { .. }) => break Err(e),
                     Err(e) => warn!(error = %e, "shard sync failed; next sync retries"),
@@ -310,6 +334,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             error!(error = %e, "worker stopping after a fatal error");
         }
 
+        self.stopping = true;
         self.offer_leases_before_stopping().await;
         self.stop_consumers().await;
         self.release_all().await;
@@ -324,8 +349,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         outcome
     }
 
-    /// Creates leases for open shards that have none.
+    /// Brings the lease table in step with the stream: creates the leases the lineage needs
+    /// (parents first) and deletes finished leases whose children all started, or whose shard
+    /// is past retention.
     async fn sync_shards(&mut self) -> Result<()> {
+        self.sync_requested = false;
         let setup = self
             .config
             .lease
@@ -342,22 +370,17 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         })
         .await?;
         self.report_invalid(&scan.invalid);
-        let existing: HashSet<&str> = scan.leases.iter().map(|l| l.lease_key.as_str()).collect();
-        let initial = match self.config.initial_position {
-            InitialPosition::TrimHorizon => Checkpoint::TrimHorizon,
-            InitialPosition::Latest => Checkpoint::Latest,
-            InitialPosition::AtTimestamp(_) => Checkpoint::AtTimestamp,
-        };
+        // An item that does not decode still occupies its key: never create over it.
+        let mut leases = scan.leases;
+        for invalid in &scan.invalid {
+            if let Error::InvalidLeaseItem { lease_key, .. } = invalid {
+                leases.push(Lease::new(lease_key, Checkpoint::TrimHorizon));
+            }
+        }
         let mut created = 0usize;
-        for shard in shards
-            .iter()
-            .filter(|s| s.is_open() && !existing.contains(s.shard_id.as_str()))
-        {
-            let lease = Lease::new(&shard.shard_id, initial.clone())
-                .with_parents(shard.parent_shard_ids())
-                .with_hash_key_range(shard.hash_key_range);
+        for lease in lineage::leases_to_create(&shards, &leases, &self.config.initial_position) {
             let store = self.store.clone();
-            if retry(
+            let made = retry(
                 "create lease",
                 setup.backoff(self.seeds.next_seed()),
                 || {
@@ -365,14 +388,34 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     async move { store.create_lease_if_absent(&lease).await }
                 },
             )
-            .await?
-            {
+            .await?;
+            if made {
+                debug!(lease_key = %lease.lease_key, checkpoint = %lease.checkpoint, parents = ?lease.parent_shard_ids, "created lease");
                 created += 1;
+            }
+        }
+        let mut deleted = 0usize;
+        for deletion in lineage::leases_to_delete(&shards, &leases) {
+            match self
+                .store
+                .delete_lease(&deletion.lease_key, &deletion.fence)
+                .await
+            {
+                Ok(()) => {
+                    debug!(lease_key = %deletion.lease_key, reason = ?deletion.reason, "deleted finished lease");
+                    deleted += 1;
+                }
+                // Changed or already deleted by another worker.
+                Err(e) if e.kind() == ErrorKind::ConditionFailed => {}
+                Err(e) => {
+                    warn!(lease_key = %deletion.lease_key, error = %e, "deleting a finished lease failed")
+                }
             }
         }
         info!(
             shards = shards.len(),
             leases_created = created,
+            leases_deleted = deleted,
             "shard sync"
         );
         Ok(())
@@ -492,6 +535,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             }
         }
+        self.learn_parents(&scan.leases, true);
+        let holes = lineage::hash_key_holes(&scan.leases);
+        if !holes.is_empty() && holes == self.last_holes {
+            warn!(
+                ?holes,
+                "hash keys no unfinished lease covers; running a full shard sync"
+            );
+            self.sync_requested = true;
+        }
+        self.last_holes = holes;
         // The next lease of another worker to run out before the next regular round.
         let lease_duration = self.config.lease.lease_duration;
         let next_round = now + self.config.lease.taker_interval;
@@ -576,6 +629,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     }
 
     async fn take(&mut self, decision: TakeDecision) -> bool {
+        if self.stopping {
+            return false;
+        }
         let sent_at = Instant::now();
         let update = LeaseUpdate::Take {
             new_owner: self.config.worker_id.clone(),
@@ -591,6 +647,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 if decision.reason == TakeReason::Reserved {
                     self.counters.received += 1;
                 }
+                let parents = lease.parent_shard_ids.clone();
                 let held = HeldLease::new(
                     lease,
                     &self.config.worker_id,
@@ -598,7 +655,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     sent_at,
                 );
                 self.held.insert(held.clone());
-                self.start_consumer(held);
+                self.start_consumer(held, parents);
                 true
             }
             Err(e) if e.kind() == ErrorKind::ConditionFailed => {
@@ -612,8 +669,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         }
     }
 
-    fn start_consumer(&mut self, lease: Arc<HeldLease>) {
+    fn start_consumer(&mut self, lease: Arc<HeldLease>, parents: BTreeSet<String>) {
         let key = lease.lease_key().to_owned();
+        if !parents.is_subset(&self.done_parents) {
+            self.awaited_parents.insert(key.clone(), parents);
+        }
+        let parents_done = self.parents_done.subscribe();
         let stop = self.consumers_stop.child_token();
         let (factory, store, stream, config, seeds) = (
             self.factory.clone(),
@@ -636,6 +697,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     seeds,
                     processor,
                     shutdown,
+                    parents_done,
                 }
                 .run()
                 .await
@@ -669,11 +731,21 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             return;
         };
         self.running.remove(&key);
+        self.awaited_parents.remove(&key);
         match exit {
-            ShardExit::ShardEnded { children } => {
-                let children: Vec<&str> = children.iter().map(|c| c.shard_id.as_str()).collect();
-                info!(lease_key = %key, ?children, "shard finished; releasing its lease");
-                self.release(&key).await;
+            ShardExit::ShardEnded { children } => self.on_shard_end(&key, children).await,
+            ShardExit::ShardGone => {
+                if let Some(lease) = self.held.remove(&key) {
+                    match lease.delete(self.store.as_ref()).await {
+                        Ok(()) => {
+                            info!(lease_key = %key, "deleted the lease of a shard past retention")
+                        }
+                        Err(e) => {
+                            warn!(lease_key = %key, error = %e, "deleting the lease of a shard past retention failed")
+                        }
+                    }
+                }
+                self.mark_parents_done([key]);
             }
             ShardExit::LeaseLost => {
                 self.held.remove(&key);
@@ -695,6 +767,123 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             }
         }
         self.publish_status(None);
+    }
+
+    /// A shard was read to its end and checkpointed at `SHARD_END`: record its children in its
+    /// lease, release it, unblock children waiting here, and create the children's leases
+    /// (taking them at once, so a split continues without waiting for a taking round). Without
+    /// `ChildShards` in the last `GetRecords` answer (some emulators and older paths omit it),
+    /// a full shard sync finds the children instead.
+    async fn on_shard_end(&mut self, key: &str, children: Vec<ChildShard>) {
+        let ids: BTreeSet<String> = children.iter().map(|c| c.shard_id.clone()).collect();
+        info!(lease_key = %key, children = ?ids, "shard finished");
+        if let (Some(lease), false) = (self.held.get(key), ids.is_empty()) {
+            let update = LeaseUpdate::RecordChildren {
+                child_shard_ids: ids.clone(),
+            };
+            if let Err(e) = lease.write(self.store.as_ref(), &update).await {
+                warn!(lease_key = %key, error = %e, "recording the children failed");
+            }
+        }
+        self.release(key).await;
+        self.mark_parents_done([key.to_owned()]);
+        if children.is_empty() {
+            self.sync_requested = true;
+            return;
+        }
+        for child in children {
+            let lease = Lease::new(&child.shard_id, Checkpoint::TrimHorizon)
+                .with_parents(child.parent_shard_ids.iter().cloned())
+                .with_hash_key_range(child.hash_key_range);
+            match self.store.create_lease_if_absent(&lease).await {
+                Ok(true) => {
+                    info!(lease_key = %lease.lease_key, parents = ?lease.parent_shard_ids, "created child lease");
+                    if self.held.all().len() < self.config.lease.max_leases_per_worker {
+                        self.take(TakeDecision::new(
+                            lease.lease_key.clone(),
+                            lease.fence(),
+                            TakeReason::Unowned,
+                        ))
+                        .await;
+                    }
+                }
+                // Created by the worker that finished the other parent of a merge.
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(lease_key = %lease.lease_key, error = %e, "creating a child lease failed; a shard sync will");
+                    self.sync_requested = true;
+                }
+            }
+        }
+    }
+
+    /// True while a waiting consumer needs a parent not yet known to be finished.
+    fn awaits_parents(&self) -> bool {
+        self.awaited_parents
+            .values()
+            .any(|parents| !parents.is_subset(&self.done_parents))
+    }
+
+    /// Reads the parents the waiting consumers need (one `BatchGetItem` for all of them).
+    async fn poll_parents(&mut self) {
+        let keys: Vec<String> = self
+            .awaited_parents
+            .values()
+            .flatten()
+            .filter(|p| !self.done_parents.contains(*p))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        match self.store.get_leases(&keys).await {
+            Ok(scan) => {
+                let found: BTreeMap<&str, &Lease> = scan
+                    .leases
+                    .iter()
+                    .map(|l| (l.lease_key.as_str(), l))
+                    .collect();
+                let done: Vec<String> = keys
+                    .iter()
+                    .filter(|k| found.get(k.as_str()).is_none_or(|l| l.is_finished()))
+                    .cloned()
+                    .collect();
+                self.mark_parents_done(done);
+            }
+            Err(e) => warn!(error = %e, "reading parent leases failed; retrying"),
+        }
+    }
+
+    /// Learns from a read of the table which awaited parents finished or are gone; with the
+    /// whole table, also forgets finished parents no lease names any more.
+    fn learn_parents(&mut self, leases: &[Lease], whole_table: bool) {
+        let by_key: BTreeMap<&str, &Lease> =
+            leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        let done: Vec<String> = self
+            .awaited_parents
+            .values()
+            .flatten()
+            .filter(|p| by_key.get(p.as_str()).is_none_or(|l| l.is_finished()))
+            .cloned()
+            .collect();
+        if whole_table {
+            let named: BTreeSet<&str> = leases
+                .iter()
+                .flat_map(|l| l.parent_shard_ids.iter().map(String::as_str))
+                .collect();
+            self.done_parents.retain(|p| named.contains(p.as_str()));
+        }
+        self.mark_parents_done(done);
+    }
+
+    fn mark_parents_done(&mut self, keys: impl IntoIterator<Item = String>) {
+        let mut changed = false;
+        for key in keys {
+            changed |= self.done_parents.insert(key);
+        }
+        if changed {
+            self.parents_done
+                .send_replace(Arc::new(self.done_parents.clone()));
+        }
     }
 
     async fn release(&mut self, key: &str) -> bool {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
@@ -16,8 +17,9 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::schema::{
-    CHECKPOINT, CHECKPOINT_SUB_SEQUENCE_NUMBER, HANDOFF_TO, LEASE_COUNTER, LEASE_KEY, LEASE_OWNER,
-    OWNER_SWITCHES_SINCE_CHECKPOINT, lease_from_item, lease_to_item, number,
+    CHECKPOINT, CHECKPOINT_SUB_SEQUENCE_NUMBER, CHILD_SHARD_IDS, HANDOFF_TO, LEASE_COUNTER,
+    LEASE_KEY, LEASE_OWNER, OWNER_SWITCHES_SINCE_CHECKPOINT, lease_from_item, lease_to_item,
+    number,
 };
 
 /// A lease table in DynamoDB, named after the application.
@@ -289,6 +291,20 @@ fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<Update
             next_counter();
             "SET #counter = :next_counter REMOVE #owner"
         }
+        LeaseUpdate::RecordChildren { child_shard_ids } if child_shard_ids.is_empty() => {
+            next_counter();
+            name("#children", CHILD_SHARD_IDS);
+            "SET #counter = :next_counter REMOVE #children"
+        }
+        LeaseUpdate::RecordChildren { child_shard_ids } => {
+            next_counter();
+            name("#children", CHILD_SHARD_IDS);
+            values.insert(
+                ":children".to_owned(),
+                AttributeValue::Ss(child_shard_ids.iter().cloned().collect()),
+            );
+            "SET #counter = :next_counter, #children = :children"
+        }
         // `LeaseUpdate` is non-exhaustive: a kcl-core newer than this crate may add one.
         other => {
             return Err(Error::Service {
@@ -498,6 +514,56 @@ impl LeaseStore for DynamoLeaseStore {
                 })
             }
             Err(e) => Err(self.error("UpdateItem", e)),
+        }
+    }
+
+    async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+        let mut values = HashMap::from([(":expected_counter".to_owned(), number(fence.counter))]);
+        let owner_condition = match &fence.owner {
+            Some(owner) => {
+                values.insert(
+                    ":expected_owner".to_owned(),
+                    AttributeValue::S(owner.clone()),
+                );
+                "#owner = :expected_owner"
+            }
+            None => "attribute_not_exists(#owner)",
+        };
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key(LEASE_KEY, AttributeValue::S(lease_key.to_owned()))
+            .condition_expression(format!(
+                "attribute_exists(#key) AND #counter = :expected_counter AND {owner_condition}"
+            ))
+            .expression_attribute_names("#key", LEASE_KEY)
+            .expression_attribute_names("#owner", LEASE_OWNER)
+            .expression_attribute_names("#counter", LEASE_COUNTER)
+            .set_expression_attribute_values(Some(values))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(e))
+                if matches!(e.err(), DeleteItemError::ConditionalCheckFailedException(_)) =>
+            {
+                let DeleteItemError::ConditionalCheckFailedException(failed) = e.into_err() else {
+                    unreachable!("matched above")
+                };
+                let current = failed
+                    .item
+                    .as_ref()
+                    .and_then(|item| lease_from_item(&self.table, item).ok())
+                    .map(Box::new);
+                Err(Error::LeaseConditionFailed {
+                    lease_key: lease_key.to_owned(),
+                    operation: "delete",
+                    current,
+                })
+            }
+            Err(e) => Err(self.error("DeleteItem", e)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The shard consumer: runs one [`RecordProcessor`] over one shard lease.
 //!
-//! States: get the first shard iterator → `initialize` → deliver batches in order → one exit:
+//! States: wait until every parent shard is finished → get the first shard iterator →
+//! `initialize` → deliver batches in order → one exit:
 //! shard end (`shard_ended`, then `SHARD_END` checkpoint), shutdown or handoff to another
 //! worker (`shutdown_requested`), lease lost (`lease_lost`), or failure. The consumer is a task owned by the worker; it owns
 //! its poller task and stops it before returning.
@@ -8,9 +9,10 @@
 pub(crate) mod poller;
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
@@ -32,9 +34,10 @@ pub(crate) enum ShardExit {
     /// Every record was processed and the lease checkpointed at `SHARD_END`.
     ShardEnded {
         /// The children reported at the shard's end (may be empty).
-        #[allow(dead_code)]
         children: Vec<ChildShard>,
     },
+    /// The shard no longer exists (past retention): its lease is garbage.
+    ShardGone,
     /// The lease was lost; the processor was told.
     LeaseLost,
     /// The worker asked the consumer to stop; the processor could checkpoint.
@@ -73,6 +76,8 @@ pub(crate) struct ShardConsumer<P> {
     pub(crate) processor: P,
     /// Cancelled by the worker to ask for a graceful stop.
     pub(crate) shutdown: CancellationToken,
+    /// Parent shards known to be finished (or gone), published by the worker.
+    pub(crate) parents_done: watch::Receiver<Arc<BTreeSet<String>>>,
 }
 
 /// Where a shard resumes, given its lease's checkpoint.
@@ -129,6 +134,32 @@ impl<P: RecordProcessor> ShardConsumer<P> {
         // LATEST reads everything put after `initialize` was called.
         let lost = self.lease.lost_token().clone();
         let handoff = self.lease.handoff_token().clone();
+        if !lease.parent_shard_ids.is_empty() {
+            // Records of a key continue in the children: start only after every parent ended.
+            let parents = &lease.parent_shard_ids;
+            let mut waiting_logged = false;
+            loop {
+                if parents.is_subset(&self.parents_done.borrow()) {
+                    break;
+                }
+                if !waiting_logged {
+                    info!(?parents, "waiting for the parent shards to finish");
+                    waiting_logged = true;
+                }
+                tokio::select! {
+                    biased;
+                    _ = lost.cancelled() => return ShardExit::LeaseLost,
+                    _ = self.shutdown.cancelled() => return ShardExit::Shutdown,
+                    _ = handoff.cancelled() => return ShardExit::HandedOff,
+                    changed = self.parents_done.changed() => {
+                        if changed.is_err() {
+                            // The worker is gone; it stops this task next.
+                            return ShardExit::Shutdown;
+                        }
+                    }
+                }
+            }
+        }
         let iterator = tokio::select! {
             biased;
             _ = lost.cancelled() => return ShardExit::LeaseLost,
@@ -138,6 +169,7 @@ impl<P: RecordProcessor> ShardConsumer<P> {
         };
         let iterator = match iterator {
             Ok(it) => it,
+            Err(Error::ShardNotFound { .. }) => return ShardExit::ShardGone,
             Err(e) => return ShardExit::Failed(e),
         };
         if let Err(e) = self
@@ -220,6 +252,7 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                 }
             }
             ShardExit::ShardEnded { .. } => info!("shard processed to its end"),
+            ShardExit::ShardGone => warn!("shard is past retention; its lease is deleted"),
             ShardExit::Failed(e) => error!(error = %e, "shard consumer failed"),
         }
         exit

@@ -191,6 +191,17 @@ impl HeldLease {
         result
     }
 
+    /// Deletes the lease (its shard is gone) and ends the hold.
+    pub(crate) async fn delete(&self, store: &dyn LeaseStore) -> Result<()> {
+        let state = self.state.lock().await;
+        if self.is_lost() {
+            return Err(self.lost_error());
+        }
+        store.delete_lease(&self.lease_key, &state.fence()).await?;
+        self.lost.cancel();
+        Ok(())
+    }
+
     fn lost_error(&self) -> Error {
         Error::LeaseLost {
             lease_key: self.lease_key.clone(),

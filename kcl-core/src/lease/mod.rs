@@ -143,6 +143,11 @@ pub enum LeaseUpdate {
     /// Clear the owner so another worker can take the lease at once. A pending handoff stays,
     /// as a reservation for its worker.
     Release,
+    /// Record the shards this one was split or merged into (at its end).
+    RecordChildren {
+        /// The children's shard ids.
+        child_shard_ids: BTreeSet<String>,
+    },
 }
 
 impl LeaseUpdate {
@@ -166,6 +171,9 @@ impl LeaseUpdate {
                 next.owner_switches_since_checkpoint = 0;
             }
             LeaseUpdate::Release => next.owner = None,
+            LeaseUpdate::RecordChildren { child_shard_ids } => {
+                next.child_shard_ids = child_shard_ids.clone();
+            }
         }
         next
     }
@@ -186,6 +194,7 @@ impl LeaseUpdate {
             LeaseUpdate::RequestHandoff { .. } => "handoff request",
             LeaseUpdate::Checkpoint { .. } => "checkpoint",
             LeaseUpdate::Release => "release",
+            LeaseUpdate::RecordChildren { .. } => "record children",
         }
     }
 }
@@ -252,6 +261,12 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
         fence: &LeaseFence,
         update: &LeaseUpdate,
     ) -> Result<Lease>;
+
+    /// Deletes the lease if the stored one matches `fence`.
+    ///
+    /// # Errors
+    /// [`Error::LeaseConditionFailed`] when it is missing or does not match `fence`.
+    async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()>;
 }
 
 #[cfg(test)]
