@@ -207,11 +207,16 @@ type Log = (
     Vec<(String, String, String)>,
 );
 
-/// The log of deliveries and events of one test.
+/// The log of deliveries and events of one test, and how long each batch takes.
 #[derive(Debug, Clone, Default)]
-pub struct Recorder(Arc<Mutex<Log>>);
+pub struct Recorder(Arc<Mutex<Log>>, Duration);
 
 impl Recorder {
+    /// A recorder whose processors spend `delay` on every batch.
+    pub fn slow(delay: Duration) -> Self {
+        Recorder(Arc::default(), delay)
+    }
+
     /// Everything delivered, in delivery order.
     pub fn delivered(&self) -> Vec<Delivered> {
         self.0.lock().unwrap().0.clone()
@@ -312,6 +317,7 @@ impl RecordProcessor for RecordingProcessor {
         checkpointer: &mut Checkpointer,
         _millis_behind_latest: Option<u64>,
     ) -> Result<(), Self::Error> {
+        tokio::time::sleep(self.recorder.1).await;
         let now = Instant::now();
         {
             let mut log = self.recorder.0.lock().unwrap();
@@ -530,4 +536,178 @@ fn newest_file(dir: &std::path::Path) -> Option<(std::time::SystemTime, PathBuf)
             }
         })
         .max()
+}
+
+/// Waits until the stream is `ACTIVE` again after a reshard.
+pub async fn wait_active(client: &aws_sdk_kinesis::Client, stream: &str) {
+    wait_for("stream active", Duration::from_secs(60), || async {
+        client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .ok()
+            .and_then(|o| {
+                o.stream_description_summary()
+                    .map(|d| d.stream_status().clone())
+            })
+            == Some(StreamStatus::Active)
+    })
+    .await;
+}
+
+/// The stream's shards as `ListShards` lists them.
+pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<kcl_core::Shard> {
+    KinesisStreamClient::new(client.clone(), stream)
+        .list_shards()
+        .await
+        .expect("ListShards")
+}
+
+/// Splits an open shard at the middle of its hash key range.
+pub async fn split_shard(client: &aws_sdk_kinesis::Client, stream: &str, shard_id: &str) {
+    let shards = list_shards(client, stream).await;
+    let range = shards
+        .iter()
+        .find(|s| s.shard_id == shard_id)
+        .expect("the shard")
+        .hash_key_range;
+    let middle =
+        range.starting_hash_key + (range.ending_hash_key - range.starting_hash_key) / 2 + 1;
+    client
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(shard_id)
+        .new_starting_hash_key(middle.to_string())
+        .send()
+        .await
+        .expect("SplitShard");
+    wait_active(client, stream).await;
+}
+
+/// Merges two adjacent open shards.
+pub async fn merge_shards(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard_id: &str,
+    adjacent: &str,
+) {
+    client
+        .merge_shards()
+        .stream_name(stream)
+        .shard_to_merge(shard_id)
+        .adjacent_shard_to_merge(adjacent)
+        .send()
+        .await
+        .expect("MergeShards");
+    wait_active(client, stream).await;
+}
+
+/// Scales the stream to `count` open shards (uniform scaling).
+pub async fn update_shard_count(client: &aws_sdk_kinesis::Client, stream: &str, count: i32) {
+    client
+        .update_shard_count()
+        .stream_name(stream)
+        .target_shard_count(count)
+        .scaling_type(aws_sdk_kinesis::types::ScalingType::UniformScaling)
+        .send()
+        .await
+        .expect("UpdateShardCount");
+    wait_active(client, stream).await;
+}
+
+/// Puts one record per key (`key-j`, data `key-j:n`) every `every` until stopped; `n` counts
+/// the records of each key. Puts that fail while the stream reshards are retried.
+#[derive(Debug)]
+pub struct KeyedProducer {
+    stop: CancellationToken,
+    task: JoinHandle<usize>,
+}
+
+impl KeyedProducer {
+    /// Starts producing for `keys` keys.
+    pub fn start(
+        client: aws_sdk_kinesis::Client,
+        stream: &str,
+        keys: usize,
+        every: Duration,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let (stream, token) = (stream.to_owned(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut n = 0usize;
+            while !token.is_cancelled() {
+                let batch: Vec<(String, String)> = (0..keys)
+                    .map(|k| (format!("key-{k}"), format!("key-{k}:{n}")))
+                    .collect();
+                loop {
+                    let entries = batch
+                        .iter()
+                        .map(|(key, data)| {
+                            PutRecordsRequestEntry::builder()
+                                .partition_key(key)
+                                .data(Blob::new(data.as_bytes()))
+                                .build()
+                                .expect("entry")
+                        })
+                        .collect();
+                    match client
+                        .put_records()
+                        .stream_name(&stream)
+                        .set_records(Some(entries))
+                        .send()
+                        .await
+                    {
+                        Ok(out) if out.failed_record_count().unwrap_or(0) == 0 => break,
+                        // Retry the whole batch: the ids make duplicates visible, the check
+                        // below tolerates them (at least once).
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(every).await;
+            }
+            n * keys
+        });
+        KeyedProducer { stop, task }
+    }
+
+    /// Stops; returns how many distinct records were put.
+    pub async fn stop(self) -> usize {
+        self.stop.cancel();
+        self.task.await.expect("producer")
+    }
+}
+
+/// Every keyed record was delivered, and for each key the first deliveries came in counter
+/// order: a record of a key was never processed before an earlier record of that key, across
+/// parent and child shards.
+pub fn assert_complete_and_in_key_order(recorder: &Recorder, distinct: usize) {
+    let mut first: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for d in recorder.delivered() {
+        if seen.insert(d.data.clone()) {
+            let (key, n) = d.data.split_once(':').expect("key:n");
+            first
+                .entry(key.to_owned())
+                .or_default()
+                .push(n.parse().expect("counter"));
+        }
+    }
+    assert_eq!(seen.len(), distinct, "every record delivered");
+    for (key, counters) in first {
+        let mut sorted = counters.clone();
+        sorted.sort_unstable();
+        assert_eq!(counters, sorted, "{key}: records processed out of order");
+    }
+}
+
+/// Distinct records delivered so far.
+pub fn distinct_delivered(recorder: &Recorder) -> usize {
+    recorder
+        .delivered()
+        .into_iter()
+        .map(|d| d.data)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }

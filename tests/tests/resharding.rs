@@ -1,0 +1,216 @@
+//! Resharding against kinesis-mock and DynamoDB Local, with several workers consuming while a
+//! producer writes records with per-key counters: a split, a merge, and UpdateShardCount up
+//! and down. Every record is processed, per-key order holds across parents and children,
+//! and finished leases are cleaned up.
+//!
+//! The processors are slower than the producer, so parents usually still have a backlog when
+//! a shard sync creates their children's leases. With the parent wait disabled, the merge,
+//! scale and lineage tests here fail; the split one depends on timing (kinesis-mock drains
+//! the parent quickly), and the paused-time test `kcl-core/tests/resharding.rs` pins it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kcl_core::{InitialPosition, LeaseConfig, LeaseStore, PollingConfig, WorkerConfig};
+use kcl_dynamo_lease::DynamoLeaseStore;
+use kcl_integration_tests::{
+    KeyedProducer, PATIENCE, Recorder, RunningWorker, assert_complete_and_in_key_order,
+    create_stream, distinct_delivered, dynamodb, kinesis, list_shards, merge_shards, split_shard,
+    start_worker, unique, update_shard_count, wait_for,
+};
+
+const KEYS: usize = 24;
+
+fn config(app: &str, stream: &str, worker: &str) -> WorkerConfig {
+    WorkerConfig::new(app, stream)
+        .with_worker_id(worker)
+        .with_initial_position(InitialPosition::TrimHorizon)
+        .with_lease(
+            LeaseConfig::default()
+                .with_lease_duration(Duration::from_secs(6))
+                .with_renewal_interval(Duration::from_secs(2))
+                .with_taker_interval(Duration::from_secs(1))
+                .with_handoff_timeout(Duration::from_secs(6))
+                .with_shard_sync_interval(Duration::from_secs(3)),
+        )
+        .with_polling(
+            PollingConfig::default()
+                .with_max_records(10)
+                .with_idle_time_between_empty_reads(Duration::from_millis(500)),
+        )
+}
+
+struct Setup {
+    kinesis: aws_sdk_kinesis::Client,
+    stream: String,
+    app: String,
+    recorder: Recorder,
+    workers: Vec<RunningWorker>,
+    producer: KeyedProducer,
+}
+
+async fn setup(shards: i32, workers: usize) -> Setup {
+    let kinesis = kinesis().await;
+    let stream = unique("reshard");
+    create_stream(&kinesis, &stream, shards).await;
+    let app = unique("reshard-app");
+    // Slower than the producer: parents still have a backlog when the shard sync creates the
+    // children's leases, so only the parent wait keeps the children back.
+    let recorder = Recorder::slow(Duration::from_millis(250));
+    let producer = KeyedProducer::start(kinesis.clone(), &stream, KEYS, Duration::from_millis(200));
+    let mut running = Vec::new();
+    for i in 0..workers {
+        running.push(start_worker(config(&app, &stream, &format!("w{i}")), &recorder).await);
+    }
+    wait_for("consumption started", PATIENCE, || async {
+        recorder.count() >= 2 * KEYS
+    })
+    .await;
+    Setup {
+        kinesis,
+        stream,
+        app,
+        recorder,
+        workers: running,
+        producer,
+    }
+}
+
+async fn open_shards(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Vec<String> {
+    let mut open: Vec<(u128, String)> = list_shards(kinesis, stream)
+        .await
+        .into_iter()
+        .filter(|s| s.is_open())
+        .map(|s| (s.hash_key_range.starting_hash_key, s.shard_id))
+        .collect();
+    open.sort();
+    open.into_iter().map(|(_, id)| id).collect()
+}
+
+impl Setup {
+    /// Lets the producer run on, stops it, waits for every record, checks order and cleanup.
+    async fn finish(self) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let put = self.producer.stop().await;
+        wait_for("every record", PATIENCE, || async {
+            distinct_delivered(&self.recorder) >= put
+        })
+        .await;
+        assert_complete_and_in_key_order(&self.recorder, put);
+        assert_eq!(
+            self.recorder.overlaps(),
+            vec![],
+            "a shard processed by two workers at once"
+        );
+
+        // The leases of finished shards go once their children started and checkpointed:
+        // the table ends with the open shards only.
+        let open: BTreeSet<String> = open_shards(&self.kinesis, &self.stream)
+            .await
+            .into_iter()
+            .collect();
+        let store = DynamoLeaseStore::new(dynamodb().await, &self.app);
+        wait_for("finished leases cleaned up", PATIENCE, || async {
+            let leases: BTreeSet<String> = store
+                .list_leases()
+                .await
+                .unwrap()
+                .leases
+                .into_iter()
+                .map(|l| l.lease_key)
+                .collect();
+            leases == open
+        })
+        .await;
+        for worker in self.workers {
+            worker.stop().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_during_consumption_keeps_per_key_order() {
+    let s = setup(2, 2).await;
+    let open = open_shards(&s.kinesis, &s.stream).await;
+    split_shard(&s.kinesis, &s.stream, &open[0]).await;
+    assert_eq!(open_shards(&s.kinesis, &s.stream).await.len(), 3);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_during_consumption_keeps_per_key_order() {
+    let s = setup(2, 2).await;
+    let open = open_shards(&s.kinesis, &s.stream).await;
+    merge_shards(&s.kinesis, &s.stream, &open[0], &open[1]).await;
+    assert_eq!(open_shards(&s.kinesis, &s.stream).await.len(), 1);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_shard_count_up_and_down_during_consumption_keeps_per_key_order() {
+    let s = setup(2, 3).await;
+    update_shard_count(&s.kinesis, &s.stream, 4).await;
+    assert_eq!(open_shards(&s.kinesis, &s.stream).await.len(), 4);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    update_shard_count(&s.kinesis, &s.stream, 2).await;
+    assert_eq!(open_shards(&s.kinesis, &s.stream).await.len(), 2);
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_application_at_trim_horizon_processes_a_resharded_stream_oldest_first() {
+    // The stream is resharded twice before the application first starts.
+    let kinesis = kinesis().await;
+    let stream = unique("history");
+    create_stream(&kinesis, &stream, 1).await;
+    let producer = KeyedProducer::start(kinesis.clone(), &stream, KEYS, Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first = open_shards(&kinesis, &stream).await;
+    split_shard(&kinesis, &stream, &first[0]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = open_shards(&kinesis, &stream).await;
+    merge_shards(&kinesis, &stream, &second[0], &second[1]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let put = producer.stop().await;
+
+    let app = unique("history-app");
+    let recorder = Recorder::default();
+    let w0 = start_worker(config(&app, &stream, "w0"), &recorder).await;
+    let w1 = start_worker(config(&app, &stream, "w1"), &recorder).await;
+    wait_for("every record", PATIENCE, || async {
+        distinct_delivered(&recorder) >= put
+    })
+    .await;
+    assert_complete_and_in_key_order(&recorder, put);
+
+    // A new application at LATEST takes the open shard only.
+    let latest_app = unique("latest-app");
+    let latest = start_worker(
+        config(&latest_app, &stream, "w2").with_initial_position(InitialPosition::Latest),
+        &Recorder::default(),
+    )
+    .await;
+    let store = DynamoLeaseStore::new(dynamodb().await, &latest_app);
+    wait_for("LATEST leases", PATIENCE, || async {
+        store
+            .list_leases()
+            .await
+            .map(|s| s.leases.len())
+            .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leases: Vec<String> = store
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .map(|l| l.lease_key)
+        .collect();
+    assert_eq!(leases, open_shards(&kinesis, &stream).await);
+    for worker in [w0, w1, latest] {
+        worker.stop().await.unwrap();
+    }
+}
