@@ -500,42 +500,30 @@ pub fn puts_by_shard(puts: &[Put]) -> BTreeMap<String, Vec<String>> {
 
 /// Path of a binary of the `kcl-examples` package. `scripts/test` builds them before the
 /// tests run (a `cargo build` from inside `cargo test` inherits variables that make cargo
-/// rebuild the dependency tree); a missing binary, or one older than the library sources,
-/// fails the test with instructions instead of running stale code.
+/// rebuild the dependency tree); a missing binary, or one older than a source file it was
+/// built from (as listed in cargo's dep-info file next to it), fails the test with
+/// instructions instead of running stale code.
 pub fn example_binary(name: &str) -> PathBuf {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace.join("target"), PathBuf::from);
     let path = target.join("debug").join(name);
     let hint = "run the tests with scripts/test, or `cargo build -p kcl-examples --bins` first";
-    let built = std::fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| panic!("{} does not exist: {hint}", path.display()));
-    for dir in ["kcl-core/src", "kcl-dynamo-lease/src", "examples/src"] {
-        if let Some(newer) = newest_file(&workspace.join(dir)).filter(|(t, _)| *t > built) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let built =
+        modified(&path).unwrap_or_else(|| panic!("{} does not exist: {hint}", path.display()));
+    let dep_info = std::fs::read_to_string(path.with_extension("d")).unwrap_or_default();
+    let sources = dep_info.split_once(": ").map_or("", |(_, deps)| deps);
+    for source in sources.split_whitespace().map(std::path::Path::new) {
+        if modified(source).is_some_and(|t| t > built) {
             panic!(
                 "{} is older than {}: {hint}",
                 path.display(),
-                newer.1.display()
+                source.display()
             );
         }
     }
     path
-}
-
-fn newest_file(dir: &std::path::Path) -> Option<(std::time::SystemTime, PathBuf)> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .filter_map(|entry| {
-            let path = entry.path();
-            if path.is_dir() {
-                newest_file(&path)
-            } else {
-                Some((entry.metadata().ok()?.modified().ok()?, path))
-            }
-        })
-        .max()
 }
 
 /// Waits until the stream is `ACTIVE` again after a reshard.
