@@ -379,3 +379,44 @@ async fn without_child_shards_in_get_records_the_children_are_found_by_list_shar
     assert_complete_and_in_key_order(&log, put);
     w1.stop().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hole_in_the_lease_coverage_is_repaired_by_a_full_shard_sync() {
+    let stream = Arc::new(InMemoryStream::new("test-stream", 3));
+    let store = Arc::new(InMemoryLeaseStore::new("test-app"));
+    // The periodic sync is an hour away: only the hole check can bring the lease back.
+    let config = config("w1")
+        .with_lease(LeaseConfig::default().with_shard_sync_interval(Duration::from_secs(3600)));
+    let log = Log::default();
+    let w1 = start(config, &stream, &store, &log, &Faults::default());
+    wait_until("3 leases", Duration::from_secs(30), || {
+        owners(&store).get("w1") == Some(&3)
+    })
+    .await;
+    // An operator deletes a lease item of an open shard.
+    let lost = store
+        .get_lease("shardId-000000000001")
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .delete_lease("shardId-000000000001", &lost.fence())
+        .await
+        .unwrap();
+    wait_until("the lease recreated", Duration::from_secs(30), || {
+        store
+            .leases()
+            .iter()
+            .any(|l| l.lease_key == "shardId-000000000001")
+    })
+    .await;
+    // Seen in two taking rounds (2 s apart), then repaired.
+    for i in 0..20 {
+        stream.put_record(&format!("key-{i}"), format!("after-{i}"));
+    }
+    wait_until("all shards consumed again", Duration::from_secs(30), || {
+        owners(&store).get("w1") == Some(&3)
+    })
+    .await;
+    w1.stop().await.unwrap();
+}
