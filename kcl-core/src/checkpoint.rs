@@ -151,7 +151,14 @@ impl Checkpointer {
             checkpoint: checkpoint.clone(),
         };
         let (lease, store) = (&self.lease, self.store.as_ref());
-        retry("checkpoint", (self.retry)(), || lease.write(store, &update)).await?;
+        // Once the lease is lost (taken, or run out while writes failed or hung), the
+        // checkpoint fails at once: the processor learns it must stop before a new owner can
+        // start. A write dropped here is cancel-safe (see `HeldLease::write`).
+        tokio::select! {
+            biased;
+            _ = lease.lost_token().cancelled() => return Err(Error::LeaseLost { lease_key: self.shard_id.clone() }),
+            written = retry("checkpoint", (self.retry)(), || lease.write(store, &update)) => written?,
+        };
         debug!(shard_id = %self.shard_id, %checkpoint, "checkpointed");
         self.last = checkpoint;
         Ok(())

@@ -135,6 +135,10 @@ pub struct LeaseConfig {
     /// within this long of its release. Default 200 ms; one `BatchGetItem` per interval, and
     /// only while a handoff is pending.
     pub handoff_poll_interval: Duration,
+    /// Timeout of one lease-table call. Default 10 s: DynamoDB answers in milliseconds, so a
+    /// call this slow is a stall, retried like any transient failure (renewals are bounded by
+    /// the lease's end in any case).
+    pub request_timeout: Duration,
     /// How often a worker reads the parent leases its child shards wait for after a reshard,
     /// so a child starts within this long of its last parent finishing. Default 500 ms (the
     /// Java KCL's `parentShardPollIntervalMillis` is 10 s); one `BatchGetItem` per interval
@@ -158,6 +162,7 @@ impl Default for LeaseConfig {
             handoff_timeout: Duration::from_secs(10),
             handoff_poll_interval: Duration::from_millis(200),
             parent_poll_interval: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(10),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
         }
     }
@@ -212,6 +217,12 @@ impl LeaseConfig {
         self.handoff_poll_interval = d;
         self
     }
+    /// Sets [`LeaseConfig::request_timeout`].
+    #[must_use]
+    pub fn with_request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = d;
+        self
+    }
     /// Sets [`LeaseConfig::parent_poll_interval`].
     #[must_use]
     pub fn with_parent_poll_interval(mut self, d: Duration) -> Self {
@@ -228,6 +239,7 @@ impl LeaseConfig {
     fn validate(&self) -> Result<()> {
         nonzero("lease.lease_duration", self.lease_duration)?;
         nonzero("lease.parent_poll_interval", self.parent_poll_interval)?;
+        nonzero("lease.request_timeout", self.request_timeout)?;
         nonzero("lease.handoff_poll_interval", self.handoff_poll_interval)?;
         // The owner learns of a request at its next renewal or scan: give it that long, and
         // the requester's polls some chances within the timeout.
@@ -395,6 +407,12 @@ pub struct ProcessingConfig {
     /// Default: 5 attempts, 100 ms to 5 s apart. (The Java KCL logs the error and moves on to
     /// the next batch, which lets a later checkpoint skip the failed records.)
     pub retry: RetryConfig,
+    /// A shard consumer that makes no progress for this long (no `GetRecords` answer, no
+    /// processor callback returned) is restarted from its checkpoint, and counted in
+    /// [`WorkerStatus::watchdog_restarts`](crate::WorkerStatus). A processor callback running
+    /// this long is logged, not interrupted. Default 5 min: far above any healthy pause (the
+    /// idle time between reads is 1.5 s, a call times out after 30 s).
+    pub watchdog_timeout: Duration,
 }
 
 impl Default for ProcessingConfig {
@@ -402,6 +420,7 @@ impl Default for ProcessingConfig {
         ProcessingConfig {
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(5))
                 .with_max_attempts(Some(5)),
+            watchdog_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -413,8 +432,15 @@ impl ProcessingConfig {
         self.retry = retry;
         self
     }
+    /// Sets [`ProcessingConfig::watchdog_timeout`].
+    #[must_use]
+    pub fn with_watchdog_timeout(mut self, d: Duration) -> Self {
+        self.watchdog_timeout = d;
+        self
+    }
 
     fn validate(&self) -> Result<()> {
+        nonzero("processing.watchdog_timeout", self.watchdog_timeout)?;
         self.retry.validate("processing.retry")?;
         if self.retry.max_attempts.is_none() {
             return Err(Error::invalid_config(
@@ -551,6 +577,22 @@ impl WorkerConfig {
         self.polling.validate()?;
         self.processing.validate()?;
         nonzero("shutdown_timeout", self.shutdown_timeout)?;
+        // A healthy consumer hears from Kinesis at least every idle interval, or after a
+        // timed-out call: the watchdog must not fire before either.
+        let quiet = self
+            .polling
+            .idle_time_between_empty_reads
+            .max(self.polling.request_timeout);
+        if self.processing.watchdog_timeout <= quiet * 2 {
+            return Err(Error::invalid_config(
+                "processing.watchdog_timeout",
+                format!(
+                    "({:?}) must be more than twice the longer of polling.idle_time_between_empty_reads and \
+                     polling.request_timeout ({quiet:?})",
+                    self.processing.watchdog_timeout
+                ),
+            ));
+        }
         Ok(())
     }
 }

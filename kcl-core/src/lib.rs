@@ -2,7 +2,9 @@
 #![deny(rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
 #![warn(missing_docs)]
 
+pub mod aggregation;
 mod backoff;
+mod bounded;
 mod checkpoint;
 mod config;
 mod consumer;
@@ -10,8 +12,10 @@ mod error;
 #[cfg(feature = "kinesis")]
 mod kinesis;
 pub mod lease;
+mod metrics;
 mod processor;
 mod sequence;
+mod shard_sync;
 mod stream;
 #[cfg(feature = "test-util")]
 pub mod testing;

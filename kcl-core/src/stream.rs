@@ -26,6 +26,10 @@ pub struct Record {
     pub data: Vec<u8>,
     /// When Kinesis accepted the record, if reported.
     pub approximate_arrival_timestamp: Option<SystemTime>,
+    /// The explicit hash key a KPL user record was routed with, if any.
+    pub explicit_hash_key: Option<String>,
+    /// True for a user record taken out of a KPL-aggregated record.
+    pub aggregated: bool,
 }
 
 impl Record {
@@ -41,6 +45,8 @@ impl Record {
             partition_key: partition_key.into(),
             data: data.into(),
             approximate_arrival_timestamp: None,
+            explicit_hash_key: None,
+            aggregated: false,
         }
     }
 
@@ -64,6 +70,7 @@ impl fmt::Debug for Record {
             .field("sub_sequence_number", &self.sub_sequence_number)
             .field("partition_key", &self.partition_key)
             .field("data_len", &self.data.len())
+            .field("aggregated", &self.aggregated)
             .finish()
     }
 }

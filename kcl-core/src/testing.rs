@@ -210,6 +210,8 @@ struct StreamState {
     next_iterator_id: u64,
     get_records_calls: HashMap<String, Vec<Instant>>,
     failing_get_records: VecDeque<Error>,
+    /// Shards whose `GetRecords` calls fail with this fault (throttling, say) until cleared.
+    shard_faults: HashMap<String, Fault>,
     omit_child_shards: bool,
 }
 
@@ -362,7 +364,15 @@ impl InMemoryStream {
         partition_key: &str,
         data: impl Into<Vec<u8>>,
     ) -> (String, SequenceNumber) {
-        let hash = Self::hash_key(partition_key);
+        self.put_hashed(Self::hash_key(partition_key), partition_key, data.into())
+    }
+
+    fn put_hashed(
+        &self,
+        hash: u128,
+        partition_key: &str,
+        data: Vec<u8>,
+    ) -> (String, SequenceNumber) {
         let mut state = lock(&self.state);
         let index = state
             .shards
@@ -388,6 +398,25 @@ impl InMemoryStream {
     /// The next `GetRecords` calls fail with these errors, in order.
     pub fn fail_next_get_records(&self, errors: impl IntoIterator<Item = Error>) {
         lock(&self.state).failing_get_records.extend(errors);
+    }
+
+    /// Makes every `GetRecords` call on `shard_id` fail with `fault` (`Throttle` or `Fail`)
+    /// until set back to [`Fault::None`].
+    pub fn set_shard_fault(&self, shard_id: &str, fault: Fault) {
+        lock(&self.state)
+            .shard_faults
+            .insert(shard_id.to_owned(), fault);
+    }
+
+    /// Appends a record to the open shard serving `hash_key`, whatever its partition key hashes
+    /// to (as an explicit hash key does).
+    pub fn put_record_at(
+        &self,
+        hash_key: u128,
+        partition_key: &str,
+        data: impl Into<Vec<u8>>,
+    ) -> (String, SequenceNumber) {
+        self.put_hashed(hash_key, partition_key, data.into())
     }
 
     /// When each `GetRecords` call on `shard_id` was answered (Tokio time).
@@ -586,6 +615,22 @@ impl StreamClient for InMemoryStream {
         if let Some(error) = state.failing_get_records.pop_front() {
             return Err(error);
         }
+        match state
+            .shard_faults
+            .get(shard_id)
+            .copied()
+            .unwrap_or_default()
+        {
+            Fault::None => {}
+            Fault::Throttle => {
+                return Err(Error::Throttled {
+                    service: Service::Kinesis,
+                    operation: "GetRecords",
+                    source: "injected throttling".into(),
+                });
+            }
+            Fault::Fail | Fault::Stall => return Err(injected(Service::Kinesis, "GetRecords")),
+        }
         // Kinesis lets an iterator be used again until it expires (a retry does that).
         let Some(iterator) = state.iterators.get(shard_iterator) else {
             return Err(Error::Service {
@@ -699,5 +744,137 @@ mod tests {
             err,
             Error::LeaseConditionFailed { current: None, .. }
         ));
+    }
+}
+
+/// What a [`Faulty`] wrapper does to the calls going through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Fault {
+    /// Calls go through.
+    #[default]
+    None,
+    /// Calls fail at once with a transient error.
+    Fail,
+    /// Calls fail at once as throttled.
+    Throttle,
+    /// Calls never answer (a network stall, or a paused process).
+    Stall,
+}
+
+/// Wraps a [`StreamClient`] or a [`LeaseStore`] of one worker and injects faults into its calls,
+/// switchable at any time: one worker can be cut off while the others run on.
+#[derive(Debug)]
+pub struct Faulty<T: ?Sized> {
+    inner: std::sync::Arc<T>,
+    fault: Mutex<Fault>,
+    stall_released: tokio::sync::watch::Sender<u64>,
+}
+
+impl<T: ?Sized> Faulty<T> {
+    /// No fault until [`Faulty::set`] says otherwise.
+    pub fn new(inner: std::sync::Arc<T>) -> Self {
+        Faulty {
+            inner,
+            fault: Mutex::new(Fault::None),
+            stall_released: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Sets the fault for the calls from now on. Ending a stall lets the stalled calls go on.
+    pub fn set(&self, fault: Fault) {
+        *lock(&self.fault) = fault;
+        if fault != Fault::Stall {
+            self.stall_released.send_modify(|n| *n += 1);
+        }
+    }
+
+    async fn gate(&self, service: Service, operation: &'static str) -> Result<()> {
+        loop {
+            let mut released = self.stall_released.subscribe();
+            match *lock(&self.fault) {
+                Fault::None => return Ok(()),
+                Fault::Fail => return Err(injected(service, operation)),
+                Fault::Throttle => {
+                    return Err(Error::Throttled {
+                        service,
+                        operation,
+                        source: "injected throttling".into(),
+                    });
+                }
+                Fault::Stall => {}
+            }
+            let _ = released.changed().await;
+        }
+    }
+}
+
+#[async_trait]
+impl<T: StreamClient + ?Sized> StreamClient for Faulty<T> {
+    fn stream_name(&self) -> &str {
+        self.inner.stream_name()
+    }
+    async fn list_shards(&self) -> Result<Vec<Shard>> {
+        self.gate(Service::Kinesis, "ListShards").await?;
+        self.inner.list_shards().await
+    }
+    async fn get_shard_iterator(
+        &self,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<String> {
+        self.gate(Service::Kinesis, "GetShardIterator").await?;
+        self.inner.get_shard_iterator(shard_id, position).await
+    }
+    async fn get_records(
+        &self,
+        shard_id: &str,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<RecordsPage> {
+        self.gate(Service::Kinesis, "GetRecords").await?;
+        self.inner
+            .get_records(shard_id, shard_iterator, limit)
+            .await
+    }
+}
+
+#[async_trait]
+impl<T: LeaseStore + ?Sized> LeaseStore for Faulty<T> {
+    fn table_name(&self) -> &str {
+        self.inner.table_name()
+    }
+    async fn initialize(&self) -> Result<()> {
+        self.gate(Service::LeaseStore, "DescribeTable").await?;
+        self.inner.initialize().await
+    }
+    async fn list_leases(&self) -> Result<LeaseScan> {
+        self.gate(Service::LeaseStore, "Scan").await?;
+        self.inner.list_leases().await
+    }
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
+        self.gate(Service::LeaseStore, "GetItem").await?;
+        self.inner.get_lease(lease_key).await
+    }
+    async fn get_leases(&self, lease_keys: &[String]) -> Result<LeaseScan> {
+        self.gate(Service::LeaseStore, "BatchGetItem").await?;
+        self.inner.get_leases(lease_keys).await
+    }
+    async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+        self.gate(Service::LeaseStore, "PutItem").await?;
+        self.inner.create_lease_if_absent(lease).await
+    }
+    async fn update_lease(
+        &self,
+        lease_key: &str,
+        fence: &LeaseFence,
+        update: &LeaseUpdate,
+    ) -> Result<Lease> {
+        self.gate(Service::LeaseStore, "UpdateItem").await?;
+        self.inner.update_lease(lease_key, fence, update).await
+    }
+    async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+        self.gate(Service::LeaseStore, "DeleteItem").await?;
+        self.inner.delete_lease(lease_key, fence).await
     }
 }

@@ -13,24 +13,28 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::{SeedSource, retry};
+use crate::bounded::{BoundedLeaseStore, BoundedStream};
 use crate::config::WorkerConfig;
-use crate::consumer::{ShardConsumer, ShardExit};
+use crate::consumer::{Progress, ShardConsumer, ShardExit};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::held::{HeldLease, HeldLeases};
 use crate::lease::lineage;
 use crate::lease::renewer::run_renewer;
 use crate::lease::taker::{LeaseObservations, TakeDecision, TakeInput, TakeReason, plan};
 use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
+use crate::metrics::Counters;
 use crate::processor::RecordProcessorFactory;
 use crate::sequence::Checkpoint;
+use crate::shard_sync::ShardSyncer;
 use crate::stream::{ChildShard, HashKeyRange, StreamClient};
 
 /// Attempts of a lease-table or stream call made at start-up or at shutdown.
@@ -59,6 +63,20 @@ pub struct WorkerStatus {
     pub received: u64,
     /// Handoffs this worker asked for that timed out and were taken by force.
     pub forced_takes: u64,
+    /// Failed attempts of record processor callbacks (errors and panics).
+    pub processor_failures: u64,
+    /// Of those, panics.
+    pub processor_panics: u64,
+    /// Shard consumers that failed for good (their lease was released).
+    pub shard_failures: u64,
+    /// Shard consumers the watchdog restarted after they made no progress.
+    pub watchdog_restarts: u64,
+    /// Throttled `GetRecords` calls.
+    pub throttled_reads: u64,
+    /// Records that looked KPL-aggregated but were delivered as plain records.
+    pub aggregation_errors: u64,
+    /// KPL user records dropped for hashing outside their shard.
+    pub records_out_of_range: u64,
 }
 
 /// Consumes a Kinesis stream with a [`RecordProcessor`](crate::RecordProcessor) per shard,
@@ -124,6 +142,15 @@ impl<F: RecordProcessorFactory> Worker<F> {
         factory: F,
     ) -> Result<Self> {
         config.validate()?;
+        // Every call is bounded in time, so nothing can stall the worker.
+        let stream: Arc<dyn StreamClient> = Arc::new(BoundedStream {
+            inner: stream,
+            timeout: config.polling.request_timeout,
+        });
+        let lease_store: Arc<dyn LeaseStore> = Arc::new(BoundedLeaseStore {
+            inner: lease_store,
+            timeout: config.lease.request_timeout,
+        });
         Ok(Worker {
             config: Arc::new(config),
             stream,
@@ -181,9 +208,11 @@ impl<F: RecordProcessorFactory> Worker<F> {
             awaited_parents: BTreeMap::new(),
             done_parents: BTreeSet::new(),
             parents_done: watch::Sender::new(Arc::new(BTreeSet::new())),
-            sync_requested: false,
+            sync_trigger: Arc::new(Notify::new()),
             last_holes: Vec::new(),
             stopping: false,
+            metrics: Arc::new(Counters::default()),
+            cooldown: HashMap::new(),
         };
         coordinator.run(shutdown).instrument(span).await
     }
@@ -201,8 +230,8 @@ struct Coordinator<F> {
     consumers: JoinSet<ShardExit>,
     /// Which lease each consumer task serves (to act on a task that panicked).
     consumer_leases: HashMap<Id, String>,
-    /// Lease key → the running consumer's stop token.
-    running: HashMap<String, CancellationToken>,
+    /// Lease key → the running consumer.
+    running: HashMap<String, RunningConsumer>,
     consumers_stop: CancellationToken,
     /// Invalid lease items already logged, so each is reported once.
     reported_invalid: HashSet<String>,
@@ -223,13 +252,31 @@ struct Coordinator<F> {
     /// Parents known to be finished or gone, published to the waiting consumers.
     done_parents: BTreeSet<String>,
     parents_done: watch::Sender<Arc<BTreeSet<String>>>,
-    /// A full shard sync is due now (shard end without children, a hole in the leases).
-    sync_requested: bool,
+    /// Asks the shard syncer for a full sync now (a shard ended without children, a hole in
+    /// the leases).
+    sync_trigger: Arc<Notify>,
     /// Hash keys no lease covered at the last taking round.
     last_holes: Vec<HashKeyRange>,
     /// Set once shutdown starts: no lease is taken any more.
     stopping: bool,
+    /// Counters shared with the shard consumers.
+    metrics: Arc<Counters>,
+    /// Shards whose consumer failed, with how many times in a row and until when this worker
+    /// leaves them alone.
+    cooldown: HashMap<String, (u32, Instant)>,
 }
+
+/// A shard consumer task and its handles.
+struct RunningConsumer {
+    abort: tokio::task::AbortHandle,
+    progress: Arc<Progress>,
+    /// The watchdog already warned about a long processor callback.
+    warned_slow: bool,
+}
+
+/// The longest a worker leaves a shard whose consumer keeps failing (a poison record) before
+/// trying it again; the wait doubles from one second with each failure in a row.
+const MAX_SHARD_COOLDOWN: Duration = Duration::from_secs(60);
 
 /// A lease this worker waits to be handed.
 #[derive(Clone, Copy, Debug)]
@@ -244,12 +291,11 @@ struct Pending {
 enum Event {
     Shutdown,
     ConsumerExited(std::result::Result<(Id, ShardExit), JoinError>),
-    RenewerExited(std::result::Result<(), JoinError>),
+    BackgroundExited(std::result::Result<(&'static str, Result<()>), JoinError>),
     TakeLeases,
     CheckExpiry,
     PollHandoffs,
     PollParents,
-    SyncShards,
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -266,20 +312,38 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             || store.initialize(),
         )
         .await?;
-        self.sync_shards().await?;
+        let mut syncer = ShardSyncer {
+            stream: self.stream.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+            seeds: self.seeds.clone(),
+            reported_invalid: HashSet::new(),
+        };
+        // The first sync runs before anything else: a missing stream stops the worker here.
+        syncer.sync_once().await?;
         info!(lease_table = %self.store.table_name(), "worker started");
 
-        let renewer_stop = CancellationToken::new();
-        let mut background = JoinSet::new();
+        // Background tasks, stopped by this token after the leases are released; each returns
+        // its name, so an early end can be reported.
+        let background_stop = CancellationToken::new();
+        let mut background: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
+        let (held, store, lease_config, seeds, stop) = (
+            self.held.clone(),
+            self.store.clone(),
+            self.config.lease.clone(),
+            self.seeds.clone(),
+            background_stop.clone(),
+        );
         background.spawn(
-            run_renewer(
-                self.held.clone(),
-                self.store.clone(),
-                self.config.lease.clone(),
-                self.seeds.clone(),
-                renewer_stop.clone(),
-            )
+            async move {
+                run_renewer(held, store, lease_config, seeds, stop).await;
+                ("lease renewer", Ok(()))
+            }
             .in_current_span(),
+        );
+        let (trigger, stop) = (self.sync_trigger.clone(), background_stop.clone());
+        background.spawn(
+            async move { ("shard sync", syncer.run(trigger, stop).await) }.in_current_span(),
         );
 
         let lease_config = &self.config.lease;
@@ -289,9 +353,6 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         handoff_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut parent_poll = tokio::time::interval(lease_config.parent_poll_interval);
         parent_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let sync_every = lease_config.shard_sync_interval;
-        let mut sync = tokio::time::interval_at(Instant::now() + sync_every, sync_every);
-        sync.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         let outcome = loop {
             // Pick the next event; act on it outside the select so lease writes run to
@@ -300,34 +361,31 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 biased;
                 _ = shutdown.cancelled() => Event::Shutdown,
                 Some(joined) = self.consumers.join_next_with_id() => Event::ConsumerExited(joined),
-                Some(joined) = background.join_next() => Event::RenewerExited(joined),
+                Some(joined) = background.join_next() => Event::BackgroundExited(joined),
                 _ = taker.tick() => Event::TakeLeases,
                 _ = sleep_until_some(self.expiry_check), if self.expiry_check.is_some() => Event::CheckExpiry,
                 _ = handoff_poll.tick(), if !self.incoming.is_empty() => Event::PollHandoffs,
                 _ = parent_poll.tick(), if self.awaits_parents() => Event::PollParents,
-                _ = std::future::ready(()), if self.sync_requested => Event::SyncShards,
-                _ = sync.tick() => Event::SyncShards,
             };
             match event {
                 Event::Shutdown => break Ok(()),
                 Event::ConsumerExited(joined) => self.on_consumer_exit(joined).await,
-                Event::RenewerExited(joined) => {
-                    break Err(Error::TaskFailed {
-                        task: "lease renewer".into(),
-                        problem: match joined {
-                            Ok(()) => "stopped without being asked to".into(),
-                            Err(e) => e.to_string(),
+                Event::BackgroundExited(joined) => {
+                    break Err(match joined {
+                        Ok((_, Err(e))) => e,
+                        Ok((task, Ok(()))) => Error::TaskFailed {
+                            task: task.into(),
+                            problem: "stopped without being asked to".into(),
+                        },
+                        Err(e) => Error::TaskFailed {
+                            task: "background task".into(),
+                            problem: e.to_string(),
                         },
                     });
                 }
                 Event::TakeLeases | Event::CheckExpiry => self.take_leases().await,
                 Event::PollHandoffs => self.poll_handoffs().await,
                 Event::PollParents => self.poll_parents().await,
-                Event::SyncShards => match self.sync_shards().await {
-                    Err(e @ Error::StreamNotFound { .. }) => break Err(e),
-                    Err(e) => warn!(error = %e, "shard sync failed; next sync retries"),
-                    Ok(()) => {}
-                },
             }
         };
         if let Err(e) = &outcome {
@@ -338,87 +396,19 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         self.offer_leases_before_stopping().await;
         self.stop_consumers().await;
         self.release_all().await;
-        renewer_stop.cancel();
+        background_stop.cancel();
         while let Some(joined) = background.join_next().await {
-            if let Err(e) = joined {
-                error!(error = %e, "lease renewer failed");
+            match joined {
+                Ok((task, Err(e))) => {
+                    warn!(task, error = %e, "background task ended with an error")
+                }
+                Err(e) => error!(error = %e, "background task failed"),
+                Ok(_) => {}
             }
         }
         self.publish_status(None);
         info!("worker stopped");
         outcome
-    }
-
-    /// Brings the lease table in step with the stream: creates the leases the lineage needs
-    /// (parents first) and deletes finished leases whose children all started, or whose shard
-    /// is past retention.
-    async fn sync_shards(&mut self) -> Result<()> {
-        self.sync_requested = false;
-        let setup = self
-            .config
-            .lease
-            .retry
-            .with_max_attempts(Some(SETUP_ATTEMPTS));
-        let stream = self.stream.clone();
-        let shards = retry("ListShards", setup.backoff(self.seeds.next_seed()), || {
-            stream.list_shards()
-        })
-        .await?;
-        let store = self.store.clone();
-        let scan = retry("lease scan", setup.backoff(self.seeds.next_seed()), || {
-            store.list_leases()
-        })
-        .await?;
-        self.report_invalid(&scan.invalid);
-        // An item that does not decode still occupies its key: never create over it.
-        let mut leases = scan.leases;
-        for invalid in &scan.invalid {
-            if let Error::InvalidLeaseItem { lease_key, .. } = invalid {
-                leases.push(Lease::new(lease_key, Checkpoint::TrimHorizon));
-            }
-        }
-        let mut created = 0usize;
-        for lease in lineage::leases_to_create(&shards, &leases, &self.config.initial_position) {
-            let store = self.store.clone();
-            let made = retry(
-                "create lease",
-                setup.backoff(self.seeds.next_seed()),
-                || {
-                    let (store, lease) = (store.clone(), lease.clone());
-                    async move { store.create_lease_if_absent(&lease).await }
-                },
-            )
-            .await?;
-            if made {
-                debug!(lease_key = %lease.lease_key, checkpoint = %lease.checkpoint, parents = ?lease.parent_shard_ids, "created lease");
-                created += 1;
-            }
-        }
-        let mut deleted = 0usize;
-        for deletion in lineage::leases_to_delete(&shards, &leases) {
-            match self
-                .store
-                .delete_lease(&deletion.lease_key, &deletion.fence)
-                .await
-            {
-                Ok(()) => {
-                    debug!(lease_key = %deletion.lease_key, reason = ?deletion.reason, "deleted finished lease");
-                    deleted += 1;
-                }
-                // Changed or already deleted by another worker.
-                Err(e) if e.kind() == ErrorKind::ConditionFailed => {}
-                Err(e) => {
-                    warn!(lease_key = %deletion.lease_key, error = %e, "deleting a finished lease failed")
-                }
-            }
-        }
-        info!(
-            shards = shards.len(),
-            leases_created = created,
-            leases_deleted = deleted,
-            "shard sync"
-        );
-        Ok(())
     }
 
     fn report_invalid(&mut self, invalid: &[Error]) {
@@ -468,6 +458,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 _ => {}
             }
         }
+        self.watchdog();
         // A consumer still winding down keeps its lease out of reach, so one shard never has
         // two consumers in this worker.
         let held: BTreeSet<String> = self
@@ -542,7 +533,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 ?holes,
                 "hash keys no unfinished lease covers; running a full shard sync"
             );
-            self.sync_requested = true;
+            self.sync_trigger.notify_one();
         }
         self.last_holes = holes;
         // The next lease of another worker to run out before the next regular round.
@@ -632,6 +623,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         if self.stopping {
             return false;
         }
+        if let Some((failures, until)) = self.cooldown.get(&decision.lease_key) {
+            if *until > Instant::now() {
+                debug!(lease_key = %decision.lease_key, failures, "shard cooling down after failures; not taking it yet");
+                return false;
+            }
+        }
         let sent_at = Instant::now();
         let update = LeaseUpdate::Take {
             new_owner: self.config.worker_id.clone(),
@@ -674,38 +671,30 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         if !parents.is_subset(&self.done_parents) {
             self.awaited_parents.insert(key.clone(), parents);
         }
-        let parents_done = self.parents_done.subscribe();
         let stop = self.consumers_stop.child_token();
-        let (factory, store, stream, config, seeds) = (
-            self.factory.clone(),
-            self.store.clone(),
-            self.stream.clone(),
-            self.config.clone(),
-            self.seeds.clone(),
+        let progress = Progress::new();
+        let consumer = ShardConsumer {
+            lease,
+            store: self.store.clone(),
+            stream: self.stream.clone(),
+            config: self.config.clone(),
+            seeds: self.seeds.clone(),
+            factory: self.factory.clone(),
+            shutdown: stop.clone(),
+            parents_done: self.parents_done.subscribe(),
+            counters: self.metrics.clone(),
+            progress: progress.clone(),
+        };
+        let abort = self.consumers.spawn(consumer.run().in_current_span());
+        self.consumer_leases.insert(abort.id(), key.clone());
+        self.running.insert(
+            key,
+            RunningConsumer {
+                abort,
+                progress,
+                warned_slow: false,
+            },
         );
-        let shutdown = stop.clone();
-        let task_key = key.clone();
-        let handle = self.consumers.spawn(
-            async move {
-                // Created inside the task: a factory that panics fails this shard only.
-                let processor = factory.create_processor(&task_key);
-                ShardConsumer {
-                    lease,
-                    store,
-                    stream,
-                    config,
-                    seeds,
-                    processor,
-                    shutdown,
-                    parents_done,
-                }
-                .run()
-                .await
-            }
-            .in_current_span(),
-        );
-        self.consumer_leases.insert(handle.id(), key.clone());
-        self.running.insert(key, stop);
     }
 
     async fn on_consumer_exit(&mut self, joined: std::result::Result<(Id, ShardExit), JoinError>) {
@@ -732,6 +721,15 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         };
         self.running.remove(&key);
         self.awaited_parents.remove(&key);
+        if matches!(exit, ShardExit::Failed(_)) {
+            let failures = self.cooldown.get(&key).map_or(1, |(n, _)| n + 1);
+            let wait = Duration::from_secs(1 << (failures - 1).min(6)).min(MAX_SHARD_COOLDOWN);
+            self.cooldown
+                .insert(key.clone(), (failures, Instant::now() + wait));
+            self.counters.shard_failures += 1;
+        } else {
+            self.cooldown.remove(&key);
+        }
         match exit {
             ShardExit::ShardEnded { children } => self.on_shard_end(&key, children).await,
             ShardExit::ShardGone => {
@@ -762,7 +760,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 self.release(&key).await;
             }
             ShardExit::Failed(e) => {
-                error!(lease_key = %key, error = %e, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
+                let failures = self.cooldown.get(&key).map_or(1, |(n, _)| *n);
+                error!(lease_key = %key, error = %e, failures, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
                 self.release(&key).await;
             }
         }
@@ -788,7 +787,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         self.release(key).await;
         self.mark_parents_done([key.to_owned()]);
         if children.is_empty() {
-            self.sync_requested = true;
+            self.sync_trigger.notify_one();
             return;
         }
         for child in children {
@@ -811,7 +810,31 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 Ok(false) => {}
                 Err(e) => {
                     warn!(lease_key = %lease.lease_key, error = %e, "creating a child lease failed; a shard sync will");
-                    self.sync_requested = true;
+                    self.sync_trigger.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Restarts shard consumers that made no progress (no `GetRecords` answer, no processor
+    /// callback done) for `processing.watchdog_timeout`: aborted, their lease released by the
+    /// exit handling, and taken again. A processor callback running that long is the
+    /// processor's business: logged once, not interrupted.
+    fn watchdog(&mut self) {
+        let limit = self.config.processing.watchdog_timeout;
+        for (key, consumer) in &mut self.running {
+            if let Some(stalled) = consumer.progress.stalled_for().filter(|s| *s >= limit) {
+                if !consumer.abort.is_finished() {
+                    warn!(lease_key = %key, ?stalled, "shard consumer made no progress; restarting it");
+                    consumer.abort.abort();
+                    Counters::add(&self.metrics.watchdog_restarts, 1);
+                }
+            } else if let Some(running) =
+                consumer.progress.in_callback_for().filter(|r| *r >= limit)
+            {
+                if !consumer.warned_slow {
+                    warn!(lease_key = %key, ?running, "a record processor callback has been running for a long time");
+                    consumer.warned_slow = true;
                 }
             }
         }
@@ -1001,7 +1024,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .map(|l| l.lease_key().to_owned())
             .collect();
         let pending = self.incoming.keys().cloned().collect();
-        let counters = &self.counters;
+        let (counters, metrics) = (&self.counters, &self.metrics);
         self.status.send_modify(|status| {
             if let Some((workers, active, spillover)) = round {
                 status.workers = workers;
@@ -1014,6 +1037,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             status.handed_over = counters.handed_over;
             status.received = counters.received;
             status.forced_takes = counters.forced_takes;
+            status.shard_failures = counters.shard_failures;
+            status.processor_failures = Counters::get(&metrics.processor_failures);
+            status.processor_panics = Counters::get(&metrics.processor_panics);
+            status.watchdog_restarts = Counters::get(&metrics.watchdog_restarts);
+            status.throttled_reads = Counters::get(&metrics.throttled_reads);
+            status.aggregation_errors = Counters::get(&metrics.aggregation_errors);
+            status.records_out_of_range = Counters::get(&metrics.records_out_of_range);
         });
     }
 }

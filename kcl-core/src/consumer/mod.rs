@@ -1,29 +1,45 @@
-//! The shard consumer: runs one [`RecordProcessor`] over one shard lease.
+//! The shard consumer: runs [`RecordProcessor`]s over one shard lease.
 //!
 //! States: wait until every parent shard is finished → get the first shard iterator →
-//! `initialize` → deliver batches in order → one exit:
-//! shard end (`shard_ended`, then `SHARD_END` checkpoint), shutdown or handoff to another
-//! worker (`shutdown_requested`), lease lost (`lease_lost`), or failure. The consumer is a task owned by the worker; it owns
-//! its poller task and stops it before returning.
+//! create a processor and `initialize` it → deliver batches in order → one exit: shard end
+//! (`shard_ended`, then `SHARD_END` checkpoint), shutdown or handoff to another worker
+//! (`shutdown_requested`), lease lost (`lease_lost`), or failure. The consumer is a task owned
+//! by the worker; it owns its poller task and stops it before returning.
+//!
+//! Processor failures: an error or a panic in `initialize` or `process_records` is retried
+//! with backoff, up to `processing.retry.max_attempts` attempts per batch. After an error the
+//! same processor gets the batch again (minus what it checkpointed); after a panic the
+//! processor is dropped, since its state cannot be trusted, and a new one from the factory is
+//! initialized at the current checkpoint first. When the attempts run out the consumer fails:
+//! the worker releases the lease and the shard restarts from its checkpoint. Nothing is ever
+//! checkpointed past records whose processing failed, and a panic never takes the worker down.
 
 pub(crate) mod poller;
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::backoff::SeedSource;
+use crate::backoff::{Backoff, SeedSource};
 use crate::checkpoint::Checkpointer;
 use crate::config::{InitialPosition, WorkerConfig};
 use crate::error::{BoxError, Error};
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLease;
-use crate::processor::RecordProcessor;
+use crate::metrics::Counters;
+use crate::processor::{RecordProcessor, RecordProcessorFactory};
 use crate::sequence::Checkpoint;
 use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
 use poller::{FetchedBatch, Poller};
@@ -67,17 +83,91 @@ impl From<Interrupt> for ShardExit {
     }
 }
 
-pub(crate) struct ShardConsumer<P> {
+/// When a consumer last made progress (a `GetRecords` answer, a processor callback that
+/// returned), and whether it is inside a processor callback: what the worker's watchdog reads.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    base: Instant,
+    /// Milliseconds after `base` of the last progress.
+    last: AtomicU64,
+    /// Milliseconds after `base` (plus one, so 0 means "not") since a callback is running.
+    in_callback: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Progress {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+            in_callback: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn tick(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn enter_callback(&self) {
+        self.in_callback.store(self.now_ms() + 1, Ordering::Relaxed);
+    }
+
+    fn exit_callback(&self) {
+        self.in_callback.store(0, Ordering::Relaxed);
+        self.tick();
+    }
+
+    /// How long since the last progress, unless a processor callback is running.
+    pub(crate) fn stalled_for(&self) -> Option<Duration> {
+        (self.in_callback.load(Ordering::Relaxed) == 0).then(|| {
+            Duration::from_millis(
+                self.now_ms()
+                    .saturating_sub(self.last.load(Ordering::Relaxed)),
+            )
+        })
+    }
+
+    /// How long the running processor callback has been running, if one is.
+    pub(crate) fn in_callback_for(&self) -> Option<Duration> {
+        match self.in_callback.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(
+                self.now_ms().saturating_sub(since - 1),
+            )),
+        }
+    }
+}
+
+/// The outcome of a processor callback run under `catch_unwind`.
+enum Called<T> {
+    Returned(T),
+    Panicked(String),
+}
+
+fn panic_message(payload: Box<dyn Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+pub(crate) struct ShardConsumer<F: RecordProcessorFactory> {
     pub(crate) lease: Arc<HeldLease>,
     pub(crate) store: Arc<dyn LeaseStore>,
     pub(crate) stream: Arc<dyn StreamClient>,
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) seeds: Arc<SeedSource>,
-    pub(crate) processor: P,
+    pub(crate) factory: Arc<F>,
     /// Cancelled by the worker to ask for a graceful stop.
     pub(crate) shutdown: CancellationToken,
     /// Parent shards known to be finished (or gone), published by the worker.
     pub(crate) parents_done: watch::Receiver<Arc<BTreeSet<String>>>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) progress: Arc<Progress>,
 }
 
 /// Where a shard resumes, given its lease's checkpoint.
@@ -87,8 +177,10 @@ fn starting_position(
     shard_id: &str,
 ) -> StartingPosition {
     match checkpoint {
+        // At the checkpointed record itself: the rest of a KPL aggregate it points into comes
+        // next; the poller skips what the checkpoint covers.
         Checkpoint::SequenceNumber(done) => {
-            StartingPosition::AfterSequenceNumber(done.sequence_number.clone())
+            StartingPosition::AtSequenceNumber(done.sequence_number.clone())
         }
         Checkpoint::TrimHorizon | Checkpoint::ShardEnd => StartingPosition::TrimHorizon,
         Checkpoint::Latest => StartingPosition::Latest,
@@ -107,14 +199,108 @@ fn starting_position(
     }
 }
 
-impl<P: RecordProcessor> ShardConsumer<P> {
+/// Attempts of one checkpoint write when the store keeps failing transiently.
+const CHECKPOINT_ATTEMPTS: usize = 5;
+
+fn processor_error(
+    shard_id: &str,
+    callback: &'static str,
+    attempts: usize,
+    source: BoxError,
+) -> Error {
+    Error::Processor {
+        shard_id: shard_id.to_owned(),
+        callback,
+        attempts,
+        source,
+    }
+}
+
+impl<F: RecordProcessorFactory> ShardConsumer<F> {
     /// Runs the consumer to one of its exits.
     pub(crate) async fn run(self) -> ShardExit {
         let span = info_span!("shard", shard_id = %self.lease.lease_key());
         self.run_in_span().instrument(span).await
     }
 
-    async fn run_in_span(mut self) -> ShardExit {
+    /// Runs a processor callback, catching a panic and counting failures.
+    async fn call<T>(&self, callback: &'static str, future: impl Future<Output = T>) -> Called<T> {
+        self.progress.enter_callback();
+        let outcome = AssertUnwindSafe(future).catch_unwind().await;
+        self.progress.exit_callback();
+        match outcome {
+            Ok(value) => Called::Returned(value),
+            Err(payload) => {
+                let message = panic_message(payload);
+                error!(callback, panic = %message, "record processor panicked");
+                Counters::add(&self.counters.processor_failures, 1);
+                Counters::add(&self.counters.processor_panics, 1);
+                Called::Panicked(message)
+            }
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        self.config.processing.retry.backoff(self.seeds.next_seed())
+    }
+
+    /// Waits `delay` unless the lease is lost or the consumer asked to stop first.
+    async fn pause(&self, delay: Duration) -> Result<(), Interrupt> {
+        tokio::select! {
+            biased;
+            _ = self.lease.lost_token().cancelled() => Err(Interrupt::LeaseLost),
+            _ = self.shutdown.cancelled() => Err(Interrupt::Shutdown),
+            _ = self.lease.handoff_token().cancelled() => Err(Interrupt::HandedOff),
+            _ = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+
+    /// A new processor, initialized at `checkpoint`; retried per the processing policy.
+    async fn start_processor(
+        &self,
+        checkpoint: &Checkpoint,
+        backoff: &mut Backoff,
+        attempts: &mut usize,
+    ) -> Result<F::Processor, Interrupt> {
+        let shard_id = self.lease.lease_key();
+        loop {
+            let created = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                self.factory.create_processor(shard_id)
+            }));
+            let failure: BoxError = match created {
+                Err(payload) => {
+                    Counters::add(&self.counters.processor_failures, 1);
+                    Counters::add(&self.counters.processor_panics, 1);
+                    format!("the processor factory panicked: {}", panic_message(payload)).into()
+                }
+                Ok(mut processor) => match self
+                    .call("initialize", processor.initialize(shard_id, checkpoint))
+                    .await
+                {
+                    Called::Returned(Ok(())) => return Ok(processor),
+                    Called::Returned(Err(e)) => {
+                        Counters::add(&self.counters.processor_failures, 1);
+                        e.into()
+                    }
+                    Called::Panicked(message) => format!("initialize panicked: {message}").into(),
+                },
+            };
+            let Some(delay) = backoff.next() else {
+                return Err(Interrupt::Failed(processor_error(
+                    shard_id,
+                    "initialize",
+                    *attempts,
+                    failure,
+                )));
+            };
+            warn!(attempts = *attempts, ?delay, error = %failure, "starting the record processor failed; retrying");
+            *attempts += 1;
+            self.pause(delay).await?;
+        }
+    }
+
+    async fn run_in_span(self) -> ShardExit {
+        self.progress.tick();
         let lease = self.lease.snapshot().await;
         let shard_id = lease.lease_key.clone();
         if lease.is_finished() {
@@ -122,24 +308,16 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                 children: Vec::new(),
             };
         }
-        let start = starting_position(&lease.checkpoint, &self.config.initial_position, &shard_id);
-        let poller = Poller {
-            stream: self.stream.clone(),
-            shard_id: shard_id.clone(),
-            config: self.config.polling.clone(),
-            seeds: self.seeds.clone(),
-            start: start.clone(),
-        };
-        // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
-        // LATEST reads everything put after `initialize` was called.
         let lost = self.lease.lost_token().clone();
         let handoff = self.lease.handoff_token().clone();
         if !lease.parent_shard_ids.is_empty() {
             // Records of a key continue in the children: start only after every parent ended.
             let parents = &lease.parent_shard_ids;
+            let mut parents_done = self.parents_done.clone();
             let mut waiting_logged = false;
             loop {
-                if parents.is_subset(&self.parents_done.borrow()) {
+                self.progress.tick();
+                if parents.is_subset(&parents_done.borrow()) {
                     break;
                 }
                 if !waiting_logged {
@@ -151,7 +329,7 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                     _ = lost.cancelled() => return ShardExit::LeaseLost,
                     _ = self.shutdown.cancelled() => return ShardExit::Shutdown,
                     _ = handoff.cancelled() => return ShardExit::HandedOff,
-                    changed = self.parents_done.changed() => {
+                    changed = parents_done.changed() => {
                         if changed.is_err() {
                             // The worker is gone; it stops this task next.
                             return ShardExit::Shutdown;
@@ -160,6 +338,20 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                 }
             }
         }
+        let start = starting_position(&lease.checkpoint, &self.config.initial_position, &shard_id);
+        let poller = Poller {
+            stream: self.stream.clone(),
+            shard_id: shard_id.clone(),
+            config: self.config.polling.clone(),
+            seeds: self.seeds.clone(),
+            start: start.clone(),
+            skip_through: lease.checkpoint.position().cloned(),
+            shard_range: lease.hash_key_range,
+            counters: self.counters.clone(),
+            progress: self.progress.clone(),
+        };
+        // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
+        // LATEST reads everything put after `initialize` was called.
         let iterator = tokio::select! {
             biased;
             _ = lost.cancelled() => return ShardExit::LeaseLost,
@@ -172,13 +364,15 @@ impl<P: RecordProcessor> ShardConsumer<P> {
             Err(Error::ShardNotFound { .. }) => return ShardExit::ShardGone,
             Err(e) => return ShardExit::Failed(e),
         };
-        if let Err(e) = self
-            .processor
-            .initialize(&shard_id, &lease.checkpoint)
+        let mut attempts = 1;
+        let processor = match self
+            .start_processor(&lease.checkpoint, &mut self.backoff(), &mut attempts)
             .await
         {
-            return ShardExit::Failed(processor_error(&shard_id, "initialize", 1, e.into()));
-        }
+            Ok(processor) => processor,
+            Err(interrupt) => return interrupt.into(),
+        };
+        let mut processor = Some(processor);
         info!(checkpoint = %lease.checkpoint, ?start, "shard consumer started");
 
         let retry = self
@@ -223,11 +417,16 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                     });
                 }
             };
-            if let Err(interrupt) = self.deliver(&batch, &mut checkpointer).await {
+            if let Err(interrupt) = self
+                .deliver(&batch, &mut processor, &mut checkpointer)
+                .await
+            {
                 break interrupt.into();
             }
             if let Some(children) = batch.shard_end {
-                break self.finish_shard(&mut checkpointer, children).await;
+                break self
+                    .finish_shard(&mut processor, &mut checkpointer, children)
+                    .await;
             }
         };
 
@@ -240,29 +439,44 @@ impl<P: RecordProcessor> ShardConsumer<P> {
             }
         }
 
-        match &exit {
-            ShardExit::LeaseLost => {
-                info!("lease lost; telling the processor");
-                self.processor.lease_lost().await;
-            }
-            ShardExit::Shutdown | ShardExit::HandedOff => {
-                if let Err(e) = self.processor.shutdown_requested(&mut checkpointer).await {
-                    let e: BoxError = e.into();
-                    warn!(error = %e, "shutdown_requested failed");
+        // Tell the processor, if one is left (a panic may have dropped it).
+        if let Some(mut processor) = processor {
+            match &exit {
+                ShardExit::LeaseLost => {
+                    info!("lease lost; telling the processor");
+                    self.call("lease_lost", processor.lease_lost()).await;
                 }
+                ShardExit::Shutdown | ShardExit::HandedOff => {
+                    if let Called::Returned(Err(e)) = self
+                        .call(
+                            "shutdown_requested",
+                            processor.shutdown_requested(&mut checkpointer),
+                        )
+                        .await
+                    {
+                        let e: BoxError = e.into();
+                        warn!(error = %e, "shutdown_requested failed");
+                    }
+                }
+                _ => {}
             }
+        }
+        match &exit {
             ShardExit::ShardEnded { .. } => info!("shard processed to its end"),
             ShardExit::ShardGone => warn!("shard is past retention; its lease is deleted"),
             ShardExit::Failed(e) => error!(error = %e, "shard consumer failed"),
+            _ => {}
         }
         exit
     }
 
     /// Delivers a batch, retrying it per the processing policy: after a failed attempt the
-    /// records not covered by the processor's checkpoint are delivered again, never skipped.
+    /// records not covered by the processor's checkpoint are delivered again, never skipped;
+    /// after a panic, to a new processor.
     async fn deliver(
-        &mut self,
+        &self,
         batch: &FetchedBatch,
+        processor: &mut Option<F::Processor>,
         checkpointer: &mut Checkpointer,
     ) -> Result<(), Interrupt> {
         let Some(last) = batch.records.last() else {
@@ -271,25 +485,48 @@ impl<P: RecordProcessor> ShardConsumer<P> {
         let shard_id = self.lease.lease_key().to_owned();
         // What `checkpoint()` may cover if this batch fails: the batches processed before it.
         let processed_before = checkpointer.highest_delivered().cloned();
-        checkpointer.set_highest_delivered(last.position());
         let mut pending: Cow<'_, [Record]> = Cow::Borrowed(&batch.records);
-        let mut backoff = self.config.processing.retry.backoff(self.seeds.next_seed());
+        let mut backoff = self.backoff();
         let mut attempts = 1;
         loop {
             // A lost lease stops delivery at once: the next owner may be reading already.
             if self.lease.is_lost() {
                 return Err(Interrupt::LeaseLost);
             }
-            let error: BoxError = match self
-                .processor
-                .process_records(&pending, checkpointer, batch.millis_behind_latest)
+            let current = match processor {
+                Some(p) => p,
+                None => {
+                    let fresh = self
+                        .start_processor(
+                            checkpointer.last_checkpoint(),
+                            &mut backoff,
+                            &mut attempts,
+                        )
+                        .await?;
+                    processor.insert(fresh)
+                }
+            };
+            checkpointer.set_highest_delivered(last.position());
+            let failure: BoxError = match self
+                .call(
+                    "process_records",
+                    current.process_records(&pending, checkpointer, batch.millis_behind_latest),
+                )
                 .await
             {
-                Ok(()) => {
+                Called::Returned(Ok(())) => {
                     debug!(records = pending.len(), "batch processed");
                     return Ok(());
                 }
-                Err(e) => e.into(),
+                Called::Returned(Err(e)) => {
+                    Counters::add(&self.counters.processor_failures, 1);
+                    e.into()
+                }
+                Called::Panicked(message) => {
+                    // Its state cannot be trusted: the next attempt gets a new processor.
+                    *processor = None;
+                    format!("process_records panicked: {message}").into()
+                }
             };
             // The failed records are not processed: from now on, until a retry succeeds, a
             // checkpoint (say in `shutdown_requested`) may not cover them.
@@ -303,7 +540,7 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                 .cloned()
                 .collect();
             if remaining.is_empty() {
-                warn!(error = %error, "process_records failed after checkpointing its whole batch");
+                warn!(error = %failure, "process_records failed after checkpointing its whole batch");
                 return Ok(());
             }
             let Some(delay) = backoff.next() else {
@@ -311,19 +548,12 @@ impl<P: RecordProcessor> ShardConsumer<P> {
                     &shard_id,
                     "process_records",
                     attempts,
-                    error,
+                    failure,
                 )));
             };
-            warn!(attempts, remaining = remaining.len(), ?delay, error = %error, "process_records failed; delivering the batch again");
-            tokio::select! {
-                biased;
-                _ = self.lease.lost_token().cancelled() => return Err(Interrupt::LeaseLost),
-                _ = self.shutdown.cancelled() => return Err(Interrupt::Shutdown),
-                _ = self.lease.handoff_token().cancelled() => return Err(Interrupt::HandedOff),
-                _ = tokio::time::sleep(delay) => {}
-            }
+            warn!(attempts, remaining = remaining.len(), ?delay, error = %failure, "process_records failed; delivering the batch again");
+            self.pause(delay).await?;
             pending = Cow::Owned(remaining);
-            checkpointer.set_highest_delivered(last.position());
             attempts += 1;
         }
     }
@@ -332,14 +562,31 @@ impl<P: RecordProcessor> ShardConsumer<P> {
     /// `shard_ended` does not write `SHARD_END`: the shard restarts from its last checkpoint
     /// rather than risk losing what the processor had not finished.
     async fn finish_shard(
-        &mut self,
+        &self,
+        processor: &mut Option<F::Processor>,
         checkpointer: &mut Checkpointer,
         children: Vec<ChildShard>,
     ) -> ShardExit {
         let shard_id = self.lease.lease_key().to_owned();
         checkpointer.set_at_shard_end();
-        if let Err(e) = self.processor.shard_ended(checkpointer).await {
-            return ShardExit::Failed(processor_error(&shard_id, "shard_ended", 1, e.into()));
+        if let Some(current) = processor.as_mut() {
+            let failure: Option<BoxError> = match self
+                .call("shard_ended", current.shard_ended(checkpointer))
+                .await
+            {
+                Called::Returned(Ok(())) => None,
+                Called::Returned(Err(e)) => {
+                    Counters::add(&self.counters.processor_failures, 1);
+                    Some(e.into())
+                }
+                Called::Panicked(message) => {
+                    *processor = None;
+                    Some(format!("shard_ended panicked: {message}").into())
+                }
+            };
+            if let Some(failure) = failure {
+                return ShardExit::Failed(processor_error(&shard_id, "shard_ended", 1, failure));
+            }
         }
         if !checkpointer.last_checkpoint().is_shard_end() {
             if let Err(e) = checkpointer.checkpoint().await {
@@ -350,22 +597,5 @@ impl<P: RecordProcessor> ShardConsumer<P> {
             }
         }
         ShardExit::ShardEnded { children }
-    }
-}
-
-/// Attempts of one checkpoint write when the store keeps failing transiently.
-const CHECKPOINT_ATTEMPTS: usize = 5;
-
-fn processor_error(
-    shard_id: &str,
-    callback: &'static str,
-    attempts: usize,
-    source: BoxError,
-) -> Error {
-    Error::Processor {
-        shard_id: shard_id.to_owned(),
-        callback,
-        attempts,
-        source,
     }
 }

@@ -11,11 +11,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::aggregation::deaggregate;
 use crate::backoff::{Backoff, SeedSource};
 use crate::config::PollingConfig;
-use crate::error::{Error, Result, Service};
-use crate::sequence::SequenceNumber;
-use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
+use crate::error::{Error, Result};
+use crate::metrics::Counters;
+use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
+use crate::stream::{ChildShard, HashKeyRange, Record, StartingPosition, StreamClient};
 
 /// What the poller hands to the consumer.
 #[derive(Debug)]
@@ -35,27 +37,45 @@ pub(crate) struct Poller {
     pub(crate) seeds: Arc<SeedSource>,
     /// Where the shard starts; used again if the iterator expires before any record came.
     pub(crate) start: StartingPosition,
+    /// Records at or before this position were processed already: a resume from a checkpoint
+    /// reads from the checkpointed record itself (`AT_SEQUENCE_NUMBER`), so that the rest of
+    /// a KPL aggregate it points into is delivered.
+    pub(crate) skip_through: Option<ExtendedSequenceNumber>,
+    /// The shard's hash keys: KPL user records outside them are dropped.
+    pub(crate) shard_range: Option<HashKeyRange>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) progress: Arc<super::Progress>,
 }
 
 impl Poller {
+    /// Takes user records out of KPL aggregates, counting what could not be.
+    fn deaggregate(&self, records: Vec<Record>) -> Vec<Record> {
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            let position = record.sequence_number.clone();
+            let result = deaggregate(record, self.shard_range);
+            if let Some(problem) = &result.problem {
+                warn!(shard_id = %self.shard_id, sequence_number = %position, ?problem, "record looks KPL-aggregated but is not; delivered as it came");
+                Counters::add(&self.counters.aggregation_errors, 1);
+            }
+            Counters::add(
+                &self.counters.records_out_of_range,
+                result.dropped_out_of_range as u64,
+            );
+            out.extend(result.records);
+        }
+        out
+    }
+
     fn backoff(&self) -> Backoff {
         self.config.retry.backoff(self.seeds.next_seed())
     }
 
-    /// A shard iterator at `position`, retrying retryable errors.
+    /// A shard iterator at `position`, retrying retryable errors (the worker's stream client
+    /// bounds each call by `polling.request_timeout`).
     pub(crate) async fn iterator_at(&self, position: &StartingPosition) -> Result<String> {
-        let timeout = self.config.request_timeout;
-        crate::backoff::retry("GetShardIterator", self.backoff(), || async {
-            tokio::time::timeout(
-                timeout,
-                self.stream.get_shard_iterator(&self.shard_id, position),
-            )
-            .await
-            .unwrap_or(Err(Error::Timeout {
-                service: Service::Kinesis,
-                operation: "GetShardIterator",
-                timeout,
-            }))
+        crate::backoff::retry("GetShardIterator", self.backoff(), || {
+            self.stream.get_shard_iterator(&self.shard_id, position)
         })
         .await
     }
@@ -73,6 +93,7 @@ impl Poller {
         stop: CancellationToken,
     ) {
         let mut iterator = Some(iterator);
+        let mut skip_through = self.skip_through.clone();
         let mut last_fetched: Option<SequenceNumber> = None;
         let mut next_call_at = Instant::now();
         let mut failures: Option<Backoff> = None;
@@ -105,13 +126,7 @@ impl Poller {
                 _ = stop.cancelled() => return,
                 answer = async {
                     tokio::time::sleep_until(next_call_at).await;
-                    let timeout = self.config.request_timeout;
-                    tokio::time::timeout(
-                        timeout,
-                        self.stream.get_records(&self.shard_id, &current, self.config.max_records),
-                    )
-                    .await
-                    .unwrap_or(Err(Error::Timeout { service: Service::Kinesis, operation: "GetRecords", timeout }))
+                    self.stream.get_records(&self.shard_id, &current, self.config.max_records).await
                 } => answer,
             };
             let page = match answer {
@@ -121,6 +136,9 @@ impl Poller {
                     continue;
                 }
                 Err(error) if error.is_retryable() => {
+                    if error.kind() == crate::error::ErrorKind::Throttled {
+                        Counters::add(&self.counters.throttled_reads, 1);
+                    }
                     let delay = failures
                         .get_or_insert_with(|| self.backoff())
                         .next()
@@ -136,6 +154,7 @@ impl Poller {
                 }
             };
             failures = None;
+            self.progress.tick();
             let pause = if page.records.is_empty() {
                 self.config.idle_time_between_empty_reads
             } else {
@@ -145,20 +164,30 @@ impl Poller {
             if let Some(last) = page.records.last() {
                 last_fetched = Some(last.sequence_number.clone());
             }
+            let mut records = self.deaggregate(page.records);
+            if let Some(done) = &skip_through {
+                records.retain(|r| r.position() > *done);
+                if last_fetched
+                    .as_ref()
+                    .is_some_and(|s| *s > done.sequence_number)
+                {
+                    skip_through = None;
+                }
+            }
             debug!(
                 shard_id = %self.shard_id,
-                records = page.records.len(),
+                records = records.len(),
                 millis_behind_latest = page.millis_behind_latest,
                 "fetched"
             );
             iterator = page.next_shard_iterator;
             let shard_end = iterator.is_none().then_some(page.child_shards);
-            if page.records.is_empty() && shard_end.is_none() {
+            if records.is_empty() && shard_end.is_none() {
                 continue;
             }
             let ended = shard_end.is_some();
             let batch = FetchedBatch {
-                records: page.records,
+                records,
                 millis_behind_latest: page.millis_behind_latest,
                 shard_end,
             };

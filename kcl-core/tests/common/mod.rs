@@ -122,6 +122,10 @@ pub struct Faults {
     pub always_fail: Option<String>,
     /// Time spent per batch.
     pub delay: Duration,
+    /// process_records calls that panic (before doing anything), counted over all shards.
+    pub panics_left: Arc<AtomicUsize>,
+    /// Shards whose every batch panics.
+    pub always_panic: Option<String>,
 }
 
 pub struct TestProcessor {
@@ -174,6 +178,15 @@ impl TestProcessor {
         checkpointer: &mut Checkpointer,
     ) -> Result<(), Error> {
         tokio::time::sleep(self.faults.delay).await;
+        let panic = self.faults.always_panic.as_deref() == Some(self.shard.as_str())
+            || self
+                .faults
+                .panics_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if panic {
+            panic!("injected processor panic in {}", self.shard);
+        }
         let fail = self.faults.always_fail.as_deref() == Some(self.shard.as_str())
             || self
                 .faults
@@ -247,6 +260,23 @@ pub fn start(
     log: &Log,
     faults: &Faults,
 ) -> Running {
+    start_on(
+        config,
+        stream.clone() as Arc<dyn StreamClient>,
+        store.clone() as Arc<dyn LeaseStore>,
+        log,
+        faults,
+    )
+}
+
+/// Starts a worker on any clients (fault-injecting wrappers, say).
+pub fn start_on(
+    config: WorkerConfig,
+    stream: Arc<dyn StreamClient>,
+    store: Arc<dyn LeaseStore>,
+    log: &Log,
+    faults: &Faults,
+) -> Running {
     let (worker_id, log, faults) = (config.worker_id.clone(), log.clone(), faults.clone());
     let factory = move |shard: &str| TestProcessor {
         worker: worker_id.clone(),
@@ -254,13 +284,7 @@ pub fn start(
         log: log.clone(),
         faults: faults.clone(),
     };
-    let worker = Worker::new(
-        config,
-        stream.clone() as Arc<dyn StreamClient>,
-        store.clone() as Arc<dyn LeaseStore>,
-        factory,
-    )
-    .unwrap();
+    let worker = Worker::new(config, stream, store, factory).unwrap();
     let status = worker.status();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(worker.run(shutdown.clone()));

@@ -1,0 +1,148 @@
+//! De-aggregation of records written by the Kinesis Producer Library (KPL).
+//!
+//! A KPL-aggregated record's data is the magic bytes `F3 89 9A C2`, a protobuf
+//! `AggregatedRecord` (a partition-key table, an explicit-hash-key table, and the user records
+//! pointing into them), and the 16-byte MD5 digest of that protobuf. Each user record becomes
+//! a [`Record`] with the aggregated record's sequence number and its index as sub-sequence
+//! number.
+//!
+//! As in the Java KCL, a record that starts with the magic bytes but whose digest does not
+//! match, whose protobuf does not decode, or whose key indexes point nowhere is delivered
+//! unchanged, as a plain record, and counted; nothing is lost or panicked over. User records
+//! whose hash key falls outside the shard's range (a KPL that aggregated for the parent before
+//! a reshard) are dropped, as the Java KCL does: they belong to the sibling shard, which
+//! delivers them too.
+
+use md5::{Digest, Md5};
+
+use crate::stream::{HashKeyRange, Record};
+
+/// The first bytes of a KPL-aggregated record.
+pub const KPL_MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+const DIGEST_LEN: usize = 16;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AggregatedRecord {
+    #[prost(string, repeated, tag = "1")]
+    partition_key_table: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    explicit_hash_key_table: Vec<String>,
+    #[prost(message, repeated, tag = "3")]
+    records: Vec<UserRecord>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UserRecord {
+    #[prost(uint64, required, tag = "1")]
+    partition_key_index: u64,
+    #[prost(uint64, optional, tag = "2")]
+    explicit_hash_key_index: Option<u64>,
+    #[prost(bytes = "vec", required, tag = "3")]
+    data: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    tags: Vec<Tag>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Tag {
+    #[prost(string, required, tag = "1")]
+    key: String,
+    #[prost(string, optional, tag = "2")]
+    value: Option<String>,
+}
+
+/// Why an aggregated-looking record was delivered as a plain record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AggregationProblem {
+    /// The MD5 trailer does not match the protobuf (or the record is too short for one).
+    BadDigest,
+    /// The protobuf does not decode.
+    BadProtobuf(String),
+    /// A user record points outside the partition-key or explicit-hash-key table.
+    BadIndex,
+}
+
+/// What de-aggregating one Kinesis record gave.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Deaggregated {
+    /// The user records (or the record itself when it is not aggregated, or corrupt).
+    pub records: Vec<Record>,
+    /// Set when the record looked aggregated but was delivered as a plain record.
+    pub problem: Option<AggregationProblem>,
+    /// User records dropped because their hash key is outside the shard's range.
+    pub dropped_out_of_range: usize,
+}
+
+/// The hash key Kinesis routes a partition key to: the MD5 of its UTF-8 bytes as a big-endian
+/// 128-bit number.
+pub fn partition_key_hash(partition_key: &str) -> u128 {
+    u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
+}
+
+/// De-aggregates `record`. `shard_range`, when known, drops user records that hash outside it.
+pub fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> Deaggregated {
+    let plain = |record: Record, problem: Option<AggregationProblem>| Deaggregated {
+        records: vec![record],
+        problem,
+        dropped_out_of_range: 0,
+    };
+    let Some(body) = record.data.strip_prefix(&KPL_MAGIC) else {
+        return plain(record, None);
+    };
+    let Some(split) = body.len().checked_sub(DIGEST_LEN) else {
+        return plain(record, Some(AggregationProblem::BadDigest));
+    };
+    let (message, digest) = body.split_at(split);
+    if Md5::digest(message).as_slice() != digest {
+        return plain(record, Some(AggregationProblem::BadDigest));
+    }
+    let aggregated = match <AggregatedRecord as prost::Message>::decode(message) {
+        Ok(aggregated) => aggregated,
+        Err(e) => return plain(record, Some(AggregationProblem::BadProtobuf(e.to_string()))),
+    };
+    // Resolve every user record before delivering any: a bad index makes the whole record
+    // suspect, and then it is delivered as it came.
+    let mut resolved = Vec::with_capacity(aggregated.records.len());
+    for user in &aggregated.records {
+        let key = usize::try_from(user.partition_key_index)
+            .ok()
+            .and_then(|i| aggregated.partition_key_table.get(i));
+        let explicit = match user.explicit_hash_key_index {
+            None => Some(None),
+            Some(index) => usize::try_from(index)
+                .ok()
+                .and_then(|i| aggregated.explicit_hash_key_table.get(i))
+                .map(Some),
+        };
+        match (key, explicit) {
+            (Some(key), Some(explicit)) => resolved.push((key, explicit, user)),
+            _ => return plain(record, Some(AggregationProblem::BadIndex)),
+        }
+    }
+    let mut out = Deaggregated::default();
+    for (index, (key, explicit, user)) in resolved.into_iter().enumerate() {
+        let hash = explicit
+            .and_then(|e| e.parse::<u128>().ok())
+            .unwrap_or_else(|| partition_key_hash(key));
+        if shard_range.is_some_and(|r| !(r.starting_hash_key..=r.ending_hash_key).contains(&hash)) {
+            out.dropped_out_of_range += 1;
+            continue;
+        }
+        let mut user_record = Record::new(
+            record.sequence_number.clone(),
+            key.clone(),
+            user.data.clone(),
+        );
+        user_record.sub_sequence_number = index as u64;
+        user_record.approximate_arrival_timestamp = record.approximate_arrival_timestamp;
+        user_record.explicit_hash_key = explicit.cloned();
+        user_record.aggregated = true;
+        out.records.push(user_record);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

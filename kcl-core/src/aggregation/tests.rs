@@ -1,0 +1,220 @@
+use std::collections::HashMap;
+
+use base64::Engine as _;
+use proptest::prelude::*;
+
+use super::*;
+use crate::sequence::SequenceNumber;
+
+fn record(data: Vec<u8>) -> Record {
+    Record::new(
+        SequenceNumber::new("49590338271490256608559692538361571095921575989136588898").unwrap(),
+        "outer",
+        data,
+    )
+}
+
+/// The fixtures written by `aws_kinesis_agg` (see scripts/gen-kpl-fixtures.py).
+fn fixtures() -> HashMap<String, (Vec<u8>, serde_json::Value)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kpl");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/fixtures.json")).unwrap())
+            .unwrap();
+    index
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, expected)| {
+            let bytes = std::fs::read(format!("{dir}/{name}.bin")).unwrap();
+            (name.clone(), (bytes, expected.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn records_aggregated_by_an_independent_aggregator_come_back_out() {
+    let fixtures = fixtures();
+    assert_eq!(fixtures.len(), 5);
+    for (name, (bytes, expected)) in fixtures {
+        let out = deaggregate(record(bytes), None);
+        assert_eq!(out.problem, None, "{name}");
+        let expected = expected["records"].as_array().unwrap();
+        assert_eq!(out.records.len(), expected.len(), "{name}");
+        for (i, (got, want)) in out.records.iter().zip(expected).enumerate() {
+            assert_eq!(
+                got.partition_key,
+                want["partition_key"].as_str().unwrap(),
+                "{name}[{i}]"
+            );
+            assert_eq!(
+                got.explicit_hash_key.as_deref(),
+                want["explicit_hash_key"].as_str(),
+                "{name}[{i}]"
+            );
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(want["data_base64"].as_str().unwrap())
+                .unwrap();
+            assert_eq!(got.data, data, "{name}[{i}]");
+            assert_eq!(got.sub_sequence_number, i as u64);
+            assert!(got.aggregated);
+            assert_eq!(
+                got.sequence_number.as_str(),
+                "49590338271490256608559692538361571095921575989136588898"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_plain_record_passes_through() {
+    let out = deaggregate(record(b"just data".to_vec()), None);
+    assert_eq!(out.records.len(), 1);
+    assert!(!out.records[0].aggregated);
+    assert_eq!(out.problem, None);
+}
+
+#[test]
+fn a_bad_digest_is_delivered_as_a_plain_record() {
+    let (mut bytes, _) = fixtures().remove("five_keys").unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    let out = deaggregate(record(bytes.clone()), None);
+    assert_eq!(out.problem, Some(AggregationProblem::BadDigest));
+    assert_eq!(out.records.len(), 1);
+    assert_eq!(out.records[0].data, bytes, "delivered unchanged");
+    assert!(!out.records[0].aggregated);
+    // Too short to even hold a digest.
+    let out = deaggregate(record([&KPL_MAGIC[..], &[1, 2, 3]].concat()), None);
+    assert_eq!(out.problem, Some(AggregationProblem::BadDigest));
+}
+
+fn with_digest(message: &[u8]) -> Vec<u8> {
+    [&KPL_MAGIC[..], message, Md5::digest(message).as_slice()].concat()
+}
+
+#[test]
+fn bad_protobuf_with_a_good_digest_is_delivered_as_a_plain_record() {
+    let bytes = with_digest(&[0xFF, 0xFF, 0xFF, 0xFF, 0x0F]);
+    let out = deaggregate(record(bytes.clone()), None);
+    assert!(
+        matches!(out.problem, Some(AggregationProblem::BadProtobuf(_))),
+        "{:?}",
+        out.problem
+    );
+    assert_eq!(out.records[0].data, bytes);
+}
+
+#[test]
+fn an_index_pointing_nowhere_is_delivered_as_a_plain_record() {
+    let message = AggregatedRecord {
+        partition_key_table: vec!["a".into()],
+        explicit_hash_key_table: vec![],
+        records: vec![
+            UserRecord {
+                partition_key_index: 0,
+                explicit_hash_key_index: None,
+                data: b"ok".to_vec(),
+                tags: vec![],
+            },
+            UserRecord {
+                partition_key_index: 7,
+                explicit_hash_key_index: None,
+                data: b"bad".to_vec(),
+                tags: vec![],
+            },
+        ],
+    };
+    let bytes = with_digest(&prost::Message::encode_to_vec(&message));
+    let out = deaggregate(record(bytes), None);
+    assert_eq!(out.problem, Some(AggregationProblem::BadIndex));
+    assert_eq!(out.records.len(), 1);
+}
+
+#[test]
+fn user_records_hashing_outside_the_shard_are_dropped() {
+    let (bytes, _) = fixtures().remove("explicit_hash_keys").unwrap();
+    // Explicit hash keys 1, 2^128-2 and 2^127: only the first is in the lower half (2^127 is
+    // the upper half's first key).
+    let lower_half = HashKeyRange {
+        starting_hash_key: 0,
+        ending_hash_key: (1u128 << 127) - 1,
+    };
+    let out = deaggregate(record(bytes), Some(lower_half));
+    assert_eq!(
+        out.records
+            .iter()
+            .map(|r| r.data.as_slice())
+            .collect::<Vec<_>>(),
+        vec![&b"low"[..]]
+    );
+    assert_eq!(out.dropped_out_of_range, 2);
+    assert_eq!(
+        out.records[0].sub_sequence_number, 0,
+        "sub-sequence numbers stay those of the aggregate"
+    );
+}
+
+#[test]
+fn partition_keys_hash_like_kinesis() {
+    // MD5("key-0") = a6 0a d2 85 ...
+    let hash = partition_key_hash("key-0");
+    assert_eq!(hash.to_be_bytes(), <[u8; 16]>::from(Md5::digest(b"key-0")));
+    let (bytes, _) = fixtures().remove("five_keys").unwrap();
+    let all = deaggregate(record(bytes.clone()), None).records;
+    let in_range = HashKeyRange {
+        starting_hash_key: hash,
+        ending_hash_key: hash,
+    };
+    let only = deaggregate(record(bytes), Some(in_range)).records;
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].partition_key, "key-0");
+    assert_eq!(all.len(), 5);
+}
+
+proptest! {
+    /// Fuzzing: any bytes, with or without the magic prefix and a valid digest, give records
+    /// and never a panic; nothing is lost (a record comes out unchanged unless it
+    /// de-aggregated cleanly).
+    #[test]
+    fn arbitrary_bytes_never_panic_and_lose_nothing(
+        body in proptest::collection::vec(any::<u8>(), 0..256),
+        magic in any::<bool>(),
+        valid_digest in any::<bool>(),
+    ) {
+        let bytes = match (magic, valid_digest) {
+            (true, true) => with_digest(&body),
+            (true, false) => [&KPL_MAGIC[..], &body].concat(),
+            (false, _) => body.clone(),
+        };
+        let out = deaggregate(record(bytes.clone()), None);
+        if out.problem.is_some() || !magic {
+            prop_assert_eq!(out.records.len(), 1);
+            prop_assert_eq!(&out.records[0].data, &bytes);
+        }
+    }
+
+    /// Round trip through the protobuf encoder: what goes in comes out.
+    #[test]
+    fn encoded_aggregates_round_trip(
+        keys in proptest::collection::vec("[a-z0-9]{1,8}", 1..4),
+        users in proptest::collection::vec((0usize..4, proptest::collection::vec(any::<u8>(), 0..32)), 0..20),
+    ) {
+        let message = AggregatedRecord {
+            partition_key_table: keys.clone(),
+            explicit_hash_key_table: vec![],
+            records: users.iter().map(|(k, data)| UserRecord {
+                partition_key_index: (k % keys.len()) as u64,
+                explicit_hash_key_index: None,
+                data: data.clone(),
+                tags: vec![],
+            }).collect(),
+        };
+        let out = deaggregate(record(with_digest(&prost::Message::encode_to_vec(&message))), None);
+        prop_assert_eq!(out.problem, None);
+        prop_assert_eq!(out.records.len(), users.len());
+        for (got, (k, data)) in out.records.iter().zip(&users) {
+            prop_assert_eq!(&got.partition_key, &keys[k % keys.len()]);
+            prop_assert_eq!(&got.data, data);
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Time limits on every call to Kinesis and the lease store.
+//!
+//! The worker wraps the clients it is given in these, so no call can stall it: a call that
+//! does not answer in time fails with [`Error::Timeout`], which [`Error::kind`] classifies as
+//! transient, and the caller's usual retry applies. A timed-out conditional write may still
+//! have been applied; the next write on that lease then finds the counter moved under its own
+//! name and adopts it (see [`crate::lease`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result, Service};
+use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
+
+async fn bounded<T>(
+    service: Service,
+    operation: &'static str,
+    timeout: Duration,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or(Err(Error::Timeout {
+            service,
+            operation,
+            timeout,
+        }))
+}
+
+/// A [`StreamClient`] whose calls fail with [`Error::Timeout`] after `timeout`.
+#[derive(Debug)]
+pub(crate) struct BoundedStream {
+    pub(crate) inner: Arc<dyn StreamClient>,
+    pub(crate) timeout: Duration,
+}
+
+#[async_trait]
+impl StreamClient for BoundedStream {
+    fn stream_name(&self) -> &str {
+        self.inner.stream_name()
+    }
+
+    async fn list_shards(&self) -> Result<Vec<Shard>> {
+        bounded(
+            Service::Kinesis,
+            "ListShards",
+            self.timeout,
+            self.inner.list_shards(),
+        )
+        .await
+    }
+
+    async fn get_shard_iterator(
+        &self,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<String> {
+        bounded(
+            Service::Kinesis,
+            "GetShardIterator",
+            self.timeout,
+            self.inner.get_shard_iterator(shard_id, position),
+        )
+        .await
+    }
+
+    async fn get_records(
+        &self,
+        shard_id: &str,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<RecordsPage> {
+        bounded(
+            Service::Kinesis,
+            "GetRecords",
+            self.timeout,
+            self.inner.get_records(shard_id, shard_iterator, limit),
+        )
+        .await
+    }
+}
+
+/// A [`LeaseStore`] whose calls fail with [`Error::Timeout`] after `timeout` (table set-up,
+/// which may wait minutes for a new table, excepted).
+#[derive(Debug)]
+pub(crate) struct BoundedLeaseStore {
+    pub(crate) inner: Arc<dyn LeaseStore>,
+    pub(crate) timeout: Duration,
+}
+
+#[async_trait]
+impl LeaseStore for BoundedLeaseStore {
+    fn table_name(&self) -> &str {
+        self.inner.table_name()
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        self.inner.initialize().await
+    }
+
+    async fn list_leases(&self) -> Result<LeaseScan> {
+        bounded(
+            Service::LeaseStore,
+            "Scan",
+            self.timeout,
+            self.inner.list_leases(),
+        )
+        .await
+    }
+
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
+        bounded(
+            Service::LeaseStore,
+            "GetItem",
+            self.timeout,
+            self.inner.get_lease(lease_key),
+        )
+        .await
+    }
+
+    async fn get_leases(&self, lease_keys: &[String]) -> Result<LeaseScan> {
+        bounded(
+            Service::LeaseStore,
+            "BatchGetItem",
+            self.timeout,
+            self.inner.get_leases(lease_keys),
+        )
+        .await
+    }
+
+    async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+        bounded(
+            Service::LeaseStore,
+            "PutItem",
+            self.timeout,
+            self.inner.create_lease_if_absent(lease),
+        )
+        .await
+    }
+
+    async fn update_lease(
+        &self,
+        lease_key: &str,
+        fence: &LeaseFence,
+        update: &LeaseUpdate,
+    ) -> Result<Lease> {
+        bounded(
+            Service::LeaseStore,
+            "UpdateItem",
+            self.timeout,
+            self.inner.update_lease(lease_key, fence, update),
+        )
+        .await
+    }
+
+    async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+        bounded(
+            Service::LeaseStore,
+            "DeleteItem",
+            self.timeout,
+            self.inner.delete_lease(lease_key, fence),
+        )
+        .await
+    }
+}

@@ -1,0 +1,133 @@
+//! Shard sync: keeps the lease table in step with the stream's shards.
+//!
+//! One task per worker, owned by the worker's background set: it syncs every
+//! `shard_sync_interval`, and at once when the worker asks (a shard ended without reporting
+//! its children, a hole in the lease coverage). It runs beside the worker's loop, so a slow or
+//! stalled `ListShards` never holds up lease taking, handoffs or the watchdog. It stops when
+//! its token is cancelled; it ends with an error only when the stream is gone.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::{SeedSource, retry};
+use crate::config::WorkerConfig;
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{Lease, LeaseStore, lineage};
+use crate::sequence::Checkpoint;
+use crate::stream::StreamClient;
+
+/// Attempts of each call of one sync.
+const SYNC_ATTEMPTS: usize = 5;
+
+#[derive(Debug)]
+pub(crate) struct ShardSyncer {
+    pub(crate) stream: Arc<dyn StreamClient>,
+    pub(crate) store: Arc<dyn LeaseStore>,
+    pub(crate) config: Arc<WorkerConfig>,
+    pub(crate) seeds: Arc<SeedSource>,
+    /// Invalid lease items already logged, so each is reported once.
+    pub(crate) reported_invalid: HashSet<String>,
+}
+
+impl ShardSyncer {
+    /// Syncs every `shard_sync_interval` and whenever `trigger` is notified, until `stop`.
+    ///
+    /// # Errors
+    /// [`Error::StreamNotFound`] when the stream was deleted; other failures are logged and
+    /// retried at the next sync.
+    pub(crate) async fn run(mut self, trigger: Arc<Notify>, stop: CancellationToken) -> Result<()> {
+        let every = self.config.lease.shard_sync_interval;
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                _ = trigger.notified() => {}
+                _ = tick.tick() => {}
+            }
+            // Outside the select: a sync runs to completion (or to its calls' timeouts).
+            match self.sync_once().await {
+                Err(e @ Error::StreamNotFound { .. }) => return Err(e),
+                Err(e) => warn!(error = %e, "shard sync failed; the next sync retries"),
+                Ok(()) => {}
+            }
+        }
+    }
+
+    /// Creates the leases the lineage needs (parents first) and deletes finished leases
+    /// whose children all started, or whose shard is past retention.
+    pub(crate) async fn sync_once(&mut self) -> Result<()> {
+        let setup = self
+            .config
+            .lease
+            .retry
+            .with_max_attempts(Some(SYNC_ATTEMPTS));
+        let stream = self.stream.clone();
+        let shards = retry("ListShards", setup.backoff(self.seeds.next_seed()), || {
+            stream.list_shards()
+        })
+        .await?;
+        let store = self.store.clone();
+        let scan = retry("lease scan", setup.backoff(self.seeds.next_seed()), || {
+            store.list_leases()
+        })
+        .await?;
+        // An item that does not decode still occupies its key: never create over it.
+        let mut leases = scan.leases;
+        for invalid in &scan.invalid {
+            if let Error::InvalidLeaseItem { lease_key, .. } = invalid {
+                if self.reported_invalid.insert(lease_key.clone()) {
+                    warn!(error = %invalid, "skipping a lease item that does not decode");
+                }
+                leases.push(Lease::new(lease_key, Checkpoint::TrimHorizon));
+            }
+        }
+        let mut created = 0usize;
+        for lease in lineage::leases_to_create(&shards, &leases, &self.config.initial_position) {
+            let made = retry(
+                "create lease",
+                setup.backoff(self.seeds.next_seed()),
+                || {
+                    let (store, lease) = (store.clone(), lease.clone());
+                    async move { store.create_lease_if_absent(&lease).await }
+                },
+            )
+            .await?;
+            if made {
+                debug!(lease_key = %lease.lease_key, checkpoint = %lease.checkpoint, parents = ?lease.parent_shard_ids, "created lease");
+                created += 1;
+            }
+        }
+        let mut deleted = 0usize;
+        for deletion in lineage::leases_to_delete(&shards, &leases) {
+            match self
+                .store
+                .delete_lease(&deletion.lease_key, &deletion.fence)
+                .await
+            {
+                Ok(()) => {
+                    debug!(lease_key = %deletion.lease_key, reason = ?deletion.reason, "deleted finished lease");
+                    deleted += 1;
+                }
+                // Changed or already deleted by another worker.
+                Err(e) if e.kind() == ErrorKind::ConditionFailed => {}
+                Err(e) => {
+                    warn!(lease_key = %deletion.lease_key, error = %e, "deleting a finished lease failed")
+                }
+            }
+        }
+        info!(
+            shards = shards.len(),
+            leases_created = created,
+            leases_deleted = deleted,
+            "shard sync"
+        );
+        Ok(())
+    }
+}
