@@ -699,3 +699,32 @@ pub fn distinct_delivered(recorder: &Recorder) -> usize {
         .collect::<std::collections::BTreeSet<_>>()
         .len()
 }
+
+/// A Kinesis stream client whose requests go through `endpoint` (a [`proxy::FaultProxy`]),
+/// with the SDK making at most `attempts` attempts per call.
+pub async fn stream_client_via(endpoint: &str, stream: &str, attempts: u32) -> KinesisStreamClient {
+    let sdk = sdk_config().await;
+    let config = aws_sdk_kinesis::config::Builder::from(&sdk)
+        .endpoint_url(endpoint)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(attempts))
+        .build();
+    KinesisStreamClient::new(aws_sdk_kinesis::Client::from_conf(config), stream)
+}
+
+/// Puts records with the given raw data (KPL aggregates, say), one per call, in order.
+pub async fn put_raw(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    partition_key: &str,
+    data: &[u8],
+) -> String {
+    client
+        .put_record()
+        .stream_name(stream)
+        .partition_key(partition_key)
+        .data(Blob::new(data))
+        .send()
+        .await
+        .expect("PutRecord")
+        .sequence_number
+}
