@@ -116,8 +116,11 @@ fn fixture(name: &str) -> Vec<u8> {
 /// until its budget is spent; then takes batches without processing or checkpointing them.
 struct Budgeted {
     budget: Arc<AtomicUsize>,
-    seen: Arc<std::sync::Mutex<Vec<(String, u64, Vec<u8>, bool)>>>,
+    seen: Seen,
 }
+
+/// (sequence number, sub-sequence number, data, aggregated) of each user record processed.
+type Seen = Arc<std::sync::Mutex<Vec<(String, u64, Vec<u8>, bool)>>>;
 
 #[async_trait]
 impl RecordProcessor for Budgeted {
