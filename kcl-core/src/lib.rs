@@ -14,6 +14,7 @@ mod kinesis;
 pub mod lease;
 mod metrics;
 mod processor;
+mod published;
 mod sequence;
 mod shard_sync;
 mod stream;

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Result, Service};
 use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+use crate::published::Published;
 use crate::sequence::SequenceNumber;
 use crate::stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
@@ -39,6 +40,7 @@ pub struct InMemoryLeaseStore {
     table: String,
     leases: Mutex<BTreeMap<String, Lease>>,
     update_calls: AtomicUsize,
+    scan_calls: AtomicUsize,
     failing_updates: AtomicUsize,
     failing_scans: AtomicUsize,
     scan_latency: Mutex<Duration>,
@@ -51,6 +53,7 @@ impl InMemoryLeaseStore {
             table: table.into(),
             leases: Mutex::new(BTreeMap::new()),
             update_calls: AtomicUsize::new(0),
+            scan_calls: AtomicUsize::new(0),
             failing_updates: AtomicUsize::new(0),
             failing_scans: AtomicUsize::new(0),
             scan_latency: Mutex::new(Duration::ZERO),
@@ -70,6 +73,11 @@ impl InMemoryLeaseStore {
     /// The next `n` calls of `list_leases` fail with a transient error.
     pub fn fail_next_scans(&self, n: usize) {
         self.failing_scans.store(n, Ordering::SeqCst);
+    }
+
+    /// How many times `list_leases` was called.
+    pub fn scan_calls(&self) -> usize {
+        self.scan_calls.load(Ordering::SeqCst)
     }
 
     /// How many times `update_lease` was called.
@@ -122,6 +130,7 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn list_leases(&self) -> Result<LeaseScan> {
+        self.scan_calls.fetch_add(1, Ordering::SeqCst);
         let latency = *lock(&self.scan_latency);
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -629,7 +638,9 @@ impl StreamClient for InMemoryStream {
                     source: "injected throttling".into(),
                 });
             }
-            Fault::Fail | Fault::Stall => return Err(injected(Service::Kinesis, "GetRecords")),
+            Fault::Fail | Fault::Stall | Fault::Hold => {
+                return Err(injected(Service::Kinesis, "GetRecords"));
+            }
         }
         // Kinesis lets an iterator be used again until it expires (a retry does that).
         let Some(iterator) = state.iterators.get(shard_iterator) else {
@@ -760,6 +771,11 @@ pub enum Fault {
     Throttle,
     /// Calls never answer (a network stall, or a paused process).
     Stall,
+    /// Calls wait until the fault ends, like [`Fault::Stall`], but lease writes are then
+    /// delivered even when their caller stopped waiting: a request already on the wire when the
+    /// process paused, or a write that timed out at the client and still lands. Only the
+    /// conditions on the lease items stand between such a late write and the new owner.
+    Hold,
 }
 
 /// Wraps a [`StreamClient`] or a [`LeaseStore`] of one worker and injects faults into its calls,
@@ -767,8 +783,8 @@ pub enum Fault {
 #[derive(Debug)]
 pub struct Faulty<T: ?Sized> {
     inner: std::sync::Arc<T>,
-    fault: Mutex<Fault>,
-    stall_released: tokio::sync::watch::Sender<u64>,
+    /// Stalled calls wait on this; they wake in a fixed order, so simulations replay.
+    fault: std::sync::Arc<Published<Fault>>,
 }
 
 impl<T: ?Sized> Faulty<T> {
@@ -776,36 +792,51 @@ impl<T: ?Sized> Faulty<T> {
     pub fn new(inner: std::sync::Arc<T>) -> Self {
         Faulty {
             inner,
-            fault: Mutex::new(Fault::None),
-            stall_released: tokio::sync::watch::Sender::new(0),
+            fault: std::sync::Arc::new(Published::new(Fault::None)),
         }
     }
 
-    /// Sets the fault for the calls from now on. Ending a stall lets the stalled calls go on.
+    /// Sets the fault for the calls from now on. Ending a stall lets the stalled calls go on,
+    /// meeting whatever fault is set then.
     pub fn set(&self, fault: Fault) {
-        *lock(&self.fault) = fault;
-        if fault != Fault::Stall {
-            self.stall_released.send_modify(|n| *n += 1);
-        }
+        self.fault.set(fault);
     }
 
     async fn gate(&self, service: Service, operation: &'static str) -> Result<()> {
-        loop {
-            let mut released = self.stall_released.subscribe();
-            match *lock(&self.fault) {
-                Fault::None => return Ok(()),
-                Fault::Fail => return Err(injected(service, operation)),
-                Fault::Throttle => {
-                    return Err(Error::Throttled {
-                        service,
-                        operation,
-                        source: "injected throttling".into(),
-                    });
-                }
-                Fault::Stall => {}
-            }
-            let _ = released.changed().await;
+        let now = self
+            .fault
+            .wait_for(|f| !matches!(f, Fault::Stall | Fault::Hold))
+            .await;
+        match *now {
+            Fault::Fail => Err(injected(service, operation)),
+            Fault::Throttle => Err(Error::Throttled {
+                service,
+                operation,
+                source: "injected throttling".into(),
+            }),
+            Fault::None | Fault::Stall | Fault::Hold => Ok(()),
         }
+    }
+
+    fn holding(&self) -> bool {
+        *self.fault.get() == Fault::Hold
+    }
+
+    /// Runs a held write on a task of its own once the hold ends, whether or not the caller
+    /// still waits for the answer.
+    async fn deliver_later<R: Send + 'static>(
+        &self,
+        operation: &'static str,
+        write: impl Future<Output = Result<R>> + Send + 'static,
+    ) -> Result<R> {
+        let fault = self.fault.clone();
+        let delivery = tokio::spawn(async move {
+            fault.wait_for(|f| *f != Fault::Hold).await;
+            write.await
+        });
+        delivery
+            .await
+            .unwrap_or_else(|_| Err(injected(Service::LeaseStore, operation)))
     }
 }
 
@@ -840,7 +871,7 @@ impl<T: StreamClient + ?Sized> StreamClient for Faulty<T> {
 }
 
 #[async_trait]
-impl<T: LeaseStore + ?Sized> LeaseStore for Faulty<T> {
+impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
     fn table_name(&self) -> &str {
         self.inner.table_name()
     }
@@ -861,6 +892,11 @@ impl<T: LeaseStore + ?Sized> LeaseStore for Faulty<T> {
         self.inner.get_leases(lease_keys).await
     }
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+        if self.holding() {
+            let (inner, lease) = (self.inner.clone(), lease.clone());
+            let write = async move { inner.create_lease_if_absent(&lease).await };
+            return self.deliver_later("PutItem", write).await;
+        }
         self.gate(Service::LeaseStore, "PutItem").await?;
         self.inner.create_lease_if_absent(lease).await
     }
@@ -870,10 +906,25 @@ impl<T: LeaseStore + ?Sized> LeaseStore for Faulty<T> {
         fence: &LeaseFence,
         update: &LeaseUpdate,
     ) -> Result<Lease> {
+        if self.holding() {
+            let (inner, key, fence, update) = (
+                self.inner.clone(),
+                lease_key.to_owned(),
+                fence.clone(),
+                update.clone(),
+            );
+            let write = async move { inner.update_lease(&key, &fence, &update).await };
+            return self.deliver_later("UpdateItem", write).await;
+        }
         self.gate(Service::LeaseStore, "UpdateItem").await?;
         self.inner.update_lease(lease_key, fence, update).await
     }
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+        if self.holding() {
+            let (inner, key, fence) = (self.inner.clone(), lease_key.to_owned(), fence.clone());
+            let write = async move { inner.delete_lease(&key, &fence).await };
+            return self.deliver_later("DeleteItem", write).await;
+        }
         self.gate(Service::LeaseStore, "DeleteItem").await?;
         self.inner.delete_lease(lease_key, fence).await
     }

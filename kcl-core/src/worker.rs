@@ -33,6 +33,7 @@ use crate::lease::taker::{LeaseObservations, TakeDecision, TakeInput, TakeReason
 use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
 use crate::metrics::Counters;
 use crate::processor::RecordProcessorFactory;
+use crate::published::Published;
 use crate::sequence::Checkpoint;
 use crate::shard_sync::ShardSyncer;
 use crate::stream::{ChildShard, HashKeyRange, StreamClient};
@@ -197,7 +198,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             observations: LeaseObservations::new(),
             consumers: JoinSet::new(),
             consumer_leases: HashMap::new(),
-            running: HashMap::new(),
+            running: BTreeMap::new(),
             consumers_stop: CancellationToken::new(),
             reported_invalid: HashSet::new(),
             incoming: BTreeMap::new(),
@@ -207,7 +208,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             counters: WorkerStatus::default(),
             awaited_parents: BTreeMap::new(),
             done_parents: BTreeSet::new(),
-            parents_done: watch::Sender::new(Arc::new(BTreeSet::new())),
+            parents_done: Arc::new(Published::new(BTreeSet::new())),
             sync_trigger: Arc::new(Notify::new()),
             last_holes: Vec::new(),
             stopping: false,
@@ -231,7 +232,7 @@ struct Coordinator<F> {
     /// Which lease each consumer task serves (to act on a task that panicked).
     consumer_leases: HashMap<Id, String>,
     /// Lease key → the running consumer.
-    running: HashMap<String, RunningConsumer>,
+    running: BTreeMap<String, RunningConsumer>,
     consumers_stop: CancellationToken,
     /// Invalid lease items already logged, so each is reported once.
     reported_invalid: HashSet<String>,
@@ -251,7 +252,7 @@ struct Coordinator<F> {
     awaited_parents: BTreeMap<String, BTreeSet<String>>,
     /// Parents known to be finished or gone, published to the waiting consumers.
     done_parents: BTreeSet<String>,
-    parents_done: watch::Sender<Arc<BTreeSet<String>>>,
+    parents_done: Arc<Published<BTreeSet<String>>>,
     /// Asks the shard syncer for a full sync now (a shard ended without children, a hole in
     /// the leases).
     sync_trigger: Arc<Notify>,
@@ -426,6 +427,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// One taking round: read the table, update the observations, pass on requests for held
     /// leases, then take and ask for what the planner says.
     async fn take_leases(&mut self) {
+        // Consumed before the scan: a scan that fails must not leave a past deadline behind,
+        // or the event loop would fire this round again at once, forever (a hot loop on the
+        // lease table while DynamoDB fails fast; found by the simulation). The regular taker
+        // tick retries.
+        self.expiry_check = None;
         let scan = match self.store.list_leases().await {
             Ok(scan) => scan,
             Err(e) => {
@@ -681,7 +687,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             seeds: self.seeds.clone(),
             factory: self.factory.clone(),
             shutdown: stop.clone(),
-            parents_done: self.parents_done.subscribe(),
+            parents_done: self.parents_done.clone(),
             counters: self.metrics.clone(),
             progress: progress.clone(),
         };
@@ -904,8 +910,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             changed |= self.done_parents.insert(key);
         }
         if changed {
-            self.parents_done
-                .send_replace(Arc::new(self.done_parents.clone()));
+            self.parents_done.set(self.done_parents.clone());
         }
     }
 

@@ -219,6 +219,87 @@ async fn a_slow_processor_is_not_restarted_by_the_watchdog() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_child_waiting_long_for_its_parent_is_not_restarted_by_the_watchdog() {
+    let stream = Arc::new(InMemoryStream::new("test-stream", 1));
+    let store = Arc::new(InMemoryLeaseStore::new("test-app"));
+    let parent = "shardId-000000000000";
+    let mut expected = put(&stream, 0, 20);
+    let children = stream.split_shard(parent);
+    for (shard, sequence_numbers) in put(&stream, 20, 40) {
+        expected.entry(shard).or_default().extend(sequence_numbers);
+    }
+    // Another worker holds the parent and stays alive, far longer than the watchdog timeout.
+    store.take_as(parent, "other");
+    let heartbeat = tokio::spawn({
+        let store = store.clone();
+        async move {
+            loop {
+                let lease = store.get_lease(parent).await.unwrap().unwrap();
+                store
+                    .update_lease(parent, &lease.fence(), &kcl_core::LeaseUpdate::Renew)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    });
+    let log = Log::default();
+    let worker = start(config("w1"), &stream, &store, &log, &Faults::default());
+    wait_until("the children", Duration::from_secs(60), || {
+        owners(&store).get("w1") == Some(&2)
+    })
+    .await;
+    tokio::time::sleep(ProcessingConfig::default().watchdog_timeout * 3).await;
+    assert_eq!(
+        worker.status.borrow().watchdog_restarts,
+        0,
+        "{:?}",
+        worker.status.borrow()
+    );
+    assert_eq!(log.count(), 0, "no child record before the parent ends");
+    // The other worker dies; its lease expires, the parent is processed, then the children.
+    heartbeat.abort();
+    wait_until("every record", Duration::from_secs(120), || {
+        log.count() >= 40
+    })
+    .await;
+    worker.stop().await.unwrap();
+    assert_exactly_once_in_order(&log, &expected);
+    assert_eq!(children.len(), 2);
+}
+
+/// Found by the simulation: a failed lease scan used to leave the early expiry check in the
+/// past, and the worker scanned the table in a hot loop for as long as DynamoDB failed fast.
+#[tokio::test(start_paused = true)]
+async fn failing_lease_scans_are_retried_at_the_taker_pace_not_in_a_loop() {
+    let stream = Arc::new(InMemoryStream::new("test-stream", 2));
+    let store = Arc::new(InMemoryLeaseStore::new("test-app"));
+    // A lease of a dead worker: w1 plans an extra round for the moment it expires.
+    store.take_as("shardId-000000000000", "dead");
+    let log = Log::default();
+    let worker = start(config("w1"), &stream, &store, &log, &Faults::default());
+    let lease = LeaseConfig::default();
+    // Scans start failing (fast, and finitely, so a regression ends instead of hanging) just
+    // before the dead lease expires.
+    tokio::time::sleep(lease.lease_duration - lease.taker_interval / 2).await;
+    const FAILURES: usize = 10_000;
+    store.fail_next_scans(FAILURES);
+    let before = store.scan_calls();
+    let window = Duration::from_secs(30);
+    tokio::time::sleep(window).await;
+    let scans = store.scan_calls() - before;
+    // One per taker round, plus shard syncs and the expiry check.
+    let bound = (window.as_secs() / lease.taker_interval.as_secs()) as usize * 2;
+    assert!(scans <= bound, "{scans} scans in {window:?}");
+    store.fail_next_scans(0);
+    wait_until("the dead worker's lease", Duration::from_secs(30), || {
+        owners(&store).get("w1") == Some(&2)
+    })
+    .await;
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn throttling_slows_one_shard_without_starving_the_others() {
     let stream = Arc::new(InMemoryStream::new("test-stream", 3));
     let store = Arc::new(InMemoryLeaseStore::new("test-app"));

@@ -22,11 +22,11 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +40,7 @@ use crate::lease::LeaseStore;
 use crate::lease::held::HeldLease;
 use crate::metrics::Counters;
 use crate::processor::{RecordProcessor, RecordProcessorFactory};
+use crate::published::Published;
 use crate::sequence::Checkpoint;
 use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
 use poller::{FetchedBatch, Poller};
@@ -92,6 +93,8 @@ pub(crate) struct Progress {
     last: AtomicU64,
     /// Milliseconds after `base` (plus one, so 0 means "not") since a callback is running.
     in_callback: AtomicU64,
+    /// Set while the consumer waits for its parent shards to finish.
+    waiting: AtomicBool,
 }
 
 impl Progress {
@@ -100,6 +103,7 @@ impl Progress {
             base: Instant::now(),
             last: AtomicU64::new(0),
             in_callback: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
         })
     }
 
@@ -111,6 +115,11 @@ impl Progress {
         self.last.store(self.now_ms(), Ordering::Relaxed);
     }
 
+    fn set_waiting(&self, waiting: bool) {
+        self.waiting.store(waiting, Ordering::Relaxed);
+        self.tick();
+    }
+
     fn enter_callback(&self) {
         self.in_callback.store(self.now_ms() + 1, Ordering::Relaxed);
     }
@@ -120,9 +129,11 @@ impl Progress {
         self.tick();
     }
 
-    /// How long since the last progress, unless a processor callback is running.
+    /// How long since the last progress, unless a processor callback is running or the
+    /// consumer waits for its parents.
     pub(crate) fn stalled_for(&self) -> Option<Duration> {
-        (self.in_callback.load(Ordering::Relaxed) == 0).then(|| {
+        let busy = self.in_callback.load(Ordering::Relaxed) != 0;
+        (!busy && !self.waiting.load(Ordering::Relaxed)).then(|| {
             Duration::from_millis(
                 self.now_ms()
                     .saturating_sub(self.last.load(Ordering::Relaxed)),
@@ -165,7 +176,7 @@ pub(crate) struct ShardConsumer<F: RecordProcessorFactory> {
     /// Cancelled by the worker to ask for a graceful stop.
     pub(crate) shutdown: CancellationToken,
     /// Parent shards known to be finished (or gone), published by the worker.
-    pub(crate) parents_done: watch::Receiver<Arc<BTreeSet<String>>>,
+    pub(crate) parents_done: Arc<Published<BTreeSet<String>>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) progress: Arc<Progress>,
 }
@@ -313,28 +324,21 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         if !lease.parent_shard_ids.is_empty() {
             // Records of a key continue in the children: start only after every parent ended.
             let parents = &lease.parent_shard_ids;
-            let mut parents_done = self.parents_done.clone();
-            let mut waiting_logged = false;
-            loop {
-                self.progress.tick();
-                if parents.is_subset(&parents_done.borrow()) {
-                    break;
-                }
-                if !waiting_logged {
-                    info!(?parents, "waiting for the parent shards to finish");
-                    waiting_logged = true;
-                }
-                tokio::select! {
+            let parents_done = self.parents_done.clone();
+            if !parents.is_subset(&parents_done.get()) {
+                info!(?parents, "waiting for the parent shards to finish");
+                // Waiting on purpose, for as long as the parents take: not a stall.
+                self.progress.set_waiting(true);
+                let exit = tokio::select! {
                     biased;
-                    _ = lost.cancelled() => return ShardExit::LeaseLost,
-                    _ = self.shutdown.cancelled() => return ShardExit::Shutdown,
-                    _ = handoff.cancelled() => return ShardExit::HandedOff,
-                    changed = parents_done.changed() => {
-                        if changed.is_err() {
-                            // The worker is gone; it stops this task next.
-                            return ShardExit::Shutdown;
-                        }
-                    }
+                    _ = lost.cancelled() => Some(ShardExit::LeaseLost),
+                    _ = self.shutdown.cancelled() => Some(ShardExit::Shutdown),
+                    _ = handoff.cancelled() => Some(ShardExit::HandedOff),
+                    _ = parents_done.wait_for(|done| parents.is_subset(done)) => None,
+                };
+                self.progress.set_waiting(false);
+                if let Some(exit) = exit {
+                    return exit;
                 }
             }
         }
