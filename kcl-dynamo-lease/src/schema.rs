@@ -410,6 +410,13 @@ mod tests {
             any::<bool>().prop_map(AttributeValue::Bool),
             proptest::collection::vec(".{0,5}", 0..3).prop_map(AttributeValue::Ss),
             Just(AttributeValue::Null(true)),
+            proptest::collection::vec(any::<u8>(), 0..8)
+                .prop_map(|b| AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(b))),
+            proptest::collection::vec("-?[0-9]{0,5}", 0..3).prop_map(AttributeValue::Ns),
+            proptest::collection::vec(".{0,5}".prop_map(AttributeValue::S), 0..3)
+                .prop_map(AttributeValue::L),
+            proptest::collection::hash_map(".{0,5}", ".{0,5}".prop_map(AttributeValue::S), 0..3)
+                .prop_map(AttributeValue::M),
         ]
     }
 
