@@ -68,16 +68,42 @@ impl ShardSyncer {
             .lease
             .retry
             .with_max_attempts(Some(SYNC_ATTEMPTS));
-        let stream = self.stream.clone();
-        let shards = retry("ListShards", setup.backoff(self.seeds.next_seed()), || {
-            stream.list_shards()
-        })
-        .await?;
-        let store = self.store.clone();
-        let scan = retry("lease scan", setup.backoff(self.seeds.next_seed()), || {
-            store.list_leases()
-        })
-        .await?;
+        let (stream, store) = (self.stream.clone(), self.store.clone());
+        // The lease table is read before the shards, so the shard list is the newer of the
+        // two: every shard a lease names is listed unless it is past retention. The other way
+        // round (found by the simulation), a worker paused between the two reads combined an
+        // old shard list with new leases: it could not link the new leases to their cleaned-up
+        // ancestors, created leases for those ancestors again (their records processed twice,
+        // out of order) and deleted new finished leases as "past retention". The two reads
+        // must also be close in time, or a whole shard lifetime could fall between them.
+        let mut attempt = 1;
+        let (scan, shards) = loop {
+            let began = Instant::now();
+            let scan = retry("lease scan", setup.backoff(self.seeds.next_seed()), || {
+                store.list_leases()
+            })
+            .await?;
+            let shards = retry("ListShards", setup.backoff(self.seeds.next_seed()), || {
+                stream.list_shards()
+            })
+            .await?;
+            let took = began.elapsed();
+            if took <= self.config.lease.lease_duration {
+                break (scan, shards);
+            }
+            if attempt == SYNC_ATTEMPTS {
+                warn!(
+                    ?took,
+                    "the lease table and shard list could not be read close together; the next sync retries"
+                );
+                return Ok(());
+            }
+            debug!(
+                ?took,
+                "lease table and shard list read too far apart; reading again"
+            );
+            attempt += 1;
+        };
         // An item that does not decode still occupies its key: never create over it.
         let mut leases = scan.leases;
         for invalid in &scan.invalid {

@@ -796,7 +796,50 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             self.sync_trigger.notify_one();
             return;
         }
+        // A merged child may be created only once its other parent has a lease: a child
+        // treats a parent without one as finished long ago (cleaned up, or past retention),
+        // so creating it earlier would let it start before the other parent's records
+        // (found by the simulation: the other parent's own parent was still being
+        // processed). Without that lease, the other parent's end or a shard sync creates it.
+        let other_parents: Vec<String> = children
+            .iter()
+            .flat_map(|c| c.parent_shard_ids.iter())
+            .filter(|p| p.as_str() != key)
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let leased: BTreeSet<String> = if other_parents.is_empty() {
+            BTreeSet::new()
+        } else {
+            match self.store.get_leases(&other_parents).await {
+                Ok(scan) => scan
+                    .leases
+                    .into_iter()
+                    .map(|l| l.lease_key)
+                    .chain(scan.invalid.iter().filter_map(|e| match e {
+                        Error::InvalidLeaseItem { lease_key, .. } => Some(lease_key.clone()),
+                        _ => None,
+                    }))
+                    .collect(),
+                Err(e) => {
+                    warn!(lease_key = %key, error = %e, "reading the other parents failed; a shard sync creates the children");
+                    self.sync_trigger.notify_one();
+                    return;
+                }
+            }
+        };
         for child in children {
+            let missing: Vec<&String> = child
+                .parent_shard_ids
+                .iter()
+                .filter(|p| p.as_str() != key && !leased.contains(*p))
+                .collect();
+            if !missing.is_empty() {
+                debug!(child = %child.shard_id, ?missing, "not creating a child before its other parent has a lease");
+                self.sync_trigger.notify_one();
+                continue;
+            }
             let lease = Lease::new(&child.shard_id, Checkpoint::TrimHorizon)
                 .with_parents(child.parent_shard_ids.iter().cloned())
                 .with_hash_key_range(child.hash_key_range);

@@ -179,10 +179,28 @@ impl LeaseStore for Monitored {
         self.inner.get_leases(keys).await
     }
     async fn create_lease_if_absent(&self, lease: &Lease) -> kcl_core::Result<bool> {
-        self.inner.create_lease_if_absent(lease).await
+        let created = self.inner.create_lease_if_absent(lease).await;
+        trace(
+            &self.observed,
+            format!(
+                "{}: create at {}: {created:?}",
+                lease.lease_key, lease.checkpoint
+            ),
+        );
+        created
     }
     async fn delete_lease(&self, key: &str, fence: &LeaseFence) -> kcl_core::Result<()> {
-        self.inner.delete_lease(key, fence).await?;
+        let deleted = self.inner.delete_lease(key, fence).await;
+        trace(
+            &self.observed,
+            format!(
+                "{key}: delete by {:?}@{}: {:?}",
+                fence.owner,
+                fence.counter,
+                deleted.as_ref().map_err(|e| e.kind())
+            ),
+        );
+        deleted?;
         self.terms.lock().unwrap().remove(key);
         Ok(())
     }
@@ -711,7 +729,8 @@ fn run_seed(seed: u64) -> SeedRun {
         }
         // Invariant 6: per key, first processed in the order put.
         let mut last: HashMap<String, u64> = HashMap::new();
-        for (key, n) in sim.observed.lock().unwrap().first_processed.clone() {
+        let first_processed = sim.observed.lock().unwrap().first_processed.clone();
+        for (key, n) in first_processed {
             if last.get(&key).is_some_and(|prev| n < *prev) {
                 violation(&observed, format!("{key}:{n} first processed after {key}:{}", last[&key]));
             }
@@ -748,9 +767,17 @@ fn seeds() -> Vec<u64> {
         })
     };
     let first = number("SIM_FIRST_SEED").unwrap_or(0);
-    (first..first + number("SIM_SEEDS").unwrap_or(DEFAULT_SEEDS)).collect()
+    let range = first..first + number("SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
+    let mut seeds: BTreeSet<u64> = range.collect();
+    seeds.extend(BUG_SEEDS);
+    seeds.into_iter().collect()
 }
 
+/// Seeds that found bugs in the worker, run every time: a hot scan loop after a failed lease
+/// scan (21, 35); a shard sync combining an old shard list with newer leases, which created
+/// leases again for cleaned-up ancestors (9155, 36736, 37196); a merged child created before
+/// its other parent had a lease, started early (10888, 26385).
+const BUG_SEEDS: [u64; 7] = [21, 35, 9155, 10888, 26385, 36736, 37196];
 /// Seeds per CI run: about half a minute on two threads of an unoptimized build.
 const DEFAULT_SEEDS: u64 = 3_000;
 /// Threads running seeds side by side (each seed has a runtime of its own).
