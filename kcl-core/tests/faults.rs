@@ -229,20 +229,7 @@ async fn a_child_waiting_long_for_its_parent_is_not_restarted_by_the_watchdog() 
         expected.entry(shard).or_default().extend(sequence_numbers);
     }
     // Another worker holds the parent and stays alive, far longer than the watchdog timeout.
-    store.take_as(parent, "other");
-    let heartbeat = tokio::spawn({
-        let store = store.clone();
-        async move {
-            loop {
-                let lease = store.get_lease(parent).await.unwrap().unwrap();
-                store
-                    .update_lease(parent, &lease.fence(), &kcl_core::LeaseUpdate::Renew)
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    });
+    let heartbeat = keep_alive(&store, parent, "other");
     let log = Log::default();
     let worker = start(config("w1"), &stream, &store, &log, &Faults::default());
     wait_until("the children", Duration::from_secs(60), || {

@@ -431,20 +431,7 @@ async fn a_merged_child_waits_for_a_parent_whose_lease_does_not_exist_yet() {
     let store = Arc::new(InMemoryLeaseStore::new("test-app"));
     let (s0, s1) = ("shardId-000000000000", "shardId-000000000001");
     // Another worker holds shard 1 and stays alive until shard 0 has ended.
-    store.take_as(s1, "other");
-    let heartbeat = tokio::spawn({
-        let store = store.clone();
-        async move {
-            loop {
-                let lease = store.get_lease(s1).await.unwrap().unwrap();
-                store
-                    .update_lease(s1, &lease.fence(), &kcl_core::LeaseUpdate::Renew)
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    });
+    let heartbeat = keep_alive(&store, s1, "other");
     let log = Log::default();
     let worker = start(config("w1"), &stream, &store, &log, &Faults::default());
     wait_until("w1 holds shard 0", Duration::from_secs(30), || {

@@ -327,6 +327,27 @@ pub fn assert_exactly_once_in_order(log: &Log, expected: &BTreeMap<String, Vec<S
     assert_eq!(&got, expected);
 }
 
+/// Another worker, alive and holding `lease_key` (taken now): renews it every 2 s until the
+/// returned task is aborted (the worker dies).
+pub fn keep_alive(
+    store: &Arc<InMemoryLeaseStore>,
+    lease_key: &'static str,
+    owner: &str,
+) -> JoinHandle<()> {
+    store.take_as(lease_key, owner);
+    let store = store.clone();
+    tokio::spawn(async move {
+        loop {
+            let lease = store.get_lease(lease_key).await.unwrap().unwrap();
+            store
+                .update_lease(lease_key, &lease.fence(), &kcl_core::LeaseUpdate::Renew)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+}
+
 /// Lease owners as in the table: worker → number of leases.
 pub fn owners(store: &InMemoryLeaseStore) -> BTreeMap<String, usize> {
     let mut owners = BTreeMap::new();
