@@ -11,12 +11,15 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use kcl_core::{InitialPosition, LeaseConfig, LeaseStore, PollingConfig, WorkerConfig};
+use kcl_core::{
+    Checkpoint, InitialPosition, Lease, LeaseConfig, LeaseStore, LeaseUpdate, PollingConfig,
+    WorkerConfig,
+};
 use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::{
     KeyedProducer, PATIENCE, Recorder, RunningWorker, assert_complete_and_in_key_order,
-    create_stream, distinct_delivered, dynamodb, kinesis, list_shards, merge_shards, split_shard,
-    start_worker, unique, update_shard_count, wait_for,
+    create_stream, distinct_delivered, dynamodb, kinesis, lease_owners, list_shards, merge_shards,
+    split_shard, start_worker, unique, update_shard_count, wait_for,
 };
 
 const KEYS: usize = 24;
@@ -213,4 +216,100 @@ async fn a_new_application_at_trim_horizon_processes_a_resharded_stream_oldest_f
     for worker in [w0, w1, latest] {
         worker.stop().await.unwrap();
     }
+}
+
+/// The race the simulation found (`kcl-core/tests/resharding.rs` has its paused-time twin):
+/// shard 0 merges with shard 2, the lower child of shard 1, which another worker still holds,
+/// so shard 2 has no lease yet when shard 0 ends. The merged child must start only after
+/// shards 1 and 2 are processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_child_waits_for_a_parent_whose_lease_does_not_exist_yet() {
+    let kinesis = kinesis().await;
+    let stream = unique("merge-race");
+    create_stream(&kinesis, &stream, 2).await;
+    let app = unique("merge-race-app");
+    let mut shards = list_shards(&kinesis, &stream).await;
+    shards.sort_by_key(|s| s.hash_key_range.starting_hash_key);
+    let (s0, s1) = (shards[0].shard_id.clone(), shards[1].shard_id.clone());
+
+    // Another worker holds shard 1 and renews it until shard 0 has ended.
+    let store = DynamoLeaseStore::new(dynamodb().await, &app);
+    store.initialize().await.unwrap();
+    let lease =
+        Lease::new(&s1, Checkpoint::TrimHorizon).with_hash_key_range(shards[1].hash_key_range);
+    store.create_lease_if_absent(&lease).await.unwrap();
+    let take = LeaseUpdate::Take {
+        new_owner: "other".into(),
+    };
+    store
+        .update_lease(&s1, &lease.fence(), &take)
+        .await
+        .unwrap();
+    let heartbeat = tokio::spawn({
+        let (store, s1) = (DynamoLeaseStore::new(dynamodb().await, &app), s1.clone());
+        async move {
+            loop {
+                let lease = store.get_lease(&s1).await.unwrap().unwrap();
+                store
+                    .update_lease(&s1, &lease.fence(), &LeaseUpdate::Renew)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+
+    // No periodic sync during the test: only shard 0's end can create the merged child.
+    let config = config(&app, &stream, "w1").with_lease(
+        config(&app, &stream, "w1")
+            .lease
+            .with_shard_sync_interval(Duration::from_secs(600)),
+    );
+    let recorder = Recorder::default();
+    let worker = start_worker(config, &recorder).await;
+    wait_for("w1 holds shard 0", PATIENCE, || async {
+        lease_owners(&app).await.get("w1") == Some(&1)
+    })
+    .await;
+
+    // key-a's first record goes to shard 1 (whose lower half becomes shard 2), its second
+    // to the merged child of shards 0 and 2.
+    let hash_key = shards[1].hash_key_range.starting_hash_key;
+    let put = |data: &'static str| {
+        kinesis
+            .put_record()
+            .stream_name(&stream)
+            .partition_key("key-a")
+            .explicit_hash_key(hash_key.to_string())
+            .data(aws_sdk_kinesis::primitives::Blob::new(data))
+            .send()
+    };
+    put("key-a:0").await.expect("PutRecord");
+    split_shard(&kinesis, &stream, &s1).await;
+    let s2 = list_shards(&kinesis, &stream)
+        .await
+        .into_iter()
+        .find(|s| s.is_open() && s.hash_key_range.starting_hash_key == hash_key)
+        .expect("the lower child of shard 1")
+        .shard_id;
+    merge_shards(&kinesis, &stream, &s0, &s2).await;
+    put("key-a:1").await.expect("PutRecord");
+
+    wait_for("shard 0 finished", PATIENCE, || async {
+        store
+            .get_lease(&s0)
+            .await
+            .unwrap()
+            .is_some_and(|l| l.is_finished())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The other worker dies: shard 1 is taken over, then shard 2, then the merged child.
+    heartbeat.abort();
+    wait_for("both records", PATIENCE, || async {
+        distinct_delivered(&recorder) >= 2
+    })
+    .await;
+    worker.stop().await.unwrap();
+    assert_complete_and_in_key_order(&recorder, 2);
 }
