@@ -1,0 +1,148 @@
+//! Shard consumers: one task per held lease, started here, and acted on when it exits or
+//! stops making progress.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::{Id, JoinError};
+use tokio::time::Instant;
+use tracing::{Instrument, error, info, warn};
+
+use super::{Coordinator, MAX_SHARD_COOLDOWN, RunningConsumer};
+use crate::consumer::{Progress, ShardConsumer, ShardExit};
+use crate::error::Error;
+use crate::lease::held::HeldLease;
+use crate::metrics::Counters;
+use crate::processor::RecordProcessorFactory;
+
+impl<F: RecordProcessorFactory> Coordinator<F> {
+    pub(super) fn start_consumer(&mut self, lease: Arc<HeldLease>, parents: BTreeSet<String>) {
+        let key = lease.lease_key().to_owned();
+        if !parents.is_subset(&self.done_parents) {
+            self.awaited_parents.insert(key.clone(), parents);
+        }
+        let stop = self.consumers_stop.child_token();
+        let progress = Progress::new();
+        let consumer = ShardConsumer {
+            lease,
+            store: self.store.clone(),
+            stream: self.stream.clone(),
+            config: self.config.clone(),
+            seeds: self.seeds.clone(),
+            factory: self.factory.clone(),
+            shutdown: stop.clone(),
+            parents_done: self.parents_done.clone(),
+            counters: self.metrics.clone(),
+            progress: progress.clone(),
+        };
+        let abort = self.consumers.spawn(consumer.run().in_current_span());
+        self.consumer_leases.insert(abort.id(), key.clone());
+        self.running.insert(
+            key,
+            RunningConsumer {
+                abort,
+                progress,
+                warned_slow: false,
+            },
+        );
+    }
+
+    pub(super) async fn on_consumer_exit(
+        &mut self,
+        joined: std::result::Result<(Id, ShardExit), JoinError>,
+    ) {
+        let (id, exit) = match joined {
+            Ok((id, exit)) => (id, exit),
+            Err(e) => {
+                let problem = if e.is_panic() {
+                    "panicked"
+                } else {
+                    "was aborted"
+                };
+                (
+                    e.id(),
+                    ShardExit::Failed(Error::TaskFailed {
+                        task: "shard consumer".into(),
+                        problem: problem.into(),
+                    }),
+                )
+            }
+        };
+        let Some(key) = self.consumer_leases.remove(&id) else {
+            error!(task = %id, "exit of an unknown shard consumer");
+            return;
+        };
+        self.running.remove(&key);
+        self.awaited_parents.remove(&key);
+        if matches!(exit, ShardExit::Failed(_)) {
+            let failures = self.cooldown.get(&key).map_or(1, |(n, _)| n + 1);
+            let wait = Duration::from_secs(1 << (failures - 1).min(6)).min(MAX_SHARD_COOLDOWN);
+            self.cooldown
+                .insert(key.clone(), (failures, Instant::now() + wait));
+            self.counters.shard_failures += 1;
+        } else {
+            self.cooldown.remove(&key);
+        }
+        match exit {
+            ShardExit::ShardEnded { children } => self.on_shard_end(&key, children).await,
+            ShardExit::ShardGone => {
+                if let Some(lease) = self.held.remove(&key) {
+                    match lease.delete(self.store.as_ref()).await {
+                        Ok(()) => {
+                            info!(lease_key = %key, "deleted the lease of a shard past retention")
+                        }
+                        Err(e) => {
+                            warn!(lease_key = %key, error = %e, "deleting the lease of a shard past retention failed")
+                        }
+                    }
+                }
+                self.mark_parents_done([key]);
+            }
+            ShardExit::LeaseLost => {
+                self.held.remove(&key);
+            }
+            ShardExit::HandedOff => {
+                // The release keeps `handoffTo`: the lease is reserved for the requester.
+                if self.release(&key).await {
+                    self.counters.handed_over += 1;
+                }
+            }
+            // Only a shutdown stops consumers this way: release at once, to the worker the
+            // lease was offered to, without waiting for the other shards.
+            ShardExit::Shutdown => {
+                self.release(&key).await;
+            }
+            ShardExit::Failed(e) => {
+                let failures = self.cooldown.get(&key).map_or(1, |(n, _)| *n);
+                error!(lease_key = %key, error = %e, failures, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
+                self.release(&key).await;
+            }
+        }
+        self.publish_status(None);
+    }
+
+    /// Restarts shard consumers that made no progress (no `GetRecords` answer, no processor
+    /// callback done) for `processing.watchdog_timeout`: aborted, their lease released by the
+    /// exit handling, and taken again. A processor callback running that long is the
+    /// processor's business: logged once, not interrupted.
+    pub(super) fn watchdog(&mut self) {
+        let limit = self.config.processing.watchdog_timeout;
+        for (key, consumer) in &mut self.running {
+            if let Some(stalled) = consumer.progress.stalled_for().filter(|s| *s >= limit) {
+                if !consumer.abort.is_finished() {
+                    warn!(lease_key = %key, ?stalled, "shard consumer made no progress; restarting it");
+                    consumer.abort.abort();
+                    Counters::add(&self.metrics.watchdog_restarts, 1);
+                }
+            } else if let Some(running) =
+                consumer.progress.in_callback_for().filter(|r| *r >= limit)
+            {
+                if !consumer.warned_slow {
+                    warn!(lease_key = %key, ?running, "a record processor callback has been running for a long time");
+                    consumer.warned_slow = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The [`Worker`]: keeps the lease table in step with the stream, takes, balances and renews
+//! leases, runs a shard consumer per held lease, hands shards over, and shuts down cleanly.
+//!
+//! Tasks and their owners:
+//! - the worker's own loop (the future returned by [`Worker::run`]) owns everything below;
+//! - the lease renewer: one task in the worker's `background` set, stopped by its own token
+//!   after the consumers have stopped and the leases are released; if it ends on its own the
+//!   worker treats that as a failure and shuts down;
+//! - one shard consumer task per held lease, in the worker's `consumers` set; each is asked to
+//!   stop through a child token of `consumers_stop` (or its lease's handoff token) and its
+//!   exit is observed and acted on (lease released, handed over, dropped, or kept for release
+//!   at shutdown). Each consumer owns its poller.
+//!
+//! The coordinator's work is split by concern: `taking` (taking rounds, handoff polling,
+//! takes), `consumers` (starting shard consumers, acting on their exits, the watchdog),
+//! `resharding` (shard ends, child leases, parents before children), `shutdown` (offers,
+//! stopping consumers, releases) and `status` (what a running worker reports).
+
+mod consumers;
+mod resharding;
+mod shutdown;
+mod status;
+mod taking;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::{Id, JoinError, JoinSet};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::backoff::{SeedSource, retry};
+use crate::bounded::{BoundedLeaseStore, BoundedStream};
+use crate::config::WorkerConfig;
+use crate::consumer::{Progress, ShardExit};
+use crate::error::{Error, Result};
+use crate::lease::LeaseStore;
+use crate::lease::held::HeldLeases;
+use crate::lease::renewer::run_renewer;
+use crate::lease::taker::LeaseObservations;
+use crate::metrics::Counters;
+use crate::processor::RecordProcessorFactory;
+use crate::published::Published;
+use crate::shard_sync::ShardSyncer;
+use crate::stream::{HashKeyRange, StreamClient};
+
+/// Attempts of a lease-table or stream call made at start-up or at shutdown.
+const SETUP_ATTEMPTS: usize = 5;
+
+pub use status::WorkerStatus;
+
+/// Consumes a Kinesis stream with a [`RecordProcessor`](crate::RecordProcessor) per shard,
+/// coordinating with the other workers of the same application through the lease table.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use kcl_core::{Checkpointer, LeaseStore, Record, RecordProcessor, StreamClient, Worker, WorkerConfig};
+/// # use tokio_util::sync::CancellationToken;
+/// struct Print;
+///
+/// #[async_trait::async_trait]
+/// impl RecordProcessor for Print {
+///     type Error = kcl_core::Error;
+///     async fn process_records(
+///         &mut self,
+///         records: &[Record],
+///         checkpointer: &mut Checkpointer,
+///         _millis_behind_latest: Option<u64>,
+///     ) -> Result<(), Self::Error> {
+///         for record in records {
+///             println!("{} {}", record.partition_key, record.data.len());
+///         }
+///         checkpointer.checkpoint().await
+///     }
+/// }
+///
+/// # async fn run(stream: Arc<dyn StreamClient>, leases: Arc<dyn LeaseStore>) -> kcl_core::Result<()> {
+/// let config = WorkerConfig::new("orders-app", "orders");
+/// let worker = Worker::new(config, stream, leases, |_shard_id: &str| Print)?;
+/// let shutdown = CancellationToken::new();
+/// worker.run(shutdown).await
+/// # }
+/// ```
+pub struct Worker<F> {
+    config: Arc<WorkerConfig>,
+    stream: Arc<dyn StreamClient>,
+    store: Arc<dyn LeaseStore>,
+    factory: Arc<F>,
+    status: watch::Sender<WorkerStatus>,
+}
+
+impl<F> std::fmt::Debug for Worker<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .field("stream", &self.stream)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: RecordProcessorFactory> Worker<F> {
+    /// A worker for `config`, reading through `stream`, coordinating through `lease_store`,
+    /// with a processor per shard from `factory`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `config` does not validate.
+    pub fn new(
+        config: WorkerConfig,
+        stream: Arc<dyn StreamClient>,
+        lease_store: Arc<dyn LeaseStore>,
+        factory: F,
+    ) -> Result<Self> {
+        config.validate()?;
+        // Every call is bounded in time, so nothing can stall the worker.
+        let stream: Arc<dyn StreamClient> = Arc::new(BoundedStream {
+            inner: stream,
+            timeout: config.polling.request_timeout,
+        });
+        let lease_store: Arc<dyn LeaseStore> = Arc::new(BoundedLeaseStore {
+            inner: lease_store,
+            timeout: config.lease.request_timeout,
+        });
+        Ok(Worker {
+            config: Arc::new(config),
+            stream,
+            store: lease_store,
+            factory: Arc::new(factory),
+            status: watch::Sender::new(WorkerStatus::default()),
+        })
+    }
+
+    /// This worker's id, as written in `leaseOwner`.
+    pub fn worker_id(&self) -> &str {
+        &self.config.worker_id
+    }
+
+    /// The worker's status, updated after every taking round while it runs.
+    pub fn status(&self) -> watch::Receiver<WorkerStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown` is cancelled or a fatal error, then shuts down gracefully:
+    /// the worker offers its leases to the other live workers, each processor finishes its
+    /// batch and gets `shutdown_requested` (within [`WorkerConfig::shutdown_timeout`]), and
+    /// every held lease is released to the worker it was offered to (or to anyone, without
+    /// other workers), so the shards continue from their checkpoints at once.
+    ///
+    /// # Errors
+    /// Fatal start-up errors (lease table unusable, stream missing) and fatal errors while
+    /// running (the stream was deleted, a worker task failed). Failures of single shards are
+    /// handled and logged, not returned.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let span = info_span!(
+            "worker",
+            worker_id = %self.config.worker_id,
+            application = %self.config.application_name,
+            stream = %self.config.stream,
+        );
+        let coordinator = Coordinator {
+            seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
+            config: self.config,
+            stream: self.stream,
+            store: self.store,
+            factory: self.factory,
+            held: Arc::new(HeldLeases::default()),
+            observations: LeaseObservations::new(),
+            consumers: JoinSet::new(),
+            consumer_leases: HashMap::new(),
+            running: BTreeMap::new(),
+            consumers_stop: CancellationToken::new(),
+            reported_invalid: HashSet::new(),
+            incoming: BTreeMap::new(),
+            worker_loads: BTreeMap::new(),
+            expiry_check: None,
+            status: self.status,
+            counters: WorkerStatus::default(),
+            awaited_parents: BTreeMap::new(),
+            done_parents: BTreeSet::new(),
+            parents_done: Arc::new(Published::new(BTreeSet::new())),
+            sync_trigger: Arc::new(Notify::new()),
+            last_holes: Vec::new(),
+            stopping: false,
+            metrics: Arc::new(Counters::default()),
+            cooldown: HashMap::new(),
+        };
+        coordinator.run(shutdown).instrument(span).await
+    }
+}
+
+/// The worker's state while it runs.
+struct Coordinator<F> {
+    config: Arc<WorkerConfig>,
+    stream: Arc<dyn StreamClient>,
+    store: Arc<dyn LeaseStore>,
+    factory: Arc<F>,
+    seeds: Arc<SeedSource>,
+    held: Arc<HeldLeases>,
+    observations: LeaseObservations,
+    consumers: JoinSet<ShardExit>,
+    /// Which lease each consumer task serves (to act on a task that panicked).
+    consumer_leases: HashMap<Id, String>,
+    /// Lease key → the running consumer.
+    running: BTreeMap<String, RunningConsumer>,
+    consumers_stop: CancellationToken,
+    /// Invalid lease items already logged, so each is reported once.
+    reported_invalid: HashSet<String>,
+    /// Leases this worker asked for, and when it asked (its own clock).
+    incoming: BTreeMap<String, Pending>,
+    /// Load of each worker at the last taking round: where to offer leases at shutdown.
+    worker_loads: BTreeMap<String, usize>,
+    /// An extra taking round at the instant a lease will expire, when that comes before the
+    /// next regular round: expiry is judged at the end of a table read (never earlier than
+    /// the owner's last write), so without it jitter in read times could let an expired lease
+    /// wait one more taker interval.
+    expiry_check: Option<Instant>,
+    status: watch::Sender<WorkerStatus>,
+    /// The counters of the status.
+    counters: WorkerStatus,
+    /// Held child leases whose consumers may be waiting, and their parents.
+    awaited_parents: BTreeMap<String, BTreeSet<String>>,
+    /// Parents known to be finished or gone, published to the waiting consumers.
+    done_parents: BTreeSet<String>,
+    parents_done: Arc<Published<BTreeSet<String>>>,
+    /// Asks the shard syncer for a full sync now (a shard ended without children, a hole in
+    /// the leases).
+    sync_trigger: Arc<Notify>,
+    /// Hash keys no lease covered at the last taking round.
+    last_holes: Vec<HashKeyRange>,
+    /// Set once shutdown starts: no lease is taken any more.
+    stopping: bool,
+    /// Counters shared with the shard consumers.
+    metrics: Arc<Counters>,
+    /// Shards whose consumer failed, with how many times in a row and until when this worker
+    /// leaves them alone.
+    cooldown: HashMap<String, (u32, Instant)>,
+}
+
+/// A shard consumer task and its handles.
+struct RunningConsumer {
+    abort: tokio::task::AbortHandle,
+    progress: Arc<Progress>,
+    /// The watchdog already warned about a long processor callback.
+    warned_slow: bool,
+}
+
+/// The longest a worker leaves a shard whose consumer keeps failing (a poison record) before
+/// trying it again; the wait doubles from one second with each failure in a row.
+const MAX_SHARD_COOLDOWN: Duration = Duration::from_secs(60);
+
+/// A lease this worker waits to be handed.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    /// When this worker asked for it, or first saw it offered.
+    since: Instant,
+    /// Asked for by this worker (then taken by force after the handoff timeout), rather than
+    /// offered by a worker shutting down (then left to expire if that worker dies).
+    asked: bool,
+}
+
+enum Event {
+    Shutdown,
+    ConsumerExited(std::result::Result<(Id, ShardExit), JoinError>),
+    BackgroundExited(std::result::Result<(&'static str, Result<()>), JoinError>),
+    TakeLeases,
+    CheckExpiry,
+    PollHandoffs,
+    PollParents,
+}
+
+impl<F: RecordProcessorFactory> Coordinator<F> {
+    pub(super) async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let setup = self
+            .config
+            .lease
+            .retry
+            .with_max_attempts(Some(SETUP_ATTEMPTS));
+        let store = self.store.clone();
+        retry(
+            "lease table initialization",
+            setup.backoff(self.seeds.next_seed()),
+            || store.initialize(),
+        )
+        .await?;
+        let mut syncer = ShardSyncer {
+            stream: self.stream.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+            seeds: self.seeds.clone(),
+            reported_invalid: HashSet::new(),
+        };
+        // The first sync runs before anything else: a missing stream stops the worker here.
+        syncer.sync_once().await?;
+        info!(lease_table = %self.store.table_name(), "worker started");
+
+        // Background tasks, stopped by this token after the leases are released; each returns
+        // its name, so an early end can be reported.
+        let background_stop = CancellationToken::new();
+        let mut background: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
+        let (held, store, lease_config, seeds, stop) = (
+            self.held.clone(),
+            self.store.clone(),
+            self.config.lease.clone(),
+            self.seeds.clone(),
+            background_stop.clone(),
+        );
+        background.spawn(
+            async move {
+                run_renewer(held, store, lease_config, seeds, stop).await;
+                ("lease renewer", Ok(()))
+            }
+            .in_current_span(),
+        );
+        let (trigger, stop) = (self.sync_trigger.clone(), background_stop.clone());
+        background.spawn(
+            async move { ("shard sync", syncer.run(trigger, stop).await) }.in_current_span(),
+        );
+
+        let lease_config = &self.config.lease;
+        let mut taker = tokio::time::interval(lease_config.taker_interval);
+        taker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut handoff_poll = tokio::time::interval(lease_config.handoff_poll_interval);
+        handoff_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut parent_poll = tokio::time::interval(lease_config.parent_poll_interval);
+        parent_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+        let outcome = loop {
+            // Pick the next event; act on it outside the select so lease writes run to
+            // completion.
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Event::Shutdown,
+                Some(joined) = self.consumers.join_next_with_id() => Event::ConsumerExited(joined),
+                Some(joined) = background.join_next() => Event::BackgroundExited(joined),
+                _ = taker.tick() => Event::TakeLeases,
+                _ = sleep_until_some(self.expiry_check), if self.expiry_check.is_some() => Event::CheckExpiry,
+                _ = handoff_poll.tick(), if !self.incoming.is_empty() => Event::PollHandoffs,
+                _ = parent_poll.tick(), if self.awaits_parents() => Event::PollParents,
+            };
+            match event {
+                Event::Shutdown => break Ok(()),
+                Event::ConsumerExited(joined) => self.on_consumer_exit(joined).await,
+                Event::BackgroundExited(joined) => {
+                    break Err(match joined {
+                        Ok((_, Err(e))) => e,
+                        Ok((task, Ok(()))) => Error::TaskFailed {
+                            task: task.into(),
+                            problem: "stopped without being asked to".into(),
+                        },
+                        Err(e) => Error::TaskFailed {
+                            task: "background task".into(),
+                            problem: e.to_string(),
+                        },
+                    });
+                }
+                Event::TakeLeases | Event::CheckExpiry => self.take_leases().await,
+                Event::PollHandoffs => self.poll_handoffs().await,
+                Event::PollParents => self.poll_parents().await,
+            }
+        };
+        if let Err(e) = &outcome {
+            error!(error = %e, "worker stopping after a fatal error");
+        }
+
+        self.stopping = true;
+        self.offer_leases_before_stopping().await;
+        self.stop_consumers().await;
+        self.release_all().await;
+        background_stop.cancel();
+        while let Some(joined) = background.join_next().await {
+            match joined {
+                Ok((task, Err(e))) => {
+                    warn!(task, error = %e, "background task ended with an error")
+                }
+                Err(e) => error!(error = %e, "background task failed"),
+                Ok(_) => {}
+            }
+        }
+        self.publish_status(None);
+        info!("worker stopped");
+        outcome
+    }
+}
+
+/// Sleeps until `at` (a select branch guarded by `at.is_some()`).
+async fn sleep_until_some(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}

@@ -1,0 +1,175 @@
+//! Resharding as the coordinator sees it: a shard that ended hands its lease in and creates
+//! its children's leases; children wait until their parents are known to be finished.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tracing::{debug, info, warn};
+
+use super::Coordinator;
+use crate::error::Error;
+use crate::lease::taker::{TakeDecision, TakeReason};
+use crate::lease::{Lease, LeaseUpdate};
+use crate::processor::RecordProcessorFactory;
+use crate::sequence::Checkpoint;
+use crate::stream::ChildShard;
+
+impl<F: RecordProcessorFactory> Coordinator<F> {
+    /// A shard was read to its end and checkpointed at `SHARD_END`: record its children in its
+    /// lease, release it, unblock children waiting here, and create the children's leases
+    /// (taking them at once, so a split continues without waiting for a taking round). Without
+    /// `ChildShards` in the last `GetRecords` answer (some emulators and older paths omit it),
+    /// a full shard sync finds the children instead.
+    pub(super) async fn on_shard_end(&mut self, key: &str, children: Vec<ChildShard>) {
+        let ids: BTreeSet<String> = children.iter().map(|c| c.shard_id.clone()).collect();
+        info!(lease_key = %key, children = ?ids, "shard finished");
+        if let (Some(lease), false) = (self.held.get(key), ids.is_empty()) {
+            let update = LeaseUpdate::RecordChildren {
+                child_shard_ids: ids.clone(),
+            };
+            if let Err(e) = lease.write(self.store.as_ref(), &update).await {
+                warn!(lease_key = %key, error = %e, "recording the children failed");
+            }
+        }
+        self.release(key).await;
+        self.mark_parents_done([key.to_owned()]);
+        if children.is_empty() {
+            self.sync_trigger.notify_one();
+            return;
+        }
+        // A merged child may be created only once its other parent has a lease: a child
+        // treats a parent without one as finished long ago (cleaned up, or past retention),
+        // so creating it earlier would let it start before the other parent's records
+        // (found by the simulation: the other parent's own parent was still being
+        // processed). Without that lease, the other parent's end or a shard sync creates it.
+        let other_parents: Vec<String> = children
+            .iter()
+            .flat_map(|c| c.parent_shard_ids.iter())
+            .filter(|p| p.as_str() != key)
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let leased: BTreeSet<String> = if other_parents.is_empty() {
+            BTreeSet::new()
+        } else {
+            match self.store.get_leases(&other_parents).await {
+                Ok(scan) => scan
+                    .leases
+                    .into_iter()
+                    .map(|l| l.lease_key)
+                    .chain(scan.invalid.iter().filter_map(|e| match e {
+                        Error::InvalidLeaseItem { lease_key, .. } => Some(lease_key.clone()),
+                        _ => None,
+                    }))
+                    .collect(),
+                Err(e) => {
+                    warn!(lease_key = %key, error = %e, "reading the other parents failed; a shard sync creates the children");
+                    self.sync_trigger.notify_one();
+                    return;
+                }
+            }
+        };
+        for child in children {
+            let missing: Vec<&String> = child
+                .parent_shard_ids
+                .iter()
+                .filter(|p| p.as_str() != key && !leased.contains(*p))
+                .collect();
+            if !missing.is_empty() {
+                debug!(child = %child.shard_id, ?missing, "not creating a child before its other parent has a lease");
+                self.sync_trigger.notify_one();
+                continue;
+            }
+            let lease = Lease::new(&child.shard_id, Checkpoint::TrimHorizon)
+                .with_parents(child.parent_shard_ids.iter().cloned())
+                .with_hash_key_range(child.hash_key_range);
+            match self.store.create_lease_if_absent(&lease).await {
+                Ok(true) => {
+                    info!(lease_key = %lease.lease_key, parents = ?lease.parent_shard_ids, "created child lease");
+                    if self.held.all().len() < self.config.lease.max_leases_per_worker {
+                        self.take(TakeDecision::new(
+                            lease.lease_key.clone(),
+                            lease.fence(),
+                            TakeReason::Unowned,
+                        ))
+                        .await;
+                    }
+                }
+                // Created by the worker that finished the other parent of a merge.
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(lease_key = %lease.lease_key, error = %e, "creating a child lease failed; a shard sync will");
+                    self.sync_trigger.notify_one();
+                }
+            }
+        }
+    }
+
+    /// True while a waiting consumer needs a parent not yet known to be finished.
+    pub(super) fn awaits_parents(&self) -> bool {
+        self.awaited_parents
+            .values()
+            .any(|parents| !parents.is_subset(&self.done_parents))
+    }
+
+    /// Reads the parents the waiting consumers need (one `BatchGetItem` for all of them).
+    pub(super) async fn poll_parents(&mut self) {
+        let keys: Vec<String> = self
+            .awaited_parents
+            .values()
+            .flatten()
+            .filter(|p| !self.done_parents.contains(*p))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        match self.store.get_leases(&keys).await {
+            Ok(scan) => {
+                let found: BTreeMap<&str, &Lease> = scan
+                    .leases
+                    .iter()
+                    .map(|l| (l.lease_key.as_str(), l))
+                    .collect();
+                let done: Vec<String> = keys
+                    .iter()
+                    .filter(|k| found.get(k.as_str()).is_none_or(|l| l.is_finished()))
+                    .cloned()
+                    .collect();
+                self.mark_parents_done(done);
+            }
+            Err(e) => warn!(error = %e, "reading parent leases failed; retrying"),
+        }
+    }
+
+    /// Learns from a read of the table which awaited parents finished or are gone; with the
+    /// whole table, also forgets finished parents no lease names any more.
+    pub(super) fn learn_parents(&mut self, leases: &[Lease], whole_table: bool) {
+        let by_key: BTreeMap<&str, &Lease> =
+            leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        let done: Vec<String> = self
+            .awaited_parents
+            .values()
+            .flatten()
+            .filter(|p| by_key.get(p.as_str()).is_none_or(|l| l.is_finished()))
+            .cloned()
+            .collect();
+        if whole_table {
+            let named: BTreeSet<&str> = leases
+                .iter()
+                .flat_map(|l| l.parent_shard_ids.iter().map(String::as_str))
+                .collect();
+            self.done_parents.retain(|p| named.contains(p.as_str()));
+        }
+        self.mark_parents_done(done);
+    }
+
+    pub(super) fn mark_parents_done(&mut self, keys: impl IntoIterator<Item = String>) {
+        let mut changed = false;
+        for key in keys {
+            changed |= self.done_parents.insert(key);
+        }
+        if changed {
+            self.parents_done.set(self.done_parents.clone());
+        }
+    }
+}

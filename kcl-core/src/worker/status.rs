@@ -1,0 +1,90 @@
+//! What a running worker reports about itself.
+
+use std::collections::BTreeSet;
+
+use super::Coordinator;
+use crate::metrics::Counters;
+use crate::processor::RecordProcessorFactory;
+use tracing::debug;
+
+/// What a running worker reports about itself after each taking round; see
+/// [`Worker::status`].
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct WorkerStatus {
+    /// Leases this worker holds.
+    pub held_leases: BTreeSet<String>,
+    /// Leases this worker asked other workers for and waits to be handed.
+    pub pending_handoffs: BTreeSet<String>,
+    /// Workers seen in the lease table (this one included).
+    pub workers: usize,
+    /// Leases of unfinished shards.
+    pub active_leases: usize,
+    /// Leases no known worker has room for under `max_leases_per_worker`.
+    pub spillover: usize,
+    /// Taking rounds run so far.
+    pub taking_rounds: u64,
+    /// Leases this worker handed to another worker on request.
+    pub handed_over: u64,
+    /// Leases this worker received through a handoff.
+    pub received: u64,
+    /// Handoffs this worker asked for that timed out and were taken by force.
+    pub forced_takes: u64,
+    /// Failed attempts of record processor callbacks (errors and panics).
+    pub processor_failures: u64,
+    /// Of those, panics.
+    pub processor_panics: u64,
+    /// Shard consumers that failed for good (their lease was released).
+    pub shard_failures: u64,
+    /// Shard consumers the watchdog restarted after they made no progress.
+    pub watchdog_restarts: u64,
+    /// Throttled `GetRecords` calls.
+    pub throttled_reads: u64,
+    /// Records that looked KPL-aggregated but were delivered as plain records.
+    pub aggregation_errors: u64,
+    /// KPL user records dropped for hashing outside their shard.
+    pub records_out_of_range: u64,
+}
+
+impl<F: RecordProcessorFactory> Coordinator<F> {
+    /// Drops the leases the renewer found lost from the registry. Their consumers may still be
+    /// finishing a batch; `running` keeps those shards out of reach until they exit.
+    pub(super) fn forget_lost_leases(&mut self) {
+        for lease in self.held.remove_lost() {
+            debug!(lease_key = %lease.lease_key(), "forgetting lost lease");
+        }
+    }
+
+    /// Publishes the status; `round` carries the taking round's view of the fleet.
+    pub(super) fn publish_status(&mut self, round: Option<(usize, usize, usize)>) {
+        self.forget_lost_leases();
+        let held = self
+            .held
+            .all()
+            .iter()
+            .map(|l| l.lease_key().to_owned())
+            .collect();
+        let pending = self.incoming.keys().cloned().collect();
+        let (counters, metrics) = (&self.counters, &self.metrics);
+        self.status.send_modify(|status| {
+            if let Some((workers, active, spillover)) = round {
+                status.workers = workers;
+                status.active_leases = active;
+                status.spillover = spillover;
+            }
+            status.held_leases = held;
+            status.pending_handoffs = pending;
+            status.taking_rounds = counters.taking_rounds;
+            status.handed_over = counters.handed_over;
+            status.received = counters.received;
+            status.forced_takes = counters.forced_takes;
+            status.shard_failures = counters.shard_failures;
+            status.processor_failures = Counters::get(&metrics.processor_failures);
+            status.processor_panics = Counters::get(&metrics.processor_panics);
+            status.watchdog_restarts = Counters::get(&metrics.watchdog_restarts);
+            status.throttled_reads = Counters::get(&metrics.throttled_reads);
+            status.aggregation_errors = Counters::get(&metrics.aggregation_errors);
+            status.records_out_of_range = Counters::get(&metrics.records_out_of_range);
+        });
+    }
+}

@@ -1,0 +1,288 @@
+//! Taking rounds: reading the table, passing on requests for held leases, taking free leases
+//! and asking live workers for theirs; and watching the leases this worker waits to be
+//! handed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Coordinator, Pending};
+use crate::error::{Error, ErrorKind};
+use crate::lease::held::HeldLease;
+use crate::lease::lineage;
+use crate::lease::taker::{TakeDecision, TakeInput, TakeReason, plan};
+use crate::lease::{Lease, LeaseFence, LeaseUpdate};
+use crate::processor::RecordProcessorFactory;
+
+impl<F: RecordProcessorFactory> Coordinator<F> {
+    pub(super) fn report_invalid(&mut self, invalid: &[Error]) {
+        for error in invalid {
+            let key = match error {
+                Error::InvalidLeaseItem { lease_key, .. } => lease_key.clone(),
+                other => other.to_string(),
+            };
+            if self.reported_invalid.insert(key) {
+                warn!(error = %error, "skipping a lease item that does not decode");
+            }
+        }
+    }
+
+    /// One taking round: read the table, update the observations, pass on requests for held
+    /// leases, then take and ask for what the planner says.
+    pub(super) async fn take_leases(&mut self) {
+        // Consumed before the scan: a scan that fails must not leave a past deadline behind,
+        // or the event loop would fire this round again at once, forever (a hot loop on the
+        // lease table while DynamoDB fails fast; found by the simulation). The regular taker
+        // tick retries.
+        self.expiry_check = None;
+        let scan = match self.store.list_leases().await {
+            Ok(scan) => scan,
+            Err(e) => {
+                warn!(error = %e, "lease scan failed; next round retries");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.report_invalid(&scan.invalid);
+        self.observations.observe(&scan.leases, now);
+        self.forget_lost_leases();
+        let me = self.config.worker_id.clone();
+        for lease in &scan.leases {
+            match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
+                // Someone asked for a lease we hold: hand it over.
+                (Some(owner), Some(to)) if owner == me => {
+                    if let Some(held) = self.held.get(&lease.lease_key) {
+                        held.handoff_requested(to);
+                    }
+                }
+                // A lease offered to us, or asked for by us: watch it closely.
+                (Some(_), Some(to)) if to == me => {
+                    self.incoming
+                        .entry(lease.lease_key.clone())
+                        .or_insert(Pending {
+                            since: now,
+                            asked: false,
+                        });
+                }
+                _ => {}
+            }
+        }
+        self.watchdog();
+        // A consumer still winding down keeps its lease out of reach, so one shard never has
+        // two consumers in this worker.
+        let held: BTreeSet<String> = self
+            .held
+            .all()
+            .iter()
+            .map(|l| l.lease_key().to_owned())
+            .chain(self.running.keys().cloned())
+            .collect();
+        let lease_config = &self.config.lease;
+        let decisions = plan(&TakeInput {
+            worker_id: &self.config.worker_id,
+            leases: &scan.leases,
+            held: &held,
+            observations: &self.observations,
+            now,
+            lease_duration: lease_config.lease_duration,
+            handoff_timeout: lease_config.handoff_timeout,
+            max_leases_per_worker: lease_config.max_leases_per_worker,
+            max_leases_to_steal: lease_config.max_leases_to_steal,
+            seed: self.seeds.next_seed(),
+        });
+        if decisions.spillover != self.counters.spillover && decisions.spillover > 0 {
+            warn!(
+                spillover = decisions.spillover,
+                workers = decisions.workers,
+                max_leases_per_worker = lease_config.max_leases_per_worker,
+                "lease spill-over: more leases than the known workers may hold"
+            );
+        }
+        self.counters.spillover = decisions.spillover;
+        if !decisions.take.is_empty() || !decisions.request_handoff.is_empty() {
+            debug!(
+                workers = decisions.workers,
+                leases = decisions.active_leases,
+                mine = decisions.counted_for_me,
+                take = decisions.take.len(),
+                ask = decisions.request_handoff.len(),
+                "taking round"
+            );
+        }
+        for decision in decisions.take {
+            self.take(decision).await;
+        }
+        for request in decisions.request_handoff {
+            let update = LeaseUpdate::RequestHandoff { to: me.clone() };
+            match self
+                .store
+                .update_lease(&request.lease_key, &request.fence, &update)
+                .await
+            {
+                Ok(_) => {
+                    info!(lease_key = %request.lease_key, owner = ?request.fence.owner, "asked for lease");
+                    let pending = Pending {
+                        since: Instant::now(),
+                        asked: true,
+                    };
+                    self.incoming.insert(request.lease_key, pending);
+                }
+                Err(e) if e.kind() == ErrorKind::ConditionFailed => {
+                    debug!(lease_key = %request.lease_key, "lease changed before the handoff request");
+                }
+                Err(e) => {
+                    warn!(lease_key = %request.lease_key, error = %e, "asking for a lease failed")
+                }
+            }
+        }
+        self.learn_parents(&scan.leases, true);
+        let holes = lineage::hash_key_holes(&scan.leases);
+        if !holes.is_empty() && holes == self.last_holes {
+            warn!(
+                ?holes,
+                "hash keys no unfinished lease covers; running a full shard sync"
+            );
+            self.sync_trigger.notify_one();
+        }
+        self.last_holes = holes;
+        // The next lease of another worker to run out before the next regular round.
+        let lease_duration = self.config.lease.lease_duration;
+        let next_round = now + self.config.lease.taker_interval;
+        self.expiry_check = scan
+            .leases
+            .iter()
+            .filter(|l| !l.is_finished() && l.owner.as_deref().is_some_and(|o| o != me))
+            .filter_map(|l| self.observations.expires_at(l, lease_duration))
+            .filter(|at| *at > now && *at <= next_round)
+            .min();
+        self.worker_loads = decisions.worker_loads;
+        self.counters.taking_rounds += 1;
+        self.publish_status(Some((
+            decisions.workers,
+            decisions.active_leases,
+            decisions.spillover,
+        )));
+    }
+
+    /// Reads the leases this worker waits for: takes those released to it, takes by force
+    /// those it asked for whose owner did not hand them over in time, forgets those that went
+    /// elsewhere.
+    pub(super) async fn poll_handoffs(&mut self) {
+        let keys: Vec<String> = self.incoming.keys().cloned().collect();
+        let scan = match self.store.get_leases(&keys).await {
+            Ok(scan) => scan,
+            Err(e) => {
+                warn!(error = %e, "reading requested leases failed; retrying");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.observations.observe_some(&scan.leases, now);
+        let found: BTreeMap<&str, &Lease> = scan
+            .leases
+            .iter()
+            .map(|l| (l.lease_key.as_str(), l))
+            .collect();
+        let me = self.config.worker_id.clone();
+        for key in keys {
+            let Some(lease) = found.get(key.as_str()) else {
+                self.incoming.remove(&key);
+                continue;
+            };
+            let pending = self.incoming[&key];
+            let reason = match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
+                (None, Some(to)) if to == me => TakeReason::Reserved,
+                (Some(_), Some(to)) if to == me => {
+                    let waited = now.duration_since(pending.since);
+                    if waited < self.config.lease.handoff_timeout {
+                        continue;
+                    }
+                    if !pending.asked {
+                        // An offer whose owner has not released it: it may still be finishing
+                        // a batch. If it died, the lease expires like any other.
+                        self.incoming.remove(&key);
+                        continue;
+                    }
+                    warn!(lease_key = %key, owner = ?lease.owner, "handoff timed out; taking the lease");
+                    self.counters.forced_takes += 1;
+                    TakeReason::HandoffTimedOut
+                }
+                // Taken by someone else, released without reservation, or ours already.
+                _ => {
+                    self.incoming.remove(&key);
+                    continue;
+                }
+            };
+            self.incoming.remove(&key);
+            let at_limit = self.held.all().len() >= self.config.lease.max_leases_per_worker;
+            if at_limit {
+                // The reservation lapses and another worker takes the lease.
+                debug!(lease_key = %key, "not taking a handed-over lease: at max_leases_per_worker");
+                continue;
+            }
+            if self.held.get(&key).is_none() && !self.running.contains_key(&key) {
+                self.take(TakeDecision::new(key, lease.fence(), reason))
+                    .await;
+            }
+        }
+        self.publish_status(None);
+    }
+
+    pub(super) async fn take(&mut self, decision: TakeDecision) -> bool {
+        if self.stopping {
+            return false;
+        }
+        if let Some((failures, until)) = self.cooldown.get(&decision.lease_key) {
+            if *until > Instant::now() {
+                debug!(lease_key = %decision.lease_key, failures, "shard cooling down after failures; not taking it yet");
+                return false;
+            }
+        }
+        let sent_at = Instant::now();
+        let update = LeaseUpdate::Take {
+            new_owner: self.config.worker_id.clone(),
+        };
+        match self
+            .store
+            .update_lease(&decision.lease_key, &decision.fence, &update)
+            .await
+        {
+            Ok(lease) => {
+                info!(lease_key = %lease.lease_key, reason = ?decision.reason, counter = lease.counter, "took lease");
+                self.incoming.remove(&lease.lease_key);
+                if decision.reason == TakeReason::Reserved {
+                    self.counters.received += 1;
+                }
+                let parents = lease.parent_shard_ids.clone();
+                let held = HeldLease::new(
+                    lease,
+                    &self.config.worker_id,
+                    self.config.lease.lease_duration,
+                    sent_at,
+                );
+                self.held.insert(held.clone());
+                self.start_consumer(held, parents);
+                true
+            }
+            Err(e) if e.kind() == ErrorKind::ConditionFailed => {
+                debug!(lease_key = %decision.lease_key, "lease changed before the take; another worker got it");
+                false
+            }
+            Err(e) => {
+                warn!(lease_key = %decision.lease_key, error = %e, "taking a lease failed");
+                false
+            }
+        }
+    }
+}
+
+impl TakeDecision {
+    pub(super) fn new(lease_key: String, fence: LeaseFence, reason: TakeReason) -> Self {
+        TakeDecision {
+            lease_key,
+            fence,
+            reason,
+        }
+    }
+}
