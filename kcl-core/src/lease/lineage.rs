@@ -16,7 +16,7 @@
 //! - A finished lease (`SHARD_END`) is deleted once every child has started and checkpointed
 //!   (or is itself gone), or when its shard is past retention.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::config::InitialPosition;
 use crate::lease::{Lease, LeaseFence};
@@ -232,14 +232,23 @@ pub fn leases_to_delete(shards: &[Shard], leases: &[Lease]) -> Vec<LeaseDeletion
     delete
 }
 
-/// The hash key ranges that no unfinished lease covers. Empty when the leases carry no hash
-/// key ranges at all (tables written without them), since nothing can be checked then.
+/// The hash key ranges that no unfinished lease covers.
+///
+/// Inconclusive, so empty, when an unfinished lease has no hash key range: leases written by
+/// old Java KCL versions carry none, and such a lease may cover any range, a hole included.
+/// (Taking each hole for covered by some unknown lease is the only sound reading: a lease's
+/// range is contiguous, but an unfinished parent's range overlaps its children's, so even the
+/// number of holes says nothing.) Reporting those holes would make every worker run a full
+/// shard sync each round for as long as the old lease lives. Finished leases do not count
+/// either way.
 pub fn hash_key_holes(leases: &[Lease]) -> Vec<HashKeyRange> {
-    let mut ranges: Vec<HashKeyRange> = leases
-        .iter()
-        .filter(|l| !l.is_finished())
-        .filter_map(|l| l.hash_key_range)
-        .collect();
+    let unfinished = leases.iter().filter(|l| !l.is_finished());
+    let Some(mut ranges) = unfinished
+        .map(|l| l.hash_key_range)
+        .collect::<Option<Vec<HashKeyRange>>>()
+    else {
+        return Vec::new();
+    };
     if ranges.is_empty() {
         return Vec::new();
     }
@@ -268,16 +277,13 @@ pub fn hash_key_holes(leases: &[Lease]) -> Vec<HashKeyRange> {
     holes
 }
 
-/// The parents of `child` that have not finished: a lease exists and is not at `SHARD_END`.
-/// A parent without a lease was processed and cleaned up, or is past retention, or was
-/// skipped at the start: it blocks nothing.
-pub fn unfinished_parents(child: &Lease, parents: &BTreeMap<String, Lease>) -> Vec<String> {
-    child
-        .parent_shard_ids
-        .iter()
-        .filter(|p| parents.get(*p).is_some_and(|l| !l.is_finished()))
-        .cloned()
-        .collect()
+/// Whether a parent is finished, from a consistent read of its key (`None`: no item). A
+/// parent without a lease was processed and cleaned up, or is past retention, or was skipped
+/// at the start: it blocks nothing, since a child's lease is only ever created after its
+/// parents' leases. Only a read of the key itself tells that the item is absent: a scan is
+/// not a snapshot and can leave out an item that exists.
+pub(crate) fn parent_read_finished(read: Option<&Lease>) -> bool {
+    read.is_none_or(Lease::is_finished)
 }
 
 #[cfg(test)]

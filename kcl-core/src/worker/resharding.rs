@@ -8,7 +8,7 @@ use tracing::{debug, info, warn};
 use super::Coordinator;
 use crate::error::Error;
 use crate::lease::taker::{TakeDecision, TakeReason};
-use crate::lease::{Lease, LeaseUpdate};
+use crate::lease::{Lease, LeaseUpdate, lineage};
 use crate::processor::RecordProcessorFactory;
 use crate::sequence::Checkpoint;
 use crate::stream::ChildShard;
@@ -112,7 +112,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .any(|parents| !parents.is_subset(&self.done_parents))
     }
 
-    /// Reads the parents the waiting consumers need (one `BatchGetItem` for all of them).
+    /// Reads the parents the waiting consumers need (one `BatchGetItem` for all of them). This
+    /// consistent read of their keys is the only evidence that a parent without a lease is
+    /// gone: scans miss items (see [`Self::learn_parents`]).
     pub(super) async fn poll_parents(&mut self) {
         let keys: Vec<String> = self
             .awaited_parents
@@ -124,15 +126,28 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .into_iter()
             .collect();
         match self.store.get_leases(&keys).await {
-            Ok(scan) => {
-                let found: BTreeMap<&str, &Lease> = scan
+            Ok(read) => {
+                let mut found: BTreeMap<&str, &Lease> = read
                     .leases
                     .iter()
                     .map(|l| (l.lease_key.as_str(), l))
                     .collect();
+                // An item that does not decode is still there: as far as anyone can tell,
+                // that parent is not finished.
+                let undecoded: Vec<Lease> = read
+                    .invalid
+                    .iter()
+                    .filter_map(|e| match e {
+                        Error::InvalidLeaseItem { lease_key, .. } => {
+                            Some(Lease::new(lease_key, Checkpoint::TrimHorizon))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                found.extend(undecoded.iter().map(|l| (l.lease_key.as_str(), l)));
                 let done: Vec<String> = keys
                     .iter()
-                    .filter(|k| found.get(k.as_str()).is_none_or(|l| l.is_finished()))
+                    .filter(|k| lineage::parent_read_finished(found.get(k.as_str()).copied()))
                     .cloned()
                     .collect();
                 self.mark_parents_done(done);
@@ -141,25 +156,30 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         }
     }
 
-    /// Learns from a read of the table which awaited parents finished or are gone; with the
-    /// whole table, also forgets finished parents no lease names any more.
-    pub(super) fn learn_parents(&mut self, leases: &[Lease], whole_table: bool) {
+    /// Learns from a scan of the table which awaited parents finished, and forgets finished
+    /// parents that neither a lease in the scan nor a waiting consumer names any more.
+    ///
+    /// A parent missing from the scan is not taken as gone: a DynamoDB Scan is not a
+    /// snapshot, and a scan that passed the parent's key before the child's lease was created
+    /// returns the child without its parent. Such a parent stays awaited, and
+    /// [`Self::poll_parents`] reads its key.
+    pub(super) fn learn_parents(&mut self, scan: &[Lease]) {
         let by_key: BTreeMap<&str, &Lease> =
-            leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+            scan.iter().map(|l| (l.lease_key.as_str(), l)).collect();
         let done: Vec<String> = self
             .awaited_parents
             .values()
             .flatten()
-            .filter(|p| by_key.get(p.as_str()).is_none_or(|l| l.is_finished()))
+            .filter(|p| by_key.get(p.as_str()).is_some_and(|l| l.is_finished()))
             .cloned()
             .collect();
-        if whole_table {
-            let named: BTreeSet<&str> = leases
-                .iter()
-                .flat_map(|l| l.parent_shard_ids.iter().map(String::as_str))
-                .collect();
-            self.done_parents.retain(|p| named.contains(p.as_str()));
-        }
+        let named: BTreeSet<&str> = scan
+            .iter()
+            .flat_map(|l| l.parent_shard_ids.iter())
+            .chain(self.awaited_parents.values().flatten())
+            .map(String::as_str)
+            .collect();
+        self.done_parents.retain(|p| named.contains(p.as_str()));
         self.mark_parents_done(done);
     }
 

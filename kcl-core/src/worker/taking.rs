@@ -136,8 +136,14 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             }
         }
-        self.learn_parents(&scan.leases, true);
-        let holes = lineage::hash_key_holes(&scan.leases);
+        self.learn_parents(&scan.leases);
+        // An item that does not decode is a lease of unknown range, like an old Java KCL
+        // lease without one: the check is inconclusive.
+        let holes = if scan.invalid.is_empty() {
+            lineage::hash_key_holes(&scan.leases)
+        } else {
+            Vec::new()
+        };
         if !holes.is_empty() && holes == self.last_holes {
             warn!(
                 ?holes,
