@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -120,4 +121,135 @@ async fn a_child_waits_for_a_parent_that_a_scan_left_out() {
     })
     .await;
     worker.stop().await.unwrap();
+}
+
+/// A lease store whose takes and releases take `delay` each, counting how many are in
+/// flight at once.
+#[derive(Debug)]
+struct SlowWrites {
+    inner: Arc<InMemoryLeaseStore>,
+    delay: Duration,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+impl SlowWrites {
+    fn new(inner: Arc<InMemoryLeaseStore>, delay: Duration) -> Self {
+        SlowWrites {
+            inner,
+            delay,
+            in_flight: AtomicUsize::new(0),
+            most_in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl LeaseStore for SlowWrites {
+    fn table_name(&self) -> &str {
+        self.inner.table_name()
+    }
+    async fn initialize(&self) -> Result<()> {
+        self.inner.initialize().await
+    }
+    async fn list_leases(&self) -> Result<LeaseScan> {
+        self.inner.list_leases().await
+    }
+    async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
+        self.inner.get_lease(lease_key).await
+    }
+    async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+        self.inner.create_lease_if_absent(lease).await
+    }
+    async fn update_lease(
+        &self,
+        lease_key: &str,
+        fence: &LeaseFence,
+        update: &LeaseUpdate,
+    ) -> Result<Lease> {
+        if !matches!(update, LeaseUpdate::Take { .. } | LeaseUpdate::Release) {
+            return self.inner.update_lease(lease_key, fence, update).await;
+        }
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        let result = self.inner.update_lease(lease_key, fence, update).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+    async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+        self.inner.delete_lease(lease_key, fence).await
+    }
+}
+
+/// Shards of the slow-write tests: enough that one call after the other clearly overruns.
+const SHARDS: u32 = 8;
+/// How long a take or a release takes: well inside every request timeout.
+const SLOW_WRITE: Duration = Duration::from_millis(500);
+
+#[tokio::test(start_paused = true)]
+async fn the_takes_of_a_round_are_sent_together() {
+    let stream = Arc::new(InMemoryStream::new("test-stream", SHARDS));
+    let slow = Arc::new(SlowWrites::new(
+        Arc::new(InMemoryLeaseStore::new("test-app")),
+        SLOW_WRITE,
+    ));
+    let log = Log::default();
+    let started = Instant::now();
+    let worker = start_on(
+        config("w1"),
+        stream.clone(),
+        slow.clone(),
+        &log,
+        &Faults::default(),
+    );
+    wait_until("every lease taken", Duration::from_secs(30), || {
+        worker.held() == SHARDS as usize
+    })
+    .await;
+    let took = started.elapsed();
+    assert_eq!(
+        slow.most_in_flight.load(Ordering::SeqCst),
+        SHARDS as usize,
+        "the takes were sent together"
+    );
+    assert!(
+        took < 2 * SLOW_WRITE,
+        "{SHARDS} takes took {took:?}, not about one take ({SLOW_WRITE:?})"
+    );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_during_a_slow_taking_round_is_acted_on_at_once() {
+    let stream = Arc::new(InMemoryStream::new("test-stream", SHARDS));
+    let slow = Arc::new(SlowWrites::new(
+        Arc::new(InMemoryLeaseStore::new("test-app")),
+        SLOW_WRITE,
+    ));
+    let log = Log::default();
+    let worker = start_on(
+        config("w1"),
+        stream.clone(),
+        slow.clone(),
+        &log,
+        &Faults::default(),
+    );
+    wait_until("the first take sent", Duration::from_secs(10), || {
+        slow.in_flight.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let cancelled = Instant::now();
+    worker.stop().await.unwrap();
+    let took = cancelled.elapsed();
+    // The takes in flight finish, the leases taken are released together.
+    assert!(
+        took <= 3 * SLOW_WRITE,
+        "shutdown took {took:?} with lease writes of {SLOW_WRITE:?}"
+    );
+    assert!(
+        slow.inner.leases().iter().all(|l| l.owner.is_none()),
+        "every lease taken was released: {:?}",
+        slow.inner.leases()
+    );
 }

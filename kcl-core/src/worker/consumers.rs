@@ -9,10 +9,11 @@ use tokio::task::{Id, JoinError};
 use tokio::time::Instant;
 use tracing::{Instrument, error, info, warn};
 
+use super::shutdown::release_lease;
 use super::{Coordinator, MAX_SHARD_COOLDOWN, RunningConsumer};
 use crate::consumer::{Progress, ShardConsumer, ShardExit};
 use crate::error::Error;
-use crate::lease::held::HeldLease;
+use crate::lease::held::{HeldLease, HeldLeases};
 use crate::metrics::Counters;
 use crate::processor::RecordProcessorFactory;
 
@@ -48,10 +49,33 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         );
     }
 
+    /// Acts on a consumer's exit, releasing its lease if that is what the exit calls for.
     pub(super) async fn on_consumer_exit(
         &mut self,
         joined: std::result::Result<(Id, ShardExit), JoinError>,
     ) {
+        let Some((key, exit)) = self.consumer_exited(joined) else {
+            return;
+        };
+        if let Some(release) = self.act_on_exit(key, exit).await {
+            let released = release_lease(
+                &release.lease,
+                self.store.as_ref(),
+                &self.config,
+                &self.seeds,
+            )
+            .await;
+            self.count_release(&release, released);
+        }
+        self.publish_status(None);
+    }
+
+    /// The bookkeeping of a consumer's exit: which lease it served, and the shard's cooldown
+    /// after a failure. `None` for a task this worker does not know.
+    pub(super) fn consumer_exited(
+        &mut self,
+        joined: std::result::Result<(Id, ShardExit), JoinError>,
+    ) -> Option<(String, ShardExit)> {
         let (id, exit) = match joined {
             Ok((id, exit)) => (id, exit),
             Err(e) => {
@@ -71,7 +95,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         };
         let Some(key) = self.consumer_leases.remove(&id) else {
             error!(task = %id, "exit of an unknown shard consumer");
-            return;
+            return None;
         };
         self.running.remove(&key);
         self.awaited_parents.remove(&key);
@@ -84,8 +108,21 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         } else {
             self.cooldown.remove(&key);
         }
+        Some((key, exit))
+    }
+
+    /// Acts on a consumer's exit, but for the release of its lease, which it returns: the
+    /// caller sends it at once, alone or (at shutdown) together with the others.
+    pub(super) async fn act_on_exit(&mut self, key: String, exit: ShardExit) -> Option<Release> {
+        let release = |held: &HeldLeases, handed_over| {
+            held.remove(&key)
+                .map(|lease| Release { lease, handed_over })
+        };
         match exit {
-            ShardExit::ShardEnded { children } => self.on_shard_end(&key, children).await,
+            ShardExit::ShardEnded { children } => {
+                self.on_shard_end(&key, children).await;
+                None
+            }
             ShardExit::ShardGone => {
                 if let Some(lease) = self.held.remove(&key) {
                     match lease.delete(self.store.as_ref()).await {
@@ -98,28 +135,30 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     }
                 }
                 self.mark_parents_done([key]);
+                None
             }
             ShardExit::LeaseLost => {
                 self.held.remove(&key);
+                None
             }
-            ShardExit::HandedOff => {
-                // The release keeps `handoffTo`: the lease is reserved for the requester.
-                if self.release(&key).await {
-                    self.counters.handed_over += 1;
-                }
-            }
+            // The release keeps `handoffTo`: the lease is reserved for the requester.
+            ShardExit::HandedOff => release(&self.held, true),
             // Only a shutdown stops consumers this way: release at once, to the worker the
             // lease was offered to, without waiting for the other shards.
-            ShardExit::Shutdown => {
-                self.release(&key).await;
-            }
+            ShardExit::Shutdown => release(&self.held, false),
             ShardExit::Failed(e) => {
                 let failures = self.cooldown.get(&key).map_or(1, |(n, _)| *n);
                 error!(lease_key = %key, error = %e, failures, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
-                self.release(&key).await;
+                release(&self.held, false)
             }
         }
-        self.publish_status(None);
+    }
+
+    /// Counts a release that ended a handoff.
+    pub(super) fn count_release(&mut self, release: &Release, released: bool) {
+        if released && release.handed_over {
+            self.counters.handed_over += 1;
+        }
     }
 
     /// Restarts shard consumers that made no progress (no `GetRecords` answer, no processor
@@ -145,4 +184,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             }
         }
     }
+}
+
+/// A lease to release after its consumer exited.
+pub(super) struct Release {
+    pub(super) lease: Arc<HeldLease>,
+    /// The consumer handed the shard over on request.
+    handed_over: bool,
 }

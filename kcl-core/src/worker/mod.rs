@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
 use tokio::sync::{Notify, watch};
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -49,6 +50,13 @@ use crate::stream::{HashKeyRange, StreamClient};
 
 /// Attempts of a lease-table or stream call made at start-up or at shutdown.
 const SETUP_ATTEMPTS: usize = 5;
+
+/// Lease-table writes the coordinator sends at once: the takes and handoff requests of a
+/// taking round, the offers and releases at shutdown. The renewer's bound (the Java KCL's 20
+/// renewal threads): a worker's leases go in one or two waves, so a round or a shutdown
+/// takes about one call's time instead of one per lease, without a burst that would throttle
+/// a table provisioned for the renewals.
+const MAX_CONCURRENT_LEASE_CALLS: usize = 20;
 
 pub use status::WorkerStatus;
 
@@ -162,6 +170,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
         );
         let coordinator = Coordinator {
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
+            shutdown,
             config: self.config,
             stream: self.stream,
             store: self.store,
@@ -187,7 +196,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             metrics: Arc::new(Counters::default()),
             cooldown: HashMap::new(),
         };
-        coordinator.run(shutdown).instrument(span).await
+        coordinator.run().instrument(span).await
     }
 }
 
@@ -230,6 +239,9 @@ struct Coordinator<F> {
     sync_trigger: Arc<Notify>,
     /// Hash keys no lease covered at the last taking round.
     last_holes: Vec<HashKeyRange>,
+    /// Cancelled when the worker is to shut down. Long steps stop starting lease writes once
+    /// it is (the ones in flight finish), so the loop acts on it within about one call.
+    shutdown: CancellationToken,
     /// Set once shutdown starts: no lease is taken any more.
     stopping: bool,
     /// Counters shared with the shard consumers.
@@ -272,7 +284,8 @@ enum Event {
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
-    pub(super) async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+    pub(super) async fn run(mut self) -> Result<()> {
+        let shutdown = self.shutdown.clone();
         let setup = self
             .config
             .lease
@@ -383,6 +396,22 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         info!("worker stopped");
         outcome
     }
+}
+
+/// Sends `calls` with at most [`MAX_CONCURRENT_LEASE_CALLS`] in flight and yields their
+/// outcomes as they arrive, for the caller to apply one at a time. Once `stop` is cancelled no
+/// further call starts; the ones in flight run to completion (each is bounded by the request
+/// timeout), so no write is dropped halfway: a take whose answer was dropped would leave a
+/// lease owned by this worker that it does not know it holds.
+fn concurrently<T, Fut: Future>(
+    calls: Vec<T>,
+    stop: Option<CancellationToken>,
+    send: impl FnMut(T) -> Fut,
+) -> impl Stream<Item = Fut::Output> {
+    futures::stream::iter(calls)
+        .take_while(move |_| std::future::ready(stop.as_ref().is_none_or(|s| !s.is_cancelled())))
+        .map(send)
+        .buffer_unordered(MAX_CONCURRENT_LEASE_CALLS)
 }
 
 /// Sleeps until `at` (a select branch guarded by `at.is_some()`).

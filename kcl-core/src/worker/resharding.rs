@@ -3,10 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use futures::StreamExt;
 use tracing::{debug, info, warn};
 
-use super::Coordinator;
-use crate::error::Error;
+use super::{Coordinator, concurrently};
+use crate::error::{Error, Result};
 use crate::lease::taker::{TakeDecision, TakeReason};
 use crate::lease::{Lease, LeaseUpdate, lineage};
 use crate::processor::RecordProcessorFactory;
@@ -69,6 +70,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             }
         };
+        let mut creatable = Vec::new();
         for child in children {
             let missing: Vec<&String> = child
                 .parent_shard_ids
@@ -80,19 +82,35 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 self.sync_trigger.notify_one();
                 continue;
             }
-            let lease = Lease::new(&child.shard_id, Checkpoint::TrimHorizon)
-                .with_parents(child.parent_shard_ids.iter().cloned())
-                .with_hash_key_range(child.hash_key_range);
-            match self.store.create_lease_if_absent(&lease).await {
+            creatable.push(
+                Lease::new(&child.shard_id, Checkpoint::TrimHorizon)
+                    .with_parents(child.parent_shard_ids.iter().cloned())
+                    .with_hash_key_range(child.hash_key_range),
+            );
+        }
+        // Creations are conditional and idempotent: sent together, each runs to completion.
+        let store = self.store.clone();
+        let created: Vec<(Lease, Result<bool>)> = concurrently(creatable, None, |lease| {
+            let store = store.clone();
+            async move {
+                let created = store.create_lease_if_absent(&lease).await;
+                (lease, created)
+            }
+        })
+        .collect()
+        .await;
+        let mut takes = Vec::new();
+        for (lease, created) in created {
+            match created {
                 Ok(true) => {
                     info!(lease_key = %lease.lease_key, parents = ?lease.parent_shard_ids, "created child lease");
-                    if self.held.all().len() < self.config.lease.max_leases_per_worker {
-                        self.take(TakeDecision::new(
+                    if self.held.all().len() + takes.len() < self.config.lease.max_leases_per_worker
+                    {
+                        takes.push(TakeDecision::new(
                             lease.lease_key.clone(),
                             lease.fence(),
                             TakeReason::Unowned,
-                        ))
-                        .await;
+                        ));
                     }
                 }
                 // Created by the worker that finished the other parent of a merge.
@@ -103,6 +121,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             }
         }
+        self.take_all(takes).await;
     }
 
     /// True while a waiting consumer needs a parent not yet known to be finished.

@@ -2,10 +2,15 @@
 //! shutdown offering every lease to the other workers, stopping the consumers and releasing
 //! everything.
 
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Coordinator, SETUP_ATTEMPTS};
+use super::{Coordinator, MAX_CONCURRENT_LEASE_CALLS, SETUP_ATTEMPTS, concurrently};
 use crate::backoff::{SeedSource, retry};
 use crate::config::WorkerConfig;
 use crate::lease::held::HeldLease;
@@ -27,7 +32,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// so the receivers see the offers and watch for the releases.
     pub(super) async fn offer_leases_before_stopping(&mut self) {
         let me = self.config.worker_id.clone();
-        let mut receivers: Vec<(usize, String)> = self
+        let receivers: Vec<(usize, String)> = self
             .worker_loads
             .iter()
             .filter(|(w, _)| **w != me)
@@ -37,15 +42,22 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         if receivers.is_empty() || leases.is_empty() {
             return;
         }
+        let workers = receivers.len();
+        let offers = assign_offers(leases, receivers);
+        let store = self.store.clone();
+        let mut sent = concurrently(offers, None, |(lease, to)| {
+            let store = store.clone();
+            async move {
+                let offer = LeaseUpdate::RequestHandoff { to: to.clone() };
+                let result = lease.write(store.as_ref(), &offer).await;
+                (lease, to, result)
+            }
+        });
         let mut offered = 0usize;
-        for lease in &leases {
-            receivers.sort();
-            let (load, to) = &mut receivers[0];
-            let offer = LeaseUpdate::RequestHandoff { to: to.clone() };
-            match lease.write(self.store.as_ref(), &offer).await {
+        while let Some((lease, to, result)) = sent.next().await {
+            match result {
                 Ok(_) => {
                     debug!(lease_key = %lease.lease_key(), to = %to, "offered lease");
-                    *load += 1;
                     offered += 1;
                 }
                 // Already asked for by another worker: the release goes to that one.
@@ -56,7 +68,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .min(self.config.shutdown_timeout / 2);
         info!(
             offered,
-            receivers = receivers.len(),
+            receivers = workers,
             ?wait,
             "offered leases to other workers; processing until they watch"
         );
@@ -71,42 +83,65 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     }
 
     /// Asks every consumer to stop and waits up to the shutdown timeout; consumers that do not
-    /// finish in time are aborted (their processors dropped mid-call).
+    /// finish in time are aborted (their processors dropped mid-call). Each lease is released
+    /// as soon as its consumer stopped, without waiting for the other shards, and the releases
+    /// run together: a worker with many leases stops in about one call's time, not one per
+    /// lease. The releases are owned here and awaited before this returns.
     pub(super) async fn stop_consumers(&mut self) {
         self.consumers_stop.cancel();
         let deadline = Instant::now() + self.config.shutdown_timeout;
+        let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_LEASE_CALLS));
+        let mut releases = FuturesUnordered::new();
+        let mut aborted = false;
         loop {
-            match tokio::time::timeout_at(deadline, self.consumers.join_next_with_id()).await {
-                Ok(Some(joined)) => self.on_consumer_exit(joined).await,
-                Ok(None) => return,
-                Err(_) => {
+            tokio::select! {
+                Some(joined) = self.consumers.join_next_with_id() => {
+                    let Some((key, exit)) = self.consumer_exited(joined) else { continue };
+                    if let Some(release) = self.act_on_exit(key, exit).await {
+                        let (store, config, seeds, permits) = (
+                            self.store.clone(),
+                            self.config.clone(),
+                            self.seeds.clone(),
+                            permits.clone(),
+                        );
+                        releases.push(async move {
+                            // Never closed, so always granted.
+                            let _permit = permits.acquire_owned().await;
+                            let released =
+                                release_lease(&release.lease, store.as_ref(), &config, &seeds).await;
+                            (release, released)
+                        });
+                    }
+                }
+                Some((release, released)) = releases.next() => {
+                    self.count_release(&release, released);
+                }
+                _ = tokio::time::sleep_until(deadline), if !aborted && !self.consumers.is_empty() => {
                     warn!(
                         consumers = self.consumers.len(),
                         timeout = ?self.config.shutdown_timeout,
                         "shard consumers did not stop in time; aborting them"
                     );
                     self.consumers.abort_all();
-                    while let Some(joined) = self.consumers.join_next_with_id().await {
-                        self.on_consumer_exit(joined).await;
-                    }
-                    return;
+                    aborted = true;
                 }
+                else => break,
             }
         }
+        self.publish_status(None);
     }
 
-    /// Releases every held lease, in parallel.
+    /// Releases every held lease, the releases sent together.
     pub(super) async fn release_all(&mut self) {
         let leases = self.held.all();
         for lease in &leases {
             self.held.remove(lease.lease_key());
         }
         let (store, config, seeds) = (self.store.as_ref(), &self.config, &self.seeds);
-        futures::future::join_all(
-            leases
-                .iter()
-                .map(|lease| release_lease(lease, store, config, seeds)),
-        )
+        concurrently(leases, None, |lease| async move {
+            release_lease(&lease, store, config, seeds).await
+        })
+        .for_each(|_| std::future::ready(()))
         .await;
     }
 }
@@ -135,4 +170,21 @@ pub(super) async fn release_lease(
             false
         }
     }
+}
+
+/// Assigns each lease to the least loaded receiver, counting the leases assigned before it.
+/// `receivers` are (load, worker id) and must not be empty.
+fn assign_offers(
+    leases: Vec<Arc<HeldLease>>,
+    mut receivers: Vec<(usize, String)>,
+) -> Vec<(Arc<HeldLease>, String)> {
+    leases
+        .into_iter()
+        .map(|lease| {
+            receivers.sort();
+            let (load, to) = &mut receivers[0];
+            *load += 1;
+            (lease, to.clone())
+        })
+        .collect()
 }

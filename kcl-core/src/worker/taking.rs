@@ -3,16 +3,18 @@
 //! handed.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
+use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Coordinator, Pending};
-use crate::error::{Error, ErrorKind};
+use super::{Coordinator, Pending, concurrently};
+use crate::error::{Error, ErrorKind, Result};
 use crate::lease::held::HeldLease;
 use crate::lease::lineage;
-use crate::lease::taker::{TakeDecision, TakeInput, TakeReason, plan};
-use crate::lease::{Lease, LeaseFence, LeaseUpdate};
+use crate::lease::taker::{HandoffRequest, TakeDecision, TakeInput, TakeReason, plan};
+use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -36,7 +38,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         // lease table while DynamoDB fails fast; found by the simulation). The regular taker
         // tick retries.
         self.expiry_check = None;
-        let scan = match self.store.list_leases().await {
+        // A read can be dropped at any point: a shutdown does not wait for it.
+        let scan = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return,
+            scan = self.store.list_leases() => scan,
+        };
+        let scan = match scan {
             Ok(scan) => scan,
             Err(e) => {
                 warn!(error = %e, "lease scan failed; next round retries");
@@ -110,32 +118,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 "taking round"
             );
         }
-        for decision in decisions.take {
-            self.take(decision).await;
-        }
-        for request in decisions.request_handoff {
-            let update = LeaseUpdate::RequestHandoff { to: me.clone() };
-            match self
-                .store
-                .update_lease(&request.lease_key, &request.fence, &update)
-                .await
-            {
-                Ok(_) => {
-                    info!(lease_key = %request.lease_key, owner = ?request.fence.owner, "asked for lease");
-                    let pending = Pending {
-                        since: Instant::now(),
-                        asked: true,
-                    };
-                    self.incoming.insert(request.lease_key, pending);
-                }
-                Err(e) if e.kind() == ErrorKind::ConditionFailed => {
-                    debug!(lease_key = %request.lease_key, "lease changed before the handoff request");
-                }
-                Err(e) => {
-                    warn!(lease_key = %request.lease_key, error = %e, "asking for a lease failed")
-                }
-            }
-        }
+        let writes = decisions
+            .take
+            .into_iter()
+            .map(RoundWrite::Take)
+            .chain(decisions.request_handoff.into_iter().map(RoundWrite::Ask))
+            .collect();
+        self.send_round_writes(writes).await;
         self.learn_parents(&scan.leases);
         // An item that does not decode is a lease of unknown range, like an old Java KCL
         // lease without one: the check is inconclusive.
@@ -191,6 +180,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .map(|l| (l.lease_key.as_str(), l))
             .collect();
         let me = self.config.worker_id.clone();
+        let mut takes = Vec::new();
         for key in keys {
             let Some(lease) = found.get(key.as_str()) else {
                 self.incoming.remove(&key);
@@ -221,22 +211,55 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             };
             self.incoming.remove(&key);
-            let at_limit = self.held.all().len() >= self.config.lease.max_leases_per_worker;
+            let at_limit =
+                self.held.all().len() + takes.len() >= self.config.lease.max_leases_per_worker;
             if at_limit {
                 // The reservation lapses and another worker takes the lease.
                 debug!(lease_key = %key, "not taking a handed-over lease: at max_leases_per_worker");
                 continue;
             }
             if self.held.get(&key).is_none() && !self.running.contains_key(&key) {
-                self.take(TakeDecision::new(key, lease.fence(), reason))
-                    .await;
+                takes.push(TakeDecision::new(key, lease.fence(), reason));
             }
         }
+        self.take_all(takes).await;
         self.publish_status(None);
     }
 
-    pub(super) async fn take(&mut self, decision: TakeDecision) -> bool {
-        if self.stopping {
+    /// Takes these leases, the writes sent together.
+    pub(super) async fn take_all(&mut self, decisions: Vec<TakeDecision>) {
+        self.send_round_writes(decisions.into_iter().map(RoundWrite::Take).collect())
+            .await;
+    }
+
+    /// Sends the writes of a round together and applies each outcome as it arrives. A
+    /// shutdown stops further writes from being sent; see [`super::concurrently`].
+    async fn send_round_writes(&mut self, writes: Vec<RoundWrite>) {
+        let writes: Vec<RoundWrite> = writes
+            .into_iter()
+            .filter(|write| match write {
+                RoundWrite::Take(decision) => self.may_take(decision),
+                RoundWrite::Ask(_) => !self.stopping,
+            })
+            .collect();
+        let (store, me) = (self.store.clone(), self.config.worker_id.clone());
+        let mut outcomes = concurrently(writes, Some(self.shutdown.clone()), move |write| {
+            write.send(store.clone(), me.clone())
+        });
+        while let Some(outcome) = outcomes.next().await {
+            match outcome {
+                RoundOutcome::Take {
+                    decision,
+                    sent_at,
+                    result,
+                } => self.took(decision, sent_at, result),
+                RoundOutcome::Ask { request, result } => self.asked(request, result),
+            }
+        }
+    }
+
+    fn may_take(&self, decision: &TakeDecision) -> bool {
+        if self.stopping || self.shutdown.is_cancelled() {
             return false;
         }
         if let Some((failures, until)) = self.cooldown.get(&decision.lease_key) {
@@ -245,15 +268,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 return false;
             }
         }
-        let sent_at = Instant::now();
-        let update = LeaseUpdate::Take {
-            new_owner: self.config.worker_id.clone(),
-        };
-        match self
-            .store
-            .update_lease(&decision.lease_key, &decision.fence, &update)
-            .await
-        {
+        true
+    }
+
+    /// Applies the answer to a take: on success the lease is held and its consumer started.
+    fn took(&mut self, decision: TakeDecision, sent_at: Instant, result: Result<Lease>) {
+        match result {
             Ok(lease) => {
                 info!(lease_key = %lease.lease_key, reason = ?decision.reason, counter = lease.counter, "took lease");
                 self.incoming.remove(&lease.lease_key);
@@ -269,15 +289,32 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 );
                 self.held.insert(held.clone());
                 self.start_consumer(held, parents);
-                true
             }
             Err(e) if e.kind() == ErrorKind::ConditionFailed => {
                 debug!(lease_key = %decision.lease_key, "lease changed before the take; another worker got it");
-                false
             }
             Err(e) => {
                 warn!(lease_key = %decision.lease_key, error = %e, "taking a lease failed");
-                false
+            }
+        }
+    }
+
+    /// Applies the answer to a handoff request: on success the lease is watched.
+    fn asked(&mut self, request: HandoffRequest, result: Result<Lease>) {
+        match result {
+            Ok(_) => {
+                info!(lease_key = %request.lease_key, owner = ?request.fence.owner, "asked for lease");
+                let pending = Pending {
+                    since: Instant::now(),
+                    asked: true,
+                };
+                self.incoming.insert(request.lease_key, pending);
+            }
+            Err(e) if e.kind() == ErrorKind::ConditionFailed => {
+                debug!(lease_key = %request.lease_key, "lease changed before the handoff request");
+            }
+            Err(e) => {
+                warn!(lease_key = %request.lease_key, error = %e, "asking for a lease failed")
             }
         }
     }
@@ -289,6 +326,52 @@ impl TakeDecision {
             lease_key,
             fence,
             reason,
+        }
+    }
+}
+
+/// A lease write of a taking round. It is sent without holding the coordinator, so that the
+/// writes of a round go together; the outcomes are applied afterwards, one at a time.
+enum RoundWrite {
+    Take(TakeDecision),
+    Ask(HandoffRequest),
+}
+
+enum RoundOutcome {
+    Take {
+        decision: TakeDecision,
+        /// When the take was sent: the lease is valid for a lease duration from then.
+        sent_at: Instant,
+        result: Result<Lease>,
+    },
+    Ask {
+        request: HandoffRequest,
+        result: Result<Lease>,
+    },
+}
+
+impl RoundWrite {
+    async fn send(self, store: Arc<dyn LeaseStore>, me: String) -> RoundOutcome {
+        match self {
+            RoundWrite::Take(decision) => {
+                let sent_at = Instant::now();
+                let update = LeaseUpdate::Take { new_owner: me };
+                let result = store
+                    .update_lease(&decision.lease_key, &decision.fence, &update)
+                    .await;
+                RoundOutcome::Take {
+                    decision,
+                    sent_at,
+                    result,
+                }
+            }
+            RoundWrite::Ask(request) => {
+                let update = LeaseUpdate::RequestHandoff { to: me };
+                let result = store
+                    .update_lease(&request.lease_key, &request.fence, &update)
+                    .await;
+                RoundOutcome::Ask { request, result }
+            }
         }
     }
 }
