@@ -18,7 +18,7 @@ use md5::{Digest, Md5};
 use crate::stream::{HashKeyRange, Record};
 
 /// The first bytes of a KPL-aggregated record.
-pub const KPL_MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+pub(crate) const KPL_MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
 const DIGEST_LEN: usize = 16;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -54,35 +54,35 @@ struct Tag {
 /// Why an aggregated-looking record was delivered as a plain record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum AggregationProblem {
+pub(crate) enum AggregationProblem {
     /// The MD5 trailer does not match the protobuf (or the record is too short for one).
-    BadDigest,
+    DigestMismatch,
     /// The protobuf does not decode.
-    BadProtobuf(String),
+    UndecodableProtobuf(String),
     /// A user record points outside the partition-key or explicit-hash-key table.
-    BadIndex,
+    IndexOutOfRange,
 }
 
 /// What de-aggregating one Kinesis record gave.
 #[derive(Debug, Default)]
 #[non_exhaustive]
-pub struct Deaggregated {
+pub(crate) struct Deaggregated {
     /// The user records (or the record itself when it is not aggregated, or corrupt).
-    pub records: Vec<Record>,
+    pub(crate) records: Vec<Record>,
     /// Set when the record looked aggregated but was delivered as a plain record.
-    pub problem: Option<AggregationProblem>,
+    pub(crate) problem: Option<AggregationProblem>,
     /// User records dropped because their hash key is outside the shard's range.
-    pub dropped_out_of_range: usize,
+    pub(crate) dropped_out_of_range: usize,
 }
 
 /// The hash key Kinesis routes a partition key to: the MD5 of its UTF-8 bytes as a big-endian
 /// 128-bit number.
-pub fn partition_key_hash(partition_key: &str) -> u128 {
+pub(crate) fn partition_key_hash(partition_key: &str) -> u128 {
     u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
 }
 
 /// De-aggregates `record`. `shard_range`, when known, drops user records that hash outside it.
-pub fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> Deaggregated {
+pub(crate) fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> Deaggregated {
     let plain = |record: Record, problem: Option<AggregationProblem>| Deaggregated {
         records: vec![record],
         problem,
@@ -92,15 +92,15 @@ pub fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> Deaggre
         return plain(record, None);
     };
     let Some(split) = body.len().checked_sub(DIGEST_LEN) else {
-        return plain(record, Some(AggregationProblem::BadDigest));
+        return plain(record, Some(AggregationProblem::DigestMismatch));
     };
     let (message, digest) = body.split_at(split);
     if Md5::digest(message).as_slice() != digest {
-        return plain(record, Some(AggregationProblem::BadDigest));
+        return plain(record, Some(AggregationProblem::DigestMismatch));
     }
     let aggregated = match <AggregatedRecord as prost::Message>::decode(message) {
         Ok(aggregated) => aggregated,
-        Err(e) => return plain(record, Some(AggregationProblem::BadProtobuf(e.to_string()))),
+        Err(e) => return plain(record, Some(AggregationProblem::UndecodableProtobuf(e.to_string()))),
     };
     // Resolve every user record before delivering any: a bad index makes the whole record
     // suspect, and then it is delivered as it came.
@@ -118,7 +118,7 @@ pub fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> Deaggre
         };
         match (key, explicit) {
             (Some(key), Some(explicit)) => resolved.push((key, explicit, user)),
-            _ => return plain(record, Some(AggregationProblem::BadIndex)),
+            _ => return plain(record, Some(AggregationProblem::IndexOutOfRange)),
         }
     }
     let mut out = Deaggregated::default();

@@ -2,7 +2,7 @@
 #![deny(rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
 #![warn(missing_docs)]
 
-pub mod aggregation;
+mod aggregation;
 mod backoff;
 mod bounded;
 mod checkpoint;
@@ -11,7 +11,7 @@ mod consumer;
 mod error;
 #[cfg(feature = "kinesis")]
 mod kinesis;
-pub mod lease;
+mod lease;
 mod metrics;
 mod processor;
 mod published;

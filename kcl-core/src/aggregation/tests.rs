@@ -79,13 +79,13 @@ fn a_bad_digest_is_delivered_as_a_plain_record() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x01;
     let out = deaggregate(record(bytes.clone()), None);
-    assert_eq!(out.problem, Some(AggregationProblem::BadDigest));
+    assert_eq!(out.problem, Some(AggregationProblem::DigestMismatch));
     assert_eq!(out.records.len(), 1);
     assert_eq!(out.records[0].data, bytes, "delivered unchanged");
     assert!(!out.records[0].aggregated);
     // Too short to even hold a digest.
     let out = deaggregate(record([&KPL_MAGIC[..], &[1, 2, 3]].concat()), None);
-    assert_eq!(out.problem, Some(AggregationProblem::BadDigest));
+    assert_eq!(out.problem, Some(AggregationProblem::DigestMismatch));
 }
 
 fn with_digest(message: &[u8]) -> Vec<u8> {
@@ -97,7 +97,7 @@ fn bad_protobuf_with_a_good_digest_is_delivered_as_a_plain_record() {
     let bytes = with_digest(&[0xFF, 0xFF, 0xFF, 0xFF, 0x0F]);
     let out = deaggregate(record(bytes.clone()), None);
     assert!(
-        matches!(out.problem, Some(AggregationProblem::BadProtobuf(_))),
+        matches!(out.problem, Some(AggregationProblem::UndecodableProtobuf(_))),
         "{:?}",
         out.problem
     );
@@ -126,7 +126,7 @@ fn an_index_pointing_nowhere_is_delivered_as_a_plain_record() {
     };
     let bytes = with_digest(&prost::Message::encode_to_vec(&message));
     let out = deaggregate(record(bytes), None);
-    assert_eq!(out.problem, Some(AggregationProblem::BadIndex));
+    assert_eq!(out.problem, Some(AggregationProblem::IndexOutOfRange));
     assert_eq!(out.records.len(), 1);
 }
 

@@ -125,7 +125,7 @@ fn starting_checkpoint(shard: &Shard, initial: &InitialPosition) -> Option<Check
 }
 
 /// The leases to create so that the table follows the rules of this module, parents first.
-pub fn leases_to_create(
+pub(crate) fn leases_to_create(
     shards: &[Shard],
     leases: &[Lease],
     initial: &InitialPosition,
@@ -168,7 +168,7 @@ pub fn leases_to_create(
 /// Why a lease is deleted.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 #[non_exhaustive]
-pub enum DeletionReason {
+pub(crate) enum DeletionReason {
     /// The shard was processed to its end and every child has started and checkpointed.
     ChildrenStarted,
     /// The shard was processed to its end and is past the stream's retention.
@@ -178,13 +178,13 @@ pub enum DeletionReason {
 /// A finished lease to delete, with the fence the delete must match.
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
-pub struct LeaseDeletion {
+pub(crate) struct LeaseDeletion {
     /// The lease.
-    pub lease_key: String,
+    pub(crate) lease_key: String,
     /// Its owner and counter as seen.
-    pub fence: LeaseFence,
+    pub(crate) fence: LeaseFence,
     /// Why.
-    pub reason: DeletionReason,
+    pub(crate) reason: DeletionReason,
 }
 
 /// True once a child lease has left its starting sentinel: it read and checkpointed records.
@@ -196,7 +196,7 @@ fn has_checkpointed(lease: &Lease) -> bool {
 }
 
 /// The finished leases that can be deleted.
-pub fn leases_to_delete(shards: &[Shard], leases: &[Lease]) -> Vec<LeaseDeletion> {
+pub(crate) fn leases_to_delete(shards: &[Shard], leases: &[Lease]) -> Vec<LeaseDeletion> {
     let lineage = Lineage::new(shards);
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
     let leased: HashSet<&str> = by_key.keys().copied().collect();
@@ -241,7 +241,7 @@ pub fn leases_to_delete(shards: &[Shard], leases: &[Lease]) -> Vec<LeaseDeletion
 /// number of holes says nothing.) Reporting those holes would make every worker run a full
 /// shard sync each round for as long as the old lease lives. Finished leases do not count
 /// either way.
-pub fn hash_key_holes(leases: &[Lease]) -> Vec<HashKeyRange> {
+pub(crate) fn hash_key_holes(leases: &[Lease]) -> Vec<HashKeyRange> {
     let unfinished = leases.iter().filter(|l| !l.is_finished());
     let Some(mut ranges) = unfinished
         .map(|l| l.hash_key_range)

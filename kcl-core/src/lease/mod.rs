@@ -23,9 +23,9 @@
 //! unchanged for the handoff timeout.
 
 pub(crate) mod held;
-pub mod lineage;
+pub(crate) mod lineage;
 pub(crate) mod renewer;
-pub mod taker;
+pub(crate) mod taker;
 
 use std::collections::BTreeSet;
 use std::fmt;

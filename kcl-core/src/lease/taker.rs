@@ -30,7 +30,7 @@ use crate::lease::{Lease, LeaseFence};
 
 /// What this worker has seen of each lease: its counter and when that counter last changed.
 #[derive(Debug, Default, Clone)]
-pub struct LeaseObservations {
+pub(crate) struct LeaseObservations {
     seen: HashMap<String, Seen>,
 }
 
@@ -42,14 +42,14 @@ struct Seen {
 
 impl LeaseObservations {
     /// No observations yet.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Records a read of the whole table at `now`. A lease seen for the first time counts as
     /// just changed (its owner gets a full lease duration); leases no longer in the table are
     /// forgotten.
-    pub fn observe(&mut self, leases: &[Lease], now: Instant) {
+    pub(crate) fn observe(&mut self, leases: &[Lease], now: Instant) {
         let mut next = HashMap::with_capacity(leases.len());
         for lease in leases {
             next.insert(lease.lease_key.clone(), self.seen_now(lease, now));
@@ -58,7 +58,7 @@ impl LeaseObservations {
     }
 
     /// Records a read of some leases at `now`, keeping what is known of the others.
-    pub fn observe_some(&mut self, leases: &[Lease], now: Instant) {
+    pub(crate) fn observe_some(&mut self, leases: &[Lease], now: Instant) {
         for lease in leases {
             let seen = self.seen_now(lease, now);
             self.seen.insert(lease.lease_key.clone(), seen);
@@ -77,7 +77,7 @@ impl LeaseObservations {
 
     /// How long the lease's counter has been unchanged as far as this worker has seen, or
     /// `None` if it was never observed with this counter.
-    pub fn unchanged_for(&self, lease: &Lease, now: Instant) -> Option<Duration> {
+    pub(crate) fn unchanged_for(&self, lease: &Lease, now: Instant) -> Option<Duration> {
         self.seen
             .get(&lease.lease_key)
             .filter(|seen| seen.counter == lease.counter)
@@ -86,7 +86,7 @@ impl LeaseObservations {
 
     /// When the lease will count as expired if its counter does not change again: the
     /// observed change plus `lease_duration`. `None` if never observed.
-    pub fn expires_at(&self, lease: &Lease, lease_duration: Duration) -> Option<Instant> {
+    pub(crate) fn expires_at(&self, lease: &Lease, lease_duration: Duration) -> Option<Instant> {
         self.seen
             .get(&lease.lease_key)
             .filter(|seen| seen.counter == lease.counter)
@@ -96,7 +96,7 @@ impl LeaseObservations {
     /// True when the lease's counter has not changed for `lease_duration` as far as this
     /// worker has seen. A lease never observed, or observed with another counter, is not
     /// expired.
-    pub fn is_expired(&self, lease: &Lease, now: Instant, lease_duration: Duration) -> bool {
+    pub(crate) fn is_expired(&self, lease: &Lease, now: Instant, lease_duration: Duration) -> bool {
         self.unchanged_for(lease, now)
             .is_some_and(|d| d >= lease_duration)
     }
@@ -105,7 +105,7 @@ impl LeaseObservations {
 /// Why a lease is taken.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
-pub enum TakeReason {
+pub(crate) enum TakeReason {
     /// Its owner released it for this worker at the end of a handoff.
     Reserved,
     /// The table names this worker as owner but it does not hold the lease: a take whose
@@ -125,70 +125,70 @@ pub enum TakeReason {
 /// A lease to take, with the fence the take must match.
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
-pub struct TakeDecision {
+pub(crate) struct TakeDecision {
     /// The lease.
-    pub lease_key: String,
+    pub(crate) lease_key: String,
     /// The owner and counter seen in the table.
-    pub fence: LeaseFence,
+    pub(crate) fence: LeaseFence,
     /// Why it is taken.
-    pub reason: TakeReason,
+    pub(crate) reason: TakeReason,
 }
 
 /// A lease of a live worker to ask for (see [`LeaseUpdate::RequestHandoff`](crate::LeaseUpdate)).
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]
-pub struct HandoffRequest {
+pub(crate) struct HandoffRequest {
     /// The lease.
-    pub lease_key: String,
+    pub(crate) lease_key: String,
     /// Its owner and counter as seen in the table.
-    pub fence: LeaseFence,
+    pub(crate) fence: LeaseFence,
 }
 
 /// The inputs of one taking round.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
-pub struct TakeInput<'a> {
+pub(crate) struct TakeInput<'a> {
     /// This worker.
-    pub worker_id: &'a str,
+    pub(crate) worker_id: &'a str,
     /// The lease table as just read.
-    pub leases: &'a [Lease],
+    pub(crate) leases: &'a [Lease],
     /// Leases this worker holds (renews, or still runs a consumer for).
-    pub held: &'a BTreeSet<String>,
+    pub(crate) held: &'a BTreeSet<String>,
     /// Counter observations, already updated with `leases`.
-    pub observations: &'a LeaseObservations,
+    pub(crate) observations: &'a LeaseObservations,
     /// The time of the read.
-    pub now: Instant,
+    pub(crate) now: Instant,
     /// The lease duration.
-    pub lease_duration: Duration,
+    pub(crate) lease_duration: Duration,
     /// How long a reservation for another worker is respected.
-    pub handoff_timeout: Duration,
+    pub(crate) handoff_timeout: Duration,
     /// Most leases this worker may hold.
-    pub max_leases_per_worker: usize,
+    pub(crate) max_leases_per_worker: usize,
     /// Most handoffs to ask for in one round.
-    pub max_leases_to_steal: usize,
+    pub(crate) max_leases_to_steal: usize,
     /// Orders equally good candidates, so that workers starting together pick different
     /// leases instead of all racing for the same ones.
-    pub seed: u64,
+    pub(crate) seed: u64,
 }
 
 /// The decisions of one taking round, and what they were based on.
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
-pub struct TakePlan {
+pub(crate) struct TakePlan {
     /// Free leases to take now.
-    pub take: Vec<TakeDecision>,
+    pub(crate) take: Vec<TakeDecision>,
     /// Leases of live workers to ask for.
-    pub request_handoff: Vec<HandoffRequest>,
+    pub(crate) request_handoff: Vec<HandoffRequest>,
     /// Workers counted (this one included).
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Leases of unfinished shards.
-    pub active_leases: usize,
+    pub(crate) active_leases: usize,
     /// Leases counted for this worker before this round's decisions.
-    pub counted_for_me: usize,
+    pub(crate) counted_for_me: usize,
     /// Leases that no known worker has room for under `max_leases_per_worker`.
-    pub spillover: usize,
+    pub(crate) spillover: usize,
     /// Leases counted for each worker (this one included) before this round's decisions.
-    pub worker_loads: BTreeMap<String, usize>,
+    pub(crate) worker_loads: BTreeMap<String, usize>,
 }
 
 /// Who a lease counts for, or why it is free.
@@ -232,7 +232,7 @@ fn standing<'a>(lease: &'a Lease, input: &TakeInput<'a>) -> Standing<'a> {
 }
 
 /// Decides one taking round; see the module documentation for the rules.
-pub fn plan(input: &TakeInput<'_>) -> TakePlan {
+pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
     let me = input.worker_id;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::from([(me, 0)]);
     let mut free: Vec<(TakeReason, u64, &Lease)> = Vec::new();
