@@ -58,7 +58,7 @@ pub(crate) enum AggregationProblem {
     /// The MD5 trailer does not match the protobuf (or the record is too short for one).
     DigestMismatch,
     /// The protobuf does not decode.
-    UndecodableProtobuf(String),
+    Undecodable(String),
     /// A user record points outside the partition-key or explicit-hash-key table.
     IndexOutOfRange,
 }
@@ -100,7 +100,7 @@ pub(crate) fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> 
     }
     let aggregated = match <AggregatedRecord as prost::Message>::decode(message) {
         Ok(aggregated) => aggregated,
-        Err(e) => return plain(record, Some(AggregationProblem::UndecodableProtobuf(e.to_string()))),
+        Err(e) => return plain(record, Some(AggregationProblem::Undecodable(e.to_string()))),
     };
     // Resolve every user record before delivering any: a bad index makes the whole record
     // suspect, and then it is delivered as it came.

@@ -97,7 +97,7 @@ fn bad_protobuf_with_a_good_digest_is_delivered_as_a_plain_record() {
     let bytes = with_digest(&[0xFF, 0xFF, 0xFF, 0xFF, 0x0F]);
     let out = deaggregate(record(bytes.clone()), None);
     assert!(
-        matches!(out.problem, Some(AggregationProblem::UndecodableProtobuf(_))),
+        matches!(out.problem, Some(AggregationProblem::Undecodable(_))),
         "{:?}",
         out.problem
     );
