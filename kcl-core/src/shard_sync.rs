@@ -4,7 +4,17 @@
 //! `shard_sync_interval`, and at once when the worker asks (a shard ended without reporting
 //! its children, a hole in the lease coverage). It runs beside the worker's loop, so a slow or
 //! stalled `ListShards` never holds up lease taking, handoffs or the watchdog. It stops when
-//! its token is cancelled; it ends with an error only when the stream is gone.
+//! its token is cancelled, at once, even in the middle of a sync (see [`ShardSyncer::run`]);
+//! it ends with an error only when the stream is gone.
+//!
+//! A DynamoDB Scan is not a snapshot: an item created or deleted while a scan runs may or may
+//! not be in it (items that exist throughout always are). A sync stays correct with such
+//! scans. A lease missing because it was just created is created again, which the condition
+//! makes a no-op; its ancestors are in the lineage through the leases that existed before it.
+//! A finished parent is deleted only when every child is seen started, and a child missing
+//! from the scan counts as started only when it is past retention or has a leased
+//! descendant, which a child created during the scan cannot have. (The worker never takes a
+//! parent missing from a scan for finished: it reads the key.)
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -51,8 +61,17 @@ impl ShardSyncer {
                 _ = trigger.notified() => {}
                 _ = tick.tick() => {}
             }
-            // Outside the select: a sync runs to completion (or to its calls' timeouts).
-            match self.sync_once().await {
+            // A sync is dropped when the worker stops, even halfway through its writes, so a
+            // long first sync of a big stream does not hold up a shutdown. Safe: every write is
+            // conditional and idempotent (a create only if absent, parents before children; a
+            // delete only at the fence seen), so a dropped write happened or did not, and the
+            // next sync, on any worker, recomputes everything from fresh reads.
+            let synced = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                synced = self.sync_once() => synced,
+            };
+            match synced {
                 Err(e @ Error::StreamNotFound { .. }) => return Err(e),
                 Err(e) => warn!(error = %e, "shard sync failed; the next sync retries"),
                 Ok(()) => {}

@@ -4,15 +4,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use kcl_core::testing::{InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
-    Checkpoint, Lease, LeaseConfig, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, Result,
-    async_trait,
+    Checkpoint, Lease, LeaseConfig, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, RecordsPage,
+    Result, Shard, StartingPosition, StreamClient, async_trait,
 };
 use tokio::time::Instant;
 
@@ -251,5 +251,86 @@ async fn a_shutdown_during_a_slow_taking_round_is_acted_on_at_once() {
         slow.inner.leases().iter().all(|l| l.owner.is_none()),
         "every lease taken was released: {:?}",
         slow.inner.leases()
+    );
+}
+
+/// A stream whose `ListShards` hangs once `stalled` is set (the other calls go through),
+/// counting the calls that hang.
+#[derive(Debug)]
+struct StalledListShards {
+    inner: Arc<InMemoryStream>,
+    stalled: AtomicBool,
+    hanging: AtomicUsize,
+}
+
+#[async_trait]
+impl StreamClient for StalledListShards {
+    fn stream_name(&self) -> &str {
+        self.inner.stream_name()
+    }
+    async fn list_shards(&self) -> Result<Vec<Shard>> {
+        if self.stalled.load(Ordering::SeqCst) {
+            self.hanging.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.inner.list_shards().await
+    }
+    async fn get_shard_iterator(
+        &self,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<String> {
+        self.inner.get_shard_iterator(shard_id, position).await
+    }
+    async fn get_records(
+        &self,
+        shard_id: &str,
+        shard_iterator: &str,
+        limit: u32,
+    ) -> Result<RecordsPage> {
+        self.inner
+            .get_records(shard_id, shard_iterator, limit)
+            .await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_does_not_wait_for_a_stalled_shard_sync() {
+    let stream = Arc::new(StalledListShards {
+        inner: Arc::new(InMemoryStream::new("test-stream", 2)),
+        stalled: AtomicBool::new(false),
+        hanging: AtomicUsize::new(0),
+    });
+    let store = Arc::new(InMemoryLeaseStore::new("test-app"));
+    let log = Log::default();
+    let sync_every = Duration::from_secs(5);
+    let worker = start_on(
+        config("w1").with_lease(LeaseConfig::default().with_shard_sync_interval(sync_every)),
+        stream.clone(),
+        store.clone(),
+        &log,
+        &Faults::default(),
+    );
+    wait_until("the leases taken", Duration::from_secs(10), || {
+        worker.held() == 2
+    })
+    .await;
+    stream.stalled.store(true, Ordering::SeqCst);
+    wait_until("a shard sync hanging", 2 * sync_every, || {
+        stream.hanging.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let cancelled = Instant::now();
+    worker.stop().await.unwrap();
+    // Without interrupting the sync, the stop waits for ListShards to time out, five times.
+    let took = cancelled.elapsed();
+    assert!(
+        took < sync_every,
+        "shutdown took {took:?} behind a stalled shard sync"
+    );
+    assert!(
+        store.leases().iter().all(|l| l.owner.is_none()),
+        "the leases were released: {:?}",
+        store.leases()
     );
 }

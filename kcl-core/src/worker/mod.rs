@@ -9,7 +9,10 @@
 //! - one shard consumer task per held lease, in the worker's `consumers` set; each is asked to
 //!   stop through a child token of `consumers_stop` (or its lease's handoff token) and its
 //!   exit is observed and acted on (lease released, handed over, dropped, or kept for release
-//!   at shutdown). Each consumer owns its poller.
+//!   at shutdown). Each consumer owns its poller;
+//! - lease writes the coordinator sends together (see `concurrently`) are futures owned and
+//!   awaited by the step that sends them, never spawned: a taking round's takes and requests,
+//!   a shard end's child leases, the offers, and the releases in `stop_consumers`.
 //!
 //! The coordinator's work is split by concern: `taking` (taking rounds, handoff polling,
 //! takes), `consumers` (starting shard consumers, acting on their exits, the watchdog),
@@ -306,7 +309,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             reported_invalid: HashSet::new(),
         };
         // The first sync runs before anything else: a missing stream stops the worker here.
-        syncer.sync_once().await?;
+        // Nothing is held yet, and a sync may be dropped at any point (see `ShardSyncer::run`),
+        // so a shutdown meanwhile ends the worker at once.
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                info!("worker stopped before it started");
+                return Ok(());
+            }
+            synced = syncer.sync_once() => synced?,
+        }
         info!(lease_table = %self.store.table_name(), "worker started");
 
         // Background tasks, stopped by this token after the leases are released; each returns
