@@ -144,7 +144,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        match self.store.get_leases(&keys).await {
+        // A read: dropped when the worker is to shut down.
+        let read = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return,
+            read = self.store.get_leases(&keys) => read,
+        };
+        match read {
             Ok(read) => {
                 let mut found: BTreeMap<&str, &Lease> = read
                     .leases

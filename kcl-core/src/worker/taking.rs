@@ -165,7 +165,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// elsewhere.
     pub(super) async fn poll_handoffs(&mut self) {
         let keys: Vec<String> = self.incoming.keys().cloned().collect();
-        let scan = match self.store.get_leases(&keys).await {
+        // A read: dropped when the worker is to shut down.
+        let scan = tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => return,
+            scan = self.store.get_leases(&keys) => scan,
+        };
+        let scan = match scan {
             Ok(scan) => scan,
             Err(e) => {
                 warn!(error = %e, "reading requested leases failed; retrying");
