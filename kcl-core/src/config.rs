@@ -300,6 +300,14 @@ pub struct PollingConfig {
     /// Batches fetched ahead of the processor, so fetching overlaps processing.
     /// Default 3: the Java KCL's `maxPendingProcessRecordsInput`.
     pub max_prefetched_batches: usize,
+    /// Payload bytes (data and partition keys) fetched ahead of the processor per shard,
+    /// counting the batch being processed. The poller fetches the next page only while the
+    /// shard is under this budget, so a worker's record memory is at most about
+    /// `leases × (max_prefetched_bytes + 10 MiB)`: one `GetRecords` answer (at most 10 MiB)
+    /// can arrive on top of a budget just short of full. A batch larger than the whole budget
+    /// still passes, alone. Default 8 MiB: the Java KCL's `maxByteSize` of its prefetch cache
+    /// (`SimpleRecordsFetcherFactory`).
+    pub max_prefetched_bytes: usize,
     /// Timeout of one Kinesis call. Default 30 s: the Java KCL's `kinesisRequestTimeout`.
     pub request_timeout: Duration,
     /// Backoff for retrying failed or throttled Kinesis calls.
@@ -314,6 +322,7 @@ impl Default for PollingConfig {
             idle_time_between_empty_reads: Duration::from_millis(1500),
             min_time_between_reads: MIN_TIME_BETWEEN_READS,
             max_prefetched_batches: 3,
+            max_prefetched_bytes: DEFAULT_MAX_PREFETCHED_BYTES,
             request_timeout: Duration::from_secs(30),
             retry: RetryConfig::new(Duration::from_millis(200), Duration::from_secs(10)),
         }
@@ -322,6 +331,10 @@ impl Default for PollingConfig {
 
 /// The Kinesis limit of records per `GetRecords` call.
 const MAX_RECORDS_PER_GET: u32 = 10_000;
+/// The Java KCL's prefetch byte budget per shard (`SimpleRecordsFetcherFactory.maxByteSize`).
+const DEFAULT_MAX_PREFETCHED_BYTES: usize = 8 * 1024 * 1024;
+/// The budget is counted in semaphore permits, which are acquired at most `u32::MAX` at once.
+const MAX_PREFETCHED_BYTES: usize = u32::MAX as usize;
 /// Kinesis serves 5 `GetRecords` calls per second and shard.
 const MIN_TIME_BETWEEN_READS: Duration = Duration::from_millis(200);
 
@@ -348,6 +361,12 @@ impl PollingConfig {
     #[must_use]
     pub fn with_max_prefetched_batches(mut self, n: usize) -> Self {
         self.max_prefetched_batches = n;
+        self
+    }
+    /// Sets [`PollingConfig::max_prefetched_bytes`].
+    #[must_use]
+    pub fn with_max_prefetched_bytes(mut self, n: usize) -> Self {
+        self.max_prefetched_bytes = n;
         self
     }
     /// Sets [`PollingConfig::request_timeout`].
@@ -392,6 +411,15 @@ impl PollingConfig {
                 "must be at least 1",
             ));
         }
+        if self.max_prefetched_bytes == 0 || self.max_prefetched_bytes > MAX_PREFETCHED_BYTES {
+            return Err(Error::invalid_config(
+                "polling.max_prefetched_bytes",
+                format!(
+                    "must be between 1 and {MAX_PREFETCHED_BYTES}, not {}",
+                    self.max_prefetched_bytes
+                ),
+            ));
+        }
         nonzero("polling.request_timeout", self.request_timeout)?;
         self.retry.validate("polling.retry")
     }
@@ -413,6 +441,11 @@ pub struct ProcessingConfig {
     /// this long is logged, not interrupted. Default 5 min: far above any healthy pause (the
     /// idle time between reads is 1.5 s, a call times out after 30 s).
     pub watchdog_timeout: Duration,
+    /// Call `process_records` with an empty batch after a read that found no new records,
+    /// so a processor that flushes on time can flush and checkpoint on an idle shard (at most
+    /// once per `polling.idle_time_between_empty_reads`). Default `false`: the Java KCL's
+    /// `callProcessRecordsEvenForEmptyRecordList`.
+    pub call_process_records_even_for_empty_list: bool,
 }
 
 impl Default for ProcessingConfig {
@@ -421,6 +454,7 @@ impl Default for ProcessingConfig {
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(5))
                 .with_max_attempts(Some(5)),
             watchdog_timeout: Duration::from_secs(300),
+            call_process_records_even_for_empty_list: false,
         }
     }
 }
@@ -436,6 +470,12 @@ impl ProcessingConfig {
     #[must_use]
     pub fn with_watchdog_timeout(mut self, d: Duration) -> Self {
         self.watchdog_timeout = d;
+        self
+    }
+    /// Sets [`ProcessingConfig::call_process_records_even_for_empty_list`].
+    #[must_use]
+    pub fn with_call_process_records_even_for_empty_list(mut self, call: bool) -> Self {
+        self.call_process_records_even_for_empty_list = call;
         self
     }
 
@@ -735,6 +775,14 @@ mod tests {
                     .validate()
             ),
             "polling.max_prefetched_batches"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_polling(PollingConfig::default().with_max_prefetched_bytes(0))
+                    .validate()
+            ),
+            "polling.max_prefetched_bytes"
         );
         let backwards = RetryConfig::new(Duration::from_secs(2), Duration::from_secs(1));
         assert_eq!(

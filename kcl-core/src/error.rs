@@ -220,6 +220,25 @@ pub enum Error {
         highest_delivered: Option<ExtendedSequenceNumber>,
     },
 
+    /// A shard ended, but the processor's checkpoint did not cover every record delivered
+    /// (it returned from `shard_ended` without checkpointing, say with records still
+    /// buffered). `SHARD_END` is not written; the shard restarts from its checkpoint and the
+    /// records after it are delivered again.
+    #[error(
+        "shard `{shard_id}` ended but its checkpoint ({last_checkpoint}) does not cover the records \
+         delivered (up to {}): flush and call `checkpointer.checkpoint()` in `shard_ended`; the \
+         shard restarts from its checkpoint",
+        highest_delivered.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string)
+    )]
+    ShardEndNotCheckpointed {
+        /// The shard.
+        shard_id: String,
+        /// The checkpoint the shard restarts from.
+        last_checkpoint: Checkpoint,
+        /// The highest record delivered.
+        highest_delivered: Option<ExtendedSequenceNumber>,
+    },
+
     /// A record processor callback kept failing (or panicked) for a shard.
     #[error(
         "record processor of shard `{shard_id}` failed in `{callback}` after {attempts} attempt(s)"
@@ -268,6 +287,7 @@ impl Error {
             | Error::InvalidSequenceNumber { .. }
             | Error::CheckpointBeforeLast { .. }
             | Error::CheckpointBeyondDelivered { .. }
+            | Error::ShardEndNotCheckpointed { .. }
             | Error::TaskFailed { .. } => ErrorKind::Fatal,
         }
     }
