@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, LeaseConfig, LeaseStore,
-    PollingConfig, Record, RecordProcessor, StreamClient, Worker, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, InitialPosition, LeaseConfig, PollingConfig, Record,
+    RecordProcessor, WorkerConfig, async_trait,
 };
-use kcl_dynamo_lease::DynamoLeaseStore;
+use kcl_dynamo_lease::AwsWorkerBuilder;
 use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -222,15 +222,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
 
+    // Region, credentials and endpoints from the environment, for both services.
     let sdk = aws_config::load_from_env().await;
-    let stream: Arc<dyn StreamClient> = Arc::new(KinesisStreamClient::new(
-        aws_sdk_kinesis::Client::new(&sdk),
-        &config.stream,
-    ));
-    let leases: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(
-        aws_sdk_dynamodb::Client::new(&sdk),
-        config.lease_table(),
-    ));
     let output: Output = Arc::new(Mutex::new(open_output(args.output.as_ref()).await?));
     let factory = {
         let output = output.clone();
@@ -239,7 +232,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             output: output.clone(),
         }
     };
-    let worker = Worker::new(config, stream, leases, factory)?;
+    let worker = AwsWorkerBuilder::new(&sdk, config).build(factory)?;
     info!(worker_id = worker.worker_id(), "starting");
     worker.run(shutdown).await?;
     output.lock().await.flush().await?;
