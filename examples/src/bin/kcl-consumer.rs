@@ -54,6 +54,10 @@ struct Args {
     /// Lease renewal interval, e.g. 3s.
     #[arg(long, value_parser = parse_duration)]
     renewal_interval: Option<Duration>,
+    /// Timeout of one lease-table call, e.g. 2s; shorter than the lease duration minus the
+    /// renewal interval.
+    #[arg(long, value_parser = parse_duration)]
+    lease_request_timeout: Option<Duration>,
     /// Interval of lease taking rounds, e.g. 2s.
     #[arg(long, value_parser = parse_duration)]
     taker_interval: Option<Duration>,
@@ -89,6 +93,10 @@ impl Args {
         let lease = LeaseConfig::default()
             .with_lease_duration(self.lease_duration.unwrap_or(defaults.lease_duration))
             .with_renewal_interval(self.renewal_interval.unwrap_or(defaults.renewal_interval))
+            .with_request_timeout(
+                self.lease_request_timeout
+                    .unwrap_or(defaults.request_timeout),
+            )
             .with_taker_interval(self.taker_interval.unwrap_or(defaults.taker_interval))
             .with_shard_sync_interval(
                 self.shard_sync_interval
