@@ -135,9 +135,15 @@ pub struct LeaseConfig {
     /// within this long of its release. Default 200 ms; one `BatchGetItem` per interval, and
     /// only while a handoff is pending.
     pub handoff_poll_interval: Duration,
-    /// Timeout of one lease-table call. Default 10 s: DynamoDB answers in milliseconds, so a
-    /// call this slow is a stall, retried like any transient failure (renewals are bounded by
-    /// the lease's end in any case).
+    /// Timeout of one lease-table call: each attempt of a renewal, checkpoint, take or
+    /// release, and each table read. A call this slow is stuck (say on a dead pooled
+    /// connection): it is cancelled and retried like any transient failure. Default 2 s:
+    /// DynamoDB answers in milliseconds, and a renewal that times out can be retried within
+    /// the renewal interval (3 s), several times before the lease runs out. (The Java KCL
+    /// bounds each call by `dynamoDbRequestTimeout`, 1 min, longer than its lease duration, so
+    /// one stuck renewal there loses the lease.) Must be shorter than `lease_duration -
+    /// renewal_interval`. A whole-table `Scan` (all its pages) is one call too: a table of
+    /// tens of thousands of leases may need more.
     pub request_timeout: Duration,
     /// How often a worker reads the parent leases its child shards wait for after a reshard,
     /// so a child starts within this long of its last parent finishing. Default 500 ms (the
@@ -162,7 +168,7 @@ impl Default for LeaseConfig {
             handoff_timeout: Duration::from_secs(10),
             handoff_poll_interval: Duration::from_millis(200),
             parent_poll_interval: Duration::from_millis(500),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(2),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
         }
     }
@@ -271,6 +277,21 @@ impl LeaseConfig {
                     "({:?}) must be at most half of lease.lease_duration ({:?}), so that a \
                      failed renewal can be retried before the lease expires",
                     self.renewal_interval, self.lease_duration
+                ),
+            ));
+        }
+        // Each renewal attempt is bounded by it, and a renewal starts at the latest one renewal
+        // interval after the last: an attempt stuck for the whole timeout must still leave
+        // time for a retry before the lease runs out.
+        let renewal_window = self.lease_duration.saturating_sub(self.renewal_interval);
+        if self.request_timeout >= renewal_window {
+            return Err(Error::invalid_config(
+                "lease.request_timeout",
+                format!(
+                    "({:?}) must be shorter than lease.lease_duration - lease.renewal_interval \
+                     ({renewal_window:?}), so that a renewal stuck on one call is retried before \
+                     the lease runs out",
+                    self.request_timeout
                 ),
             ));
         }
@@ -722,6 +743,14 @@ mod tests {
         assert_eq!(
             field_of(config().with_lease(lease).validate()),
             "lease.renewal_interval"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_lease(LeaseConfig::default().with_request_timeout(Duration::from_secs(7)))
+                    .validate()
+            ),
+            "lease.request_timeout"
         );
         assert_eq!(
             field_of(

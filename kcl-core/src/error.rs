@@ -42,6 +42,8 @@ pub enum ErrorKind {
     Throttled,
     /// A conditional lease write found the lease changed: another worker took it, or it was
     /// deleted. Retrying the same write cannot succeed; the lease must be treated as lost.
+    /// (An update refused by its own precondition on a lease still held,
+    /// [`Error::LeaseUpdateRejected`], is not this: that lease is not lost.)
     ConditionFailed,
     /// Retrying the same request cannot help: bad input, missing resources, permissions.
     Fatal,
@@ -147,6 +149,24 @@ pub enum Error {
         /// The lease as stored when the condition failed, when the store reports it and it
         /// could be decoded. `None` when the lease no longer exists.
         current: Option<Box<Lease>>,
+    },
+
+    /// A lease update was refused by its own precondition ([`LeaseUpdate::allowed`]) while
+    /// the lease is still held by this worker: e.g. a handoff offer on a lease another worker
+    /// has already asked for. Nothing was written and the lease is not lost; retrying the same
+    /// update cannot succeed while the stored lease stays as it is.
+    ///
+    /// [`LeaseUpdate::allowed`]: crate::LeaseUpdate::allowed
+    #[error(
+        "{operation} of lease `{lease_key}` was rejected by its precondition; the lease is still held"
+    )]
+    LeaseUpdateRejected {
+        /// The lease (shard id).
+        lease_key: String,
+        /// The lease operation, e.g. `handoff request`.
+        operation: &'static str,
+        /// The lease as stored when the update was refused.
+        current: Box<Lease>,
     },
 
     /// This worker no longer holds the lease: it was taken by another worker, expired, or
@@ -281,6 +301,9 @@ impl Error {
             | Error::ShardNotFound { .. }
             | Error::Processor { .. }
             | Error::Service { .. }
+            // Not retryable as is, and not a lost lease: the caller decides what the refusal
+            // means (a refused handoff offer: the lease goes to the worker that asked first).
+            | Error::LeaseUpdateRejected { .. }
             | Error::LeaseTableNotFound { .. }
             | Error::LeaseTableSchema { .. }
             | Error::InvalidLeaseItem { .. }
