@@ -13,6 +13,7 @@
 //! a reshard) are dropped, as the Java KCL does: they belong to the sibling shard, which
 //! delivers them too.
 
+use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use crate::stream::{HashKeyRange, Record};
@@ -37,8 +38,8 @@ struct UserRecord {
     partition_key_index: u64,
     #[prost(uint64, optional, tag = "2")]
     explicit_hash_key_index: Option<u64>,
-    #[prost(bytes = "vec", required, tag = "3")]
-    data: Vec<u8>,
+    #[prost(bytes = "bytes", required, tag = "3")]
+    data: Bytes,
     #[prost(message, repeated, tag = "4")]
     tags: Vec<Tag>,
 }
@@ -98,6 +99,9 @@ pub(crate) fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> 
     if Md5::digest(message).as_slice() != digest {
         return plain(record, Some(AggregationProblem::DigestMismatch));
     }
+    // Decoded from a slice of the record's own buffer: user records' data are views into it.
+    let start = KPL_MAGIC.len();
+    let message = record.data.slice(start..start + message.len());
     let aggregated = match <AggregatedRecord as prost::Message>::decode(message) {
         Ok(aggregated) => aggregated,
         Err(e) => return plain(record, Some(AggregationProblem::Undecodable(e.to_string()))),

@@ -186,6 +186,20 @@ impl Checkpointer {
         self.highest_delivered = processed.max(checkpointed);
     }
 
+    /// Called when a new processor starts reading from the checkpoint: nothing is delivered
+    /// yet in this session.
+    pub(crate) fn start_session(&mut self) {
+        self.highest_delivered = None;
+        self.at_shard_end = false;
+    }
+
+    /// True when the checkpoint covers every record delivered in this session.
+    pub(crate) fn covers_delivered(&self) -> bool {
+        self.highest_delivered
+            .as_ref()
+            .is_none_or(|delivered| self.last.covers(delivered))
+    }
+
     /// Called before `shard_ended`: from now on `checkpoint()` writes `SHARD_END`.
     pub(crate) fn set_at_shard_end(&mut self) {
         self.at_shard_end = true;

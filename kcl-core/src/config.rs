@@ -135,9 +135,15 @@ pub struct LeaseConfig {
     /// within this long of its release. Default 200 ms; one `BatchGetItem` per interval, and
     /// only while a handoff is pending.
     pub handoff_poll_interval: Duration,
-    /// Timeout of one lease-table call. Default 10 s: DynamoDB answers in milliseconds, so a
-    /// call this slow is a stall, retried like any transient failure (renewals are bounded by
-    /// the lease's end in any case).
+    /// Timeout of one lease-table call: each attempt of a renewal, checkpoint, take or
+    /// release, and each table read. A call this slow is stuck (say on a dead pooled
+    /// connection): it is cancelled and retried like any transient failure. Default 2 s:
+    /// DynamoDB answers in milliseconds, and a renewal that times out can be retried within
+    /// the renewal interval (3 s), several times before the lease runs out. (The Java KCL
+    /// bounds each call by `dynamoDbRequestTimeout`, 1 min, longer than its lease duration, so
+    /// one stuck renewal there loses the lease.) Must be shorter than `lease_duration -
+    /// renewal_interval`. A whole-table `Scan` (all its pages) is one call too: a table of
+    /// tens of thousands of leases may need more.
     pub request_timeout: Duration,
     /// How often a worker reads the parent leases its child shards wait for after a reshard,
     /// so a child starts within this long of its last parent finishing. Default 500 ms (the
@@ -162,7 +168,7 @@ impl Default for LeaseConfig {
             handoff_timeout: Duration::from_secs(10),
             handoff_poll_interval: Duration::from_millis(200),
             parent_poll_interval: Duration::from_millis(500),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(2),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
         }
     }
@@ -274,6 +280,21 @@ impl LeaseConfig {
                 ),
             ));
         }
+        // Each renewal attempt is bounded by it, and a renewal starts at the latest one renewal
+        // interval after the last: an attempt stuck for the whole timeout must still leave
+        // time for a retry before the lease runs out.
+        let renewal_window = self.lease_duration.saturating_sub(self.renewal_interval);
+        if self.request_timeout >= renewal_window {
+            return Err(Error::invalid_config(
+                "lease.request_timeout",
+                format!(
+                    "({:?}) must be shorter than lease.lease_duration - lease.renewal_interval \
+                     ({renewal_window:?}), so that a renewal stuck on one call is retried before \
+                     the lease runs out",
+                    self.request_timeout
+                ),
+            ));
+        }
         if self.max_leases_per_worker == 0 {
             return Err(Error::invalid_config(
                 "lease.max_leases_per_worker",
@@ -300,6 +321,14 @@ pub struct PollingConfig {
     /// Batches fetched ahead of the processor, so fetching overlaps processing.
     /// Default 3: the Java KCL's `maxPendingProcessRecordsInput`.
     pub max_prefetched_batches: usize,
+    /// Payload bytes (data and partition keys) fetched ahead of the processor per shard,
+    /// counting the batch being processed. The poller fetches the next page only while the
+    /// shard is under this budget, so a worker's record memory is at most about
+    /// `leases × (max_prefetched_bytes + 10 MiB)`: one `GetRecords` answer (at most 10 MiB)
+    /// can arrive on top of a budget just short of full. A batch larger than the whole budget
+    /// still passes, alone. Default 8 MiB: the Java KCL's `maxByteSize` of its prefetch cache
+    /// (`SimpleRecordsFetcherFactory`).
+    pub max_prefetched_bytes: usize,
     /// Timeout of one Kinesis call. Default 30 s: the Java KCL's `kinesisRequestTimeout`.
     pub request_timeout: Duration,
     /// Backoff for retrying failed or throttled Kinesis calls.
@@ -314,6 +343,7 @@ impl Default for PollingConfig {
             idle_time_between_empty_reads: Duration::from_millis(1500),
             min_time_between_reads: MIN_TIME_BETWEEN_READS,
             max_prefetched_batches: 3,
+            max_prefetched_bytes: DEFAULT_MAX_PREFETCHED_BYTES,
             request_timeout: Duration::from_secs(30),
             retry: RetryConfig::new(Duration::from_millis(200), Duration::from_secs(10)),
         }
@@ -322,6 +352,10 @@ impl Default for PollingConfig {
 
 /// The Kinesis limit of records per `GetRecords` call.
 const MAX_RECORDS_PER_GET: u32 = 10_000;
+/// The Java KCL's prefetch byte budget per shard (`SimpleRecordsFetcherFactory.maxByteSize`).
+const DEFAULT_MAX_PREFETCHED_BYTES: usize = 8 * 1024 * 1024;
+/// The budget is counted in semaphore permits, which are acquired at most `u32::MAX` at once.
+const MAX_PREFETCHED_BYTES: usize = u32::MAX as usize;
 /// Kinesis serves 5 `GetRecords` calls per second and shard.
 const MIN_TIME_BETWEEN_READS: Duration = Duration::from_millis(200);
 
@@ -348,6 +382,12 @@ impl PollingConfig {
     #[must_use]
     pub fn with_max_prefetched_batches(mut self, n: usize) -> Self {
         self.max_prefetched_batches = n;
+        self
+    }
+    /// Sets [`PollingConfig::max_prefetched_bytes`].
+    #[must_use]
+    pub fn with_max_prefetched_bytes(mut self, n: usize) -> Self {
+        self.max_prefetched_bytes = n;
         self
     }
     /// Sets [`PollingConfig::request_timeout`].
@@ -392,6 +432,15 @@ impl PollingConfig {
                 "must be at least 1",
             ));
         }
+        if self.max_prefetched_bytes == 0 || self.max_prefetched_bytes > MAX_PREFETCHED_BYTES {
+            return Err(Error::invalid_config(
+                "polling.max_prefetched_bytes",
+                format!(
+                    "must be between 1 and {MAX_PREFETCHED_BYTES}, not {}",
+                    self.max_prefetched_bytes
+                ),
+            ));
+        }
         nonzero("polling.request_timeout", self.request_timeout)?;
         self.retry.validate("polling.retry")
     }
@@ -413,6 +462,11 @@ pub struct ProcessingConfig {
     /// this long is logged, not interrupted. Default 5 min: far above any healthy pause (the
     /// idle time between reads is 1.5 s, a call times out after 30 s).
     pub watchdog_timeout: Duration,
+    /// Call `process_records` with an empty batch after a read that found no new records,
+    /// so a processor that flushes on time can flush and checkpoint on an idle shard (at most
+    /// once per `polling.idle_time_between_empty_reads`). Default `false`: the Java KCL's
+    /// `callProcessRecordsEvenForEmptyRecordList`.
+    pub call_process_records_even_for_empty_list: bool,
 }
 
 impl Default for ProcessingConfig {
@@ -421,6 +475,7 @@ impl Default for ProcessingConfig {
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(5))
                 .with_max_attempts(Some(5)),
             watchdog_timeout: Duration::from_secs(300),
+            call_process_records_even_for_empty_list: false,
         }
     }
 }
@@ -436,6 +491,12 @@ impl ProcessingConfig {
     #[must_use]
     pub fn with_watchdog_timeout(mut self, d: Duration) -> Self {
         self.watchdog_timeout = d;
+        self
+    }
+    /// Sets [`ProcessingConfig::call_process_records_even_for_empty_list`].
+    #[must_use]
+    pub fn with_call_process_records_even_for_empty_list(mut self, call: bool) -> Self {
+        self.call_process_records_even_for_empty_list = call;
         self
     }
 
@@ -686,6 +747,14 @@ mod tests {
         assert_eq!(
             field_of(
                 config()
+                    .with_lease(LeaseConfig::default().with_request_timeout(Duration::from_secs(7)))
+                    .validate()
+            ),
+            "lease.request_timeout"
+        );
+        assert_eq!(
+            field_of(
+                config()
                     .with_lease(LeaseConfig::default().with_max_leases_per_worker(0))
                     .validate()
             ),
@@ -735,6 +804,14 @@ mod tests {
                     .validate()
             ),
             "polling.max_prefetched_batches"
+        );
+        assert_eq!(
+            field_of(
+                config()
+                    .with_polling(PollingConfig::default().with_max_prefetched_bytes(0))
+                    .validate()
+            ),
+            "polling.max_prefetched_bytes"
         );
         let backwards = RetryConfig::new(Duration::from_secs(2), Duration::from_secs(1));
         assert_eq!(

@@ -42,6 +42,8 @@ pub enum ErrorKind {
     Throttled,
     /// A conditional lease write found the lease changed: another worker took it, or it was
     /// deleted. Retrying the same write cannot succeed; the lease must be treated as lost.
+    /// (An update refused by its own precondition on a lease still held,
+    /// [`Error::LeaseUpdateRejected`], is not this: that lease is not lost.)
     ConditionFailed,
     /// Retrying the same request cannot help: bad input, missing resources, permissions.
     Fatal,
@@ -149,6 +151,24 @@ pub enum Error {
         current: Option<Box<Lease>>,
     },
 
+    /// A lease update was refused by its own precondition ([`LeaseUpdate::allowed`]) while
+    /// the lease is still held by this worker: e.g. a handoff offer on a lease another worker
+    /// has already asked for. Nothing was written and the lease is not lost; retrying the same
+    /// update cannot succeed while the stored lease stays as it is.
+    ///
+    /// [`LeaseUpdate::allowed`]: crate::LeaseUpdate::allowed
+    #[error(
+        "{operation} of lease `{lease_key}` was rejected by its precondition; the lease is still held"
+    )]
+    LeaseUpdateRejected {
+        /// The lease (shard id).
+        lease_key: String,
+        /// The lease operation, e.g. `handoff request`.
+        operation: &'static str,
+        /// The lease as stored when the update was refused.
+        current: Box<Lease>,
+    },
+
     /// This worker no longer holds the lease: it was taken by another worker, expired, or
     /// released. The shard's processor must stop; checkpoints are rejected.
     #[error("lease `{lease_key}` is no longer held by this worker")]
@@ -220,6 +240,25 @@ pub enum Error {
         highest_delivered: Option<ExtendedSequenceNumber>,
     },
 
+    /// A shard ended, but the processor's checkpoint did not cover every record delivered
+    /// (it returned from `shard_ended` without checkpointing, say with records still
+    /// buffered). `SHARD_END` is not written; the shard restarts from its checkpoint and the
+    /// records after it are delivered again.
+    #[error(
+        "shard `{shard_id}` ended but its checkpoint ({last_checkpoint}) does not cover the records \
+         delivered (up to {}): flush and call `checkpointer.checkpoint()` in `shard_ended`; the \
+         shard restarts from its checkpoint",
+        highest_delivered.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string)
+    )]
+    ShardEndNotCheckpointed {
+        /// The shard.
+        shard_id: String,
+        /// The checkpoint the shard restarts from.
+        last_checkpoint: Checkpoint,
+        /// The highest record delivered.
+        highest_delivered: Option<ExtendedSequenceNumber>,
+    },
+
     /// A record processor callback kept failing (or panicked) for a shard.
     #[error(
         "record processor of shard `{shard_id}` failed in `{callback}` after {attempts} attempt(s)"
@@ -262,12 +301,16 @@ impl Error {
             | Error::ShardNotFound { .. }
             | Error::Processor { .. }
             | Error::Service { .. }
+            // Not retryable as is, and not a lost lease: the caller decides what the refusal
+            // means (a refused handoff offer: the lease goes to the worker that asked first).
+            | Error::LeaseUpdateRejected { .. }
             | Error::LeaseTableNotFound { .. }
             | Error::LeaseTableSchema { .. }
             | Error::InvalidLeaseItem { .. }
             | Error::InvalidSequenceNumber { .. }
             | Error::CheckpointBeforeLast { .. }
             | Error::CheckpointBeyondDelivered { .. }
+            | Error::ShardEndNotCheckpointed { .. }
             | Error::TaskFailed { .. } => ErrorKind::Fatal,
         }
     }

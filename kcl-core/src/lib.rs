@@ -39,5 +39,7 @@ pub use worker::{Worker, WorkerStatus};
 
 /// Re-exported so processors need no direct dependency to implement the trait.
 pub use async_trait::async_trait;
+/// Re-exported: the type of [`Record::data`].
+pub use bytes::Bytes;
 /// Re-exported: [`Worker::run`] takes one to know when to shut down.
 pub use tokio_util::sync::CancellationToken;

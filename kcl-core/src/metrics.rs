@@ -17,6 +17,9 @@ pub(crate) struct Counters {
     pub(crate) watchdog_restarts: AtomicU64,
     /// Throttled `GetRecords` calls.
     pub(crate) throttled_reads: AtomicU64,
+    /// Shard ends where the processor's checkpoint did not cover every record delivered, so
+    /// `SHARD_END` was not written and the shard restarts from its checkpoint.
+    pub(crate) shard_end_not_checkpointed: AtomicU64,
 }
 
 impl Counters {

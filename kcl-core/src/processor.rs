@@ -19,9 +19,28 @@ use crate::stream::Record;
 ///   longer possible.
 ///
 /// Delivery is at least once: records after the last checkpoint are delivered again after a
-/// failover or a restart. An error from `process_records` never leads to a checkpoint past the
-/// failed batch: the batch (minus what was checkpointed) is delivered again, see
-/// [`ProcessingConfig`](crate::ProcessingConfig).
+/// failover, a restart, or a panic of the processor. An error from `process_records` never
+/// leads to a checkpoint past the failed batch: the batch (minus what was checkpointed) is
+/// delivered again, see [`ProcessingConfig`](crate::ProcessingConfig).
+///
+/// # Buffering processors
+/// A processor may keep records across batches (to write a file or an object) and checkpoint
+/// only after a flush: a checkpoint says "everything up to here is safe", so never checkpoint
+/// a record before it was flushed. The library guarantees such a processor:
+/// - a panic drops the processor with its buffer, and the shard resumes *from the checkpoint*
+///   (new iterator, new processor): every record after the last flush comes again;
+/// - `SHARD_END` is never written over unflushed records: in
+///   [`shard_ended`](Self::shard_ended) flush and call `checkpointer.checkpoint()`; if the
+///   processor returns without its checkpoint covering every record delivered, the shard
+///   fails loudly ([`Error::ShardEndNotCheckpointed`](crate::Error::ShardEndNotCheckpointed))
+///   and restarts from its checkpoint;
+/// - in [`shutdown_requested`](Self::shutdown_requested) (shutdown and handoff) it can flush and
+///   checkpoint before the next owner starts from that checkpoint;
+/// - to flush on time on an idle shard, set
+///   [`call_process_records_even_for_empty_list`](crate::ProcessingConfig::call_process_records_even_for_empty_list):
+///   `process_records` is then called with no records after each idle read.
+///
+/// Records are [`bytes::Bytes`]-backed and cheap to clone, so keeping them costs no copy.
 #[async_trait]
 pub trait RecordProcessor: Send + 'static {
     /// The processor's own error type.
@@ -38,10 +57,12 @@ pub trait RecordProcessor: Send + 'static {
         Ok(())
     }
 
-    /// Processes a non-empty batch of records, in shard order. Checkpoint through
-    /// `checkpointer` as often as the application needs; records after the last checkpoint
-    /// are delivered again if the shard moves to another worker or the worker restarts.
-    /// `millis_behind_latest` tells how far the batch is behind the tip of the stream.
+    /// Processes a batch of records, in shard order. Checkpoint through `checkpointer` as
+    /// often as the application needs; records after the last checkpoint are delivered again
+    /// if the shard moves to another worker or the worker restarts. `millis_behind_latest`
+    /// tells how far the batch is behind the tip of the stream. The batch is never empty
+    /// unless [`ProcessingConfig::call_process_records_even_for_empty_list`](crate::ProcessingConfig::call_process_records_even_for_empty_list)
+    /// is set.
     async fn process_records(
         &mut self,
         records: &[Record],
@@ -53,9 +74,18 @@ pub trait RecordProcessor: Send + 'static {
     /// records follow and checkpoints are rejected. Default: nothing.
     async fn lease_lost(&mut self) {}
 
-    /// Every record of the closed shard was delivered. The worker checkpoints `SHARD_END`
-    /// after this returns, whether or not the processor did (so children are never blocked by
-    /// a forgotten checkpoint). Default: nothing.
+    /// Every record of the closed shard was delivered: flush what is buffered and call
+    /// `checkpointer.checkpoint()`, which writes `SHARD_END`. The shard's children start only
+    /// once `SHARD_END` is written.
+    ///
+    /// If this returns `Ok` without writing `SHARD_END`, the worker writes it only when the
+    /// checkpoint already covers every record delivered (a processor that checkpoints each
+    /// batch needs to do nothing here, so the default is safe for it). Otherwise it does not
+    /// write `SHARD_END` over records the processor may still hold: the shard fails with
+    /// [`Error::ShardEndNotCheckpointed`](crate::Error::ShardEndNotCheckpointed) and restarts
+    /// from its checkpoint, delivering those records again. (The Java KCL fails the same way,
+    /// "Application didn't checkpoint at end of shard", whenever `shardEnded` does not
+    /// checkpoint.) An error from this callback writes nothing either. Default: nothing.
     async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) -> Result<(), Self::Error> {
         let _ = checkpointer;
         Ok(())

@@ -8,6 +8,7 @@ use std::fmt;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::error::Result;
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
@@ -22,8 +23,9 @@ pub struct Record {
     pub sub_sequence_number: u64,
     /// The partition key the producer chose.
     pub partition_key: String,
-    /// The payload.
-    pub data: Vec<u8>,
+    /// The payload. Cheap to clone: a processor can keep records across batches without
+    /// copying them (user records of a KPL aggregate share the aggregate's buffer).
+    pub data: Bytes,
     /// When Kinesis accepted the record, if reported.
     pub approximate_arrival_timestamp: Option<SystemTime>,
     /// The explicit hash key a KPL user record was routed with, if any.
@@ -37,7 +39,7 @@ impl Record {
     pub fn new(
         sequence_number: SequenceNumber,
         partition_key: impl Into<String>,
-        data: impl Into<Vec<u8>>,
+        data: impl Into<Bytes>,
     ) -> Self {
         Record {
             sequence_number,

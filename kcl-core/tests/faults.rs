@@ -448,7 +448,7 @@ impl RecordProcessor for Budgeted {
             self.seen.lock().unwrap().push((
                 r.sequence_number.to_string(),
                 r.sub_sequence_number,
-                r.data.clone(),
+                r.data.to_vec(),
             ));
             cp.checkpoint_record(r).await?;
         }

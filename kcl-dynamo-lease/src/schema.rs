@@ -35,6 +35,14 @@ pub const ENDING_HASH_KEY: &str = "endingHashKey";
 /// unowned lease). Not a Java KCL attribute: KCL 3 hands over through `checkpointOwner` with
 /// a leader; this library has no leader.
 pub const HANDOFF_TO: &str = "handoffTo";
+/// Java KCL 3.x only: the worker that must checkpoint and shut down before the lease's new
+/// `leaseOwner` may process it (set by the Java leader during a graceful handoff, removed when
+/// the old owner lets go). A Java 3.x worker does not renew a lease whose `checkpointOwner`
+/// is set and is not itself, so a take removes it, as the Java KCL's take and assign do
+/// (`DynamoDBLeaseSerializer::getDynamoTakeLeaseUpdate`); otherwise a lease taken from a Java
+/// worker mid-handoff could not be renewed after a rollback to Java. This library never sets
+/// it and otherwise ignores it.
+pub const CHECKPOINT_OWNER: &str = "checkpointOwner";
 
 /// The item stored for `lease`.
 pub fn lease_to_item(lease: &Lease) -> HashMap<String, AttributeValue> {

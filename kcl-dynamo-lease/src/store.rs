@@ -17,9 +17,9 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::schema::{
-    CHECKPOINT, CHECKPOINT_SUB_SEQUENCE_NUMBER, CHILD_SHARD_IDS, HANDOFF_TO, LEASE_COUNTER,
-    LEASE_KEY, LEASE_OWNER, OWNER_SWITCHES_SINCE_CHECKPOINT, lease_from_item, lease_to_item,
-    number,
+    CHECKPOINT, CHECKPOINT_OWNER, CHECKPOINT_SUB_SEQUENCE_NUMBER, CHILD_SHARD_IDS, HANDOFF_TO,
+    LEASE_COUNTER, LEASE_KEY, LEASE_OWNER, OWNER_SWITCHES_SINCE_CHECKPOINT, lease_from_item,
+    lease_to_item, number,
 };
 
 /// A lease table in DynamoDB, named after the application.
@@ -258,6 +258,8 @@ fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<Update
             next_counter();
             name("#switches", OWNER_SWITCHES_SINCE_CHECKPOINT);
             name("#handoff", HANDOFF_TO);
+            // A fresh assignment: no Java KCL 3.x handoff survives it (see CHECKPOINT_OWNER).
+            name("#checkpoint_owner", CHECKPOINT_OWNER);
             values.insert(
                 ":new_owner".to_owned(),
                 AttributeValue::S(new_owner.clone()),
@@ -265,7 +267,8 @@ fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<Update
             values.insert(":zero".to_owned(), number(0));
             values.insert(":one".to_owned(), number(1));
             "SET #owner = :new_owner, #counter = :next_counter, \
-             #switches = if_not_exists(#switches, :zero) + :one REMOVE #handoff"
+             #switches = if_not_exists(#switches, :zero) + :one \
+             REMOVE #handoff, #checkpoint_owner"
         }
         LeaseUpdate::RequestHandoff { to } => {
             // One request at a time, and the counter stays (see `kcl_core::lease`).

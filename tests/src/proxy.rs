@@ -3,7 +3,8 @@
 //! Requests are forwarded unchanged (the local servers accept any SigV4 signature, so the
 //! signed `Host` of the proxy does not matter). Rules match the operation (the `X-Amz-Target`
 //! header, e.g. `UpdateItem`) and answer with an AWS error (throttling, 500), delay the
-//! request, drop the connection, or forward it and drop the answer. The proxy also counts
+//! request, hold it without ever answering, drop the connection, or forward it and drop the
+//! answer. The proxy also counts
 //! requests per operation, which the benchmarks use to report DynamoDB requests per lease.
 
 use std::collections::BTreeMap;
@@ -34,6 +35,9 @@ pub enum Fault {
     },
     /// Wait, then forward.
     Delay(Duration),
+    /// Never forward nor answer: the request hangs (until the proxy stops), as one stuck on a
+    /// dead pooled connection. Only the client's own timeout ends it.
+    Hang,
     /// Close the connection without an answer.
     DropConnection,
     /// Forward the request (it takes effect), then close the connection without the answer.
@@ -167,12 +171,20 @@ impl FaultProxy {
                         Err(_) => continue,
                     },
                 };
-                let (state, client, upstream) =
-                    (task_state.clone(), client.clone(), upstream.clone());
+                let (state, client, upstream, stop) = (
+                    task_state.clone(),
+                    client.clone(),
+                    upstream.clone(),
+                    task_stop.clone(),
+                );
                 let service = service_fn(move |request: Request<Incoming>| {
-                    let (state, client, upstream) =
-                        (state.clone(), client.clone(), upstream.clone());
-                    handle(request, state, client, upstream)
+                    let (state, client, upstream, stop) = (
+                        state.clone(),
+                        client.clone(),
+                        upstream.clone(),
+                        stop.clone(),
+                    );
+                    handle(request, state, client, upstream, stop)
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -266,12 +278,17 @@ async fn handle(
     state: Arc<Mutex<State>>,
     client: Client<HttpConnector, Full<Bytes>>,
     upstream: hyper::Uri,
+    stop: CancellationToken,
 ) -> Result<Response<Full<Bytes>>, Dropped> {
     let operation = operation_of(&request);
     let fault = fault_for(&state, &operation);
     match &fault {
         Some(Fault::Error { status, code }) => return Ok(aws_error(*status, code)),
         Some(Fault::Delay(d)) => tokio::time::sleep(*d).await,
+        Some(Fault::Hang) => {
+            stop.cancelled().await;
+            return Err(dropped("the test proxy stopped"));
+        }
         Some(Fault::DropConnection) => return Err(dropped("connection dropped by the test proxy")),
         Some(Fault::DropAnswer) | None => {}
     }

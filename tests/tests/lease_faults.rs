@@ -1,11 +1,13 @@
 //! The lease store and renewal under DynamoDB faults injected by a proxy in front of DynamoDB
-//! Local: throttling, 500s, dropped connections, lost answers.
+//! Local: throttling, 500s, dropped connections, lost answers, a call that never answers.
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use kcl_core::{
-    Checkpoint, Error, ErrorKind, InitialPosition, Lease, LeaseFence, LeaseStore, LeaseUpdate,
-    WorkerConfig,
+    Checkpoint, Error, ErrorKind, InitialPosition, Lease, LeaseConfig, LeaseFence, LeaseStore,
+    LeaseUpdate, WorkerConfig,
 };
 use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::proxy::{Fault, FaultProxy, Rule};
@@ -165,5 +167,66 @@ async fn a_renewal_whose_answer_is_lost_does_not_lose_the_lease() {
         recorder.count() >= puts.len()
     })
     .await;
+    worker.stop().await.unwrap();
+}
+
+// Defect 5 of issue 9: one UpdateItem stuck on a dead pooled connection, while every other call
+// works. A renewal used to be bounded only by the lease's end (the request timeout was the
+// whole lease duration), so the lease was lost, the shard paused and records came twice. Each
+// attempt now has a short timeout and is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_update_stuck_on_a_dead_connection_loses_no_lease() {
+    let proxy = proxy().await;
+    let kinesis = kinesis().await;
+    let stream = unique("stuck-call");
+    create_stream(&kinesis, &stream, 2).await;
+    let recorder = Recorder::default();
+    let (app, worker) = worker_through_proxy(&proxy, &stream, &recorder).await;
+    wait_for("2 leases", PATIENCE, || async {
+        lease_owners(&app).await.get("w1") == Some(&2)
+    })
+    .await;
+    let before = put_records(&kinesis, &stream, &records("before", 0, 20, 5)).await;
+    wait_for("the first records", PATIENCE, || async {
+        recorder.count() >= before.len()
+    })
+    .await;
+
+    // The next lease write (a renewal, or a checkpoint) never answers.
+    proxy.inject(Rule::on("UpdateItem", Fault::Hang).times(1));
+    wait_for("the stuck call", PATIENCE, || async {
+        proxy.faults().get("UpdateItem") == Some(&1)
+    })
+    .await;
+    // Past the end of the lease that call was renewing, had it not been retried.
+    tokio::time::sleep(LeaseConfig::default().lease_duration + Duration::from_secs(2)).await;
+    assert!(
+        recorder
+            .all_events()
+            .iter()
+            .all(|e| e.2 != Event::LeaseLost),
+        "{:?}",
+        recorder.all_events()
+    );
+    assert_eq!(lease_owners(&app).await.get("w1"), Some(&2));
+
+    let after = put_records(&kinesis, &stream, &records("after", 20, 20, 5)).await;
+    wait_for("the later records", PATIENCE, || async {
+        recorder.count() >= before.len() + after.len()
+    })
+    .await;
+    let mut deliveries: BTreeMap<String, usize> = BTreeMap::new();
+    for d in recorder.delivered() {
+        *deliveries.entry(d.data).or_default() += 1;
+    }
+    assert_eq!(deliveries.len(), before.len() + after.len());
+    assert!(
+        deliveries.values().all(|n| *n == 1),
+        "records delivered twice: {:?}",
+        deliveries
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .collect::<Vec<_>>()
+    );
     worker.stop().await.unwrap();
 }

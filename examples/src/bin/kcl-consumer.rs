@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, LeaseConfig, LeaseStore,
-    PollingConfig, Record, RecordProcessor, StreamClient, Worker, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, InitialPosition, LeaseConfig, PollingConfig, Record,
+    RecordProcessor, WorkerConfig, async_trait,
 };
-use kcl_dynamo_lease::DynamoLeaseStore;
+use kcl_dynamo_lease::AwsWorkerBuilder;
 use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -54,6 +54,10 @@ struct Args {
     /// Lease renewal interval, e.g. 3s.
     #[arg(long, value_parser = parse_duration)]
     renewal_interval: Option<Duration>,
+    /// Timeout of one lease-table call, e.g. 2s; shorter than the lease duration minus the
+    /// renewal interval.
+    #[arg(long, value_parser = parse_duration)]
+    lease_request_timeout: Option<Duration>,
     /// Interval of lease taking rounds, e.g. 2s.
     #[arg(long, value_parser = parse_duration)]
     taker_interval: Option<Duration>,
@@ -89,6 +93,10 @@ impl Args {
         let lease = LeaseConfig::default()
             .with_lease_duration(self.lease_duration.unwrap_or(defaults.lease_duration))
             .with_renewal_interval(self.renewal_interval.unwrap_or(defaults.renewal_interval))
+            .with_request_timeout(
+                self.lease_request_timeout
+                    .unwrap_or(defaults.request_timeout),
+            )
             .with_taker_interval(self.taker_interval.unwrap_or(defaults.taker_interval))
             .with_shard_sync_interval(
                 self.shard_sync_interval
@@ -222,15 +230,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
 
+    // Region, credentials and endpoints from the environment, for both services.
     let sdk = aws_config::load_from_env().await;
-    let stream: Arc<dyn StreamClient> = Arc::new(KinesisStreamClient::new(
-        aws_sdk_kinesis::Client::new(&sdk),
-        &config.stream,
-    ));
-    let leases: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(
-        aws_sdk_dynamodb::Client::new(&sdk),
-        config.lease_table(),
-    ));
     let output: Output = Arc::new(Mutex::new(open_output(args.output.as_ref()).await?));
     let factory = {
         let output = output.clone();
@@ -239,7 +240,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             output: output.clone(),
         }
     };
-    let worker = Worker::new(config, stream, leases, factory)?;
+    let worker = AwsWorkerBuilder::new(&sdk, config).build(factory)?;
     info!(worker_id = worker.worker_id(), "starting");
     worker.run(shutdown).await?;
     output.lock().await.flush().await?;

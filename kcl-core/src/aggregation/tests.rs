@@ -113,13 +113,13 @@ fn an_index_pointing_nowhere_is_delivered_as_a_plain_record() {
             UserRecord {
                 partition_key_index: 0,
                 explicit_hash_key_index: None,
-                data: b"ok".to_vec(),
+                data: Bytes::from_static(b"ok"),
                 tags: vec![],
             },
             UserRecord {
                 partition_key_index: 7,
                 explicit_hash_key_index: None,
-                data: b"bad".to_vec(),
+                data: Bytes::from_static(b"bad"),
                 tags: vec![],
             },
         ],
@@ -141,10 +141,7 @@ fn user_records_hashing_outside_the_shard_are_dropped() {
     };
     let out = deaggregate(record(bytes), Some(lower_half));
     assert_eq!(
-        out.records
-            .iter()
-            .map(|r| r.data.as_slice())
-            .collect::<Vec<_>>(),
+        out.records.iter().map(|r| &r.data[..]).collect::<Vec<_>>(),
         vec![&b"low"[..]]
     );
     assert_eq!(out.dropped_out_of_range, 2);
@@ -205,7 +202,7 @@ proptest! {
             records: users.iter().map(|(k, data)| UserRecord {
                 partition_key_index: (k % keys.len()) as u64,
                 explicit_hash_key_index: None,
-                data: data.clone(),
+                data: Bytes::from(data.clone()),
                 tags: vec![],
             }).collect(),
         };
@@ -322,5 +319,22 @@ proptest! {
                 prop_assert!(message.partition_key_table.contains(&r.partition_key));
             }
         }
+    }
+}
+
+#[test]
+fn user_records_share_the_aggregate_buffer_instead_of_copying_it() {
+    let (bytes, _) = fixtures().remove("five_keys").unwrap();
+    let outer = record(bytes);
+    let buffer = outer.data.as_ptr_range();
+    let out = deaggregate(outer.clone(), None);
+    assert!(!out.records.is_empty());
+    for user in out.records.iter().filter(|r| !r.data.is_empty()) {
+        let view = user.data.as_ptr_range();
+        assert!(
+            buffer.start <= view.start && view.end <= buffer.end,
+            "user record {} was copied out of the aggregate",
+            user.sub_sequence_number
+        );
     }
 }

@@ -2,19 +2,30 @@
 //!
 //! States: wait until every parent shard is finished → get the first shard iterator →
 //! create a processor and `initialize` it → deliver batches in order → one exit: shard end
-//! (`shard_ended`, then `SHARD_END` checkpoint), shutdown or handoff to another worker
+//! (`shard_ended`, then `SHARD_END`), shutdown or handoff to another worker
 //! (`shutdown_requested`), lease lost (`lease_lost`), or failure. The consumer is a task owned
 //! by the worker; it owns its poller task and stops it before returning.
 //!
 //! Processor failures: an error or a panic in `initialize` or `process_records` is retried
-//! with backoff, up to `processing.retry.max_attempts` attempts per batch. After an error the
-//! same processor gets the batch again (minus what it checkpointed); after a panic the
-//! processor is dropped, since its state cannot be trusted, and a new one from the factory is
-//! initialized at the current checkpoint first. When the attempts run out the consumer fails:
-//! the worker releases the lease and the shard restarts from its checkpoint. Nothing is ever
-//! checkpointed past records whose processing failed, and a panic never takes the worker down.
+//! with backoff, up to `processing.retry.max_attempts` attempts without the checkpoint moving.
+//! After an error the same processor gets the batch again (minus what it checkpointed): it
+//! still holds whatever it buffered. After a panic the processor is dropped, and with it any
+//! records it buffered but had not checkpointed, so the shard *resumes from its checkpoint*:
+//! a new iterator at the checkpoint, a new processor initialized there, every record after
+//! the checkpoint delivered again. When the attempts run out the consumer fails: the worker
+//! releases the lease and the shard restarts from its checkpoint after a cooldown. Nothing is
+//! ever checkpointed past records whose processing failed, and a panic never takes the worker
+//! down.
+//!
+//! Shard end: `SHARD_END` is written for the processor only when its checkpoint already
+//! covers every record delivered (see [`RecordProcessor::shard_ended`]); otherwise the
+//! consumer fails loudly with [`Error::ShardEndNotCheckpointed`] and the shard restarts from
+//! its checkpoint, so records a processor buffered are delivered again, never skipped.
 
 pub(crate) mod poller;
+mod progress;
+
+pub(crate) use progress::Progress;
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -22,13 +33,11 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -71,84 +80,35 @@ enum Interrupt {
     Shutdown,
     HandedOff,
     Failed(Error),
+    /// The processor panicked and was dropped with whatever it buffered: resume from the
+    /// checkpoint with a new iterator and a new processor.
+    Restart {
+        callback: &'static str,
+        failure: BoxError,
+    },
 }
 
-impl From<Interrupt> for ShardExit {
+/// How one reading session (an iterator, a processor, a poller) ended.
+enum SessionEnd {
+    Exit(ShardExit),
+    /// The processor panicked and was dropped with whatever it buffered.
+    Restart {
+        callback: &'static str,
+        failure: BoxError,
+    },
+}
+
+impl From<Interrupt> for SessionEnd {
     fn from(i: Interrupt) -> Self {
-        match i {
+        SessionEnd::Exit(match i {
             Interrupt::LeaseLost => ShardExit::LeaseLost,
             Interrupt::Shutdown => ShardExit::Shutdown,
             Interrupt::HandedOff => ShardExit::HandedOff,
             Interrupt::Failed(e) => ShardExit::Failed(e),
-        }
-    }
-}
-
-/// When a consumer last made progress (a `GetRecords` answer, a processor callback that
-/// returned), and whether it is inside a processor callback: what the worker's watchdog reads.
-#[derive(Debug)]
-pub(crate) struct Progress {
-    base: Instant,
-    /// Milliseconds after `base` of the last progress.
-    last: AtomicU64,
-    /// Milliseconds after `base` (plus one, so 0 means "not") since a callback is running.
-    in_callback: AtomicU64,
-    /// Set while the consumer waits for its parent shards to finish.
-    waiting: AtomicBool,
-}
-
-impl Progress {
-    pub(crate) fn new() -> Arc<Self> {
-        Arc::new(Progress {
-            base: Instant::now(),
-            last: AtomicU64::new(0),
-            in_callback: AtomicU64::new(0),
-            waiting: AtomicBool::new(false),
+            Interrupt::Restart { callback, failure } => {
+                return SessionEnd::Restart { callback, failure };
+            }
         })
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    pub(crate) fn tick(&self) {
-        self.last.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    fn set_waiting(&self, waiting: bool) {
-        self.waiting.store(waiting, Ordering::Relaxed);
-        self.tick();
-    }
-
-    fn enter_callback(&self) {
-        self.in_callback.store(self.now_ms() + 1, Ordering::Relaxed);
-    }
-
-    fn exit_callback(&self) {
-        self.in_callback.store(0, Ordering::Relaxed);
-        self.tick();
-    }
-
-    /// How long since the last progress, unless a processor callback is running or the
-    /// consumer waits for its parents.
-    pub(crate) fn stalled_for(&self) -> Option<Duration> {
-        let busy = self.in_callback.load(Ordering::Relaxed) != 0;
-        (!busy && !self.waiting.load(Ordering::Relaxed)).then(|| {
-            Duration::from_millis(
-                self.now_ms()
-                    .saturating_sub(self.last.load(Ordering::Relaxed)),
-            )
-        })
-    }
-
-    /// How long the running processor callback has been running, if one is.
-    pub(crate) fn in_callback_for(&self) -> Option<Duration> {
-        match self.in_callback.load(Ordering::Relaxed) {
-            0 => None,
-            since => Some(Duration::from_millis(
-                self.now_ms().saturating_sub(since - 1),
-            )),
-        }
     }
 }
 
@@ -313,72 +273,14 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
     async fn run_in_span(self) -> ShardExit {
         self.progress.tick();
         let lease = self.lease.snapshot().await;
-        let shard_id = lease.lease_key.clone();
         if lease.is_finished() {
             return ShardExit::ShardEnded {
                 children: Vec::new(),
             };
         }
-        let lost = self.lease.lost_token().clone();
-        let handoff = self.lease.handoff_token().clone();
-        if !lease.parent_shard_ids.is_empty() {
-            // Records of a key continue in the children: start only after every parent ended.
-            let parents = &lease.parent_shard_ids;
-            let parents_done = self.parents_done.clone();
-            if !parents.is_subset(&parents_done.get()) {
-                info!(?parents, "waiting for the parent shards to finish");
-                // Waiting on purpose, for as long as the parents take: not a stall.
-                self.progress.set_waiting(true);
-                let exit = tokio::select! {
-                    biased;
-                    _ = lost.cancelled() => Some(ShardExit::LeaseLost),
-                    _ = self.shutdown.cancelled() => Some(ShardExit::Shutdown),
-                    _ = handoff.cancelled() => Some(ShardExit::HandedOff),
-                    _ = parents_done.wait_for(|done| parents.is_subset(done)) => None,
-                };
-                self.progress.set_waiting(false);
-                if let Some(exit) = exit {
-                    return exit;
-                }
-            }
+        if let Some(exit) = self.wait_for_parents(&lease.parent_shard_ids).await {
+            return exit;
         }
-        let start = starting_position(&lease.checkpoint, &self.config.initial_position, &shard_id);
-        let poller = Poller {
-            stream: self.stream.clone(),
-            shard_id: shard_id.clone(),
-            config: self.config.polling.clone(),
-            seeds: self.seeds.clone(),
-            start: start.clone(),
-            skip_through: lease.checkpoint.position().cloned(),
-            shard_range: lease.hash_key_range,
-            counters: self.counters.clone(),
-            progress: self.progress.clone(),
-        };
-        // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
-        // LATEST reads everything put after `initialize` was called.
-        let iterator = tokio::select! {
-            biased;
-            _ = lost.cancelled() => return ShardExit::LeaseLost,
-            _ = self.shutdown.cancelled() => return ShardExit::Shutdown,
-            _ = handoff.cancelled() => return ShardExit::HandedOff,
-            it = poller.iterator_at(&start) => it,
-        };
-        let iterator = match iterator {
-            Ok(it) => it,
-            Err(Error::ShardNotFound { .. }) => return ShardExit::ShardGone,
-            Err(e) => return ShardExit::Failed(e),
-        };
-        let mut attempts = 1;
-        let processor = match self
-            .start_processor(&lease.checkpoint, &mut self.backoff(), &mut attempts)
-            .await
-        {
-            Ok(processor) => processor,
-            Err(interrupt) => return interrupt.into(),
-        };
-        let mut processor = Some(processor);
-        info!(checkpoint = %lease.checkpoint, ?start, "shard consumer started");
-
         let retry = self
             .config
             .lease
@@ -391,6 +293,109 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             lease.checkpoint.clone(),
             Box::new(move || retry.backoff(seeds.next_seed())),
         );
+        // Sessions end in a restart only after a processor panic. Attempts count panics (and
+        // failed starts) since the checkpoint last moved: a processor that panics on the same
+        // records again and again fails its shard, one that makes progress never does.
+        let mut backoff = self.backoff();
+        let mut attempts = 1;
+        let mut progress_mark = checkpointer.last_checkpoint().clone();
+        loop {
+            match self.session(&mut checkpointer, &mut attempts).await {
+                SessionEnd::Exit(exit) => return exit,
+                SessionEnd::Restart { callback, failure } => {
+                    if *checkpointer.last_checkpoint() != progress_mark {
+                        progress_mark = checkpointer.last_checkpoint().clone();
+                        backoff = self.backoff();
+                        attempts = 1;
+                    }
+                    let Some(delay) = backoff.next() else {
+                        let e =
+                            processor_error(self.lease.lease_key(), callback, attempts, failure);
+                        error!(error = %e, "shard consumer failed");
+                        return ShardExit::Failed(e);
+                    };
+                    warn!(attempts, ?delay, error = %failure, checkpoint = %checkpointer.last_checkpoint(), "the record processor panicked; resuming from the checkpoint with a new processor");
+                    attempts += 1;
+                    if let Err(interrupt) = self.pause(delay).await {
+                        return match SessionEnd::from(interrupt) {
+                            SessionEnd::Exit(exit) => exit,
+                            SessionEnd::Restart { .. } => unreachable!("a pause never restarts"),
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until every parent shard finished (records of a key continue in the children),
+    /// unless the consumer must stop first.
+    async fn wait_for_parents(&self, parents: &BTreeSet<String>) -> Option<ShardExit> {
+        if parents.is_empty() || parents.is_subset(&self.parents_done.get()) {
+            return None;
+        }
+        info!(?parents, "waiting for the parent shards to finish");
+        // Waiting on purpose, for as long as the parents take: not a stall.
+        self.progress.set_waiting(true);
+        let exit = tokio::select! {
+            biased;
+            _ = self.lease.lost_token().cancelled() => Some(ShardExit::LeaseLost),
+            _ = self.shutdown.cancelled() => Some(ShardExit::Shutdown),
+            _ = self.lease.handoff_token().cancelled() => Some(ShardExit::HandedOff),
+            _ = self.parents_done.wait_for(|done| parents.is_subset(done)) => None,
+        };
+        self.progress.set_waiting(false);
+        exit
+    }
+
+    /// One reading session from the checkpoint: a new iterator, a new processor, a poller.
+    async fn session(&self, checkpointer: &mut Checkpointer, attempts: &mut usize) -> SessionEnd {
+        let shard_id = self.lease.lease_key().to_owned();
+        let checkpoint = checkpointer.last_checkpoint().clone();
+        checkpointer.start_session();
+        let lost = self.lease.lost_token().clone();
+        let handoff = self.lease.handoff_token().clone();
+        let start = starting_position(&checkpoint, &self.config.initial_position, &shard_id);
+        let budget = self.config.polling.max_prefetched_bytes;
+        let poller = Poller {
+            stream: self.stream.clone(),
+            shard_id: shard_id.clone(),
+            config: self.config.polling.clone(),
+            seeds: self.seeds.clone(),
+            start: start.clone(),
+            skip_through: checkpoint.position().cloned(),
+            shard_range: self.lease.snapshot().await.hash_key_range,
+            deliver_empty: self
+                .config
+                .processing
+                .call_process_records_even_for_empty_list,
+            budget: Arc::new(Semaphore::new(budget)),
+            budget_bytes: budget,
+            counters: self.counters.clone(),
+            progress: self.progress.clone(),
+        };
+        // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
+        // LATEST reads everything put after `initialize` was called.
+        let iterator = tokio::select! {
+            biased;
+            _ = lost.cancelled() => return SessionEnd::Exit(ShardExit::LeaseLost),
+            _ = self.shutdown.cancelled() => return SessionEnd::Exit(ShardExit::Shutdown),
+            _ = handoff.cancelled() => return SessionEnd::Exit(ShardExit::HandedOff),
+            it = poller.iterator_at(&start) => it,
+        };
+        let iterator = match iterator {
+            Ok(it) => it,
+            Err(Error::ShardNotFound { .. }) => return SessionEnd::Exit(ShardExit::ShardGone),
+            Err(e) => return SessionEnd::Exit(ShardExit::Failed(e)),
+        };
+        let processor = match self
+            .start_processor(&checkpoint, &mut self.backoff(), attempts)
+            .await
+        {
+            Ok(processor) => processor,
+            Err(interrupt) => return interrupt.into(),
+        };
+        let mut processor = Some(processor);
+        info!(%checkpoint, ?start, "shard consumer started");
 
         let (tx, mut rx) = mpsc::channel(self.config.polling.max_prefetched_batches);
         let stop_poller = CancellationToken::new();
@@ -401,35 +406,33 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 .instrument(tracing::Span::current()),
         );
 
-        let exit = loop {
+        let end = loop {
             // Pick the next event; delivery happens outside the select, so a batch being
             // processed is never abandoned halfway.
             let next = tokio::select! {
                 biased;
-                _ = lost.cancelled() => break ShardExit::LeaseLost,
-                _ = self.shutdown.cancelled() => break ShardExit::Shutdown,
-                _ = handoff.cancelled() => break ShardExit::HandedOff,
+                _ = lost.cancelled() => break SessionEnd::Exit(ShardExit::LeaseLost),
+                _ = self.shutdown.cancelled() => break SessionEnd::Exit(ShardExit::Shutdown),
+                _ = handoff.cancelled() => break SessionEnd::Exit(ShardExit::HandedOff),
                 next = rx.recv() => next,
             };
+            // The batch (and its share of the prefetch budget) lives until it was delivered.
             let batch = match next {
                 Some(Ok(batch)) => batch,
-                Some(Err(e)) => break ShardExit::Failed(e),
+                Some(Err(e)) => break SessionEnd::Exit(ShardExit::Failed(e)),
                 None => {
-                    break ShardExit::Failed(Error::TaskFailed {
+                    break SessionEnd::Exit(ShardExit::Failed(Error::TaskFailed {
                         task: format!("poller of shard {shard_id}"),
                         problem: "stopped without reaching the shard's end".into(),
-                    });
+                    }));
                 }
             };
-            if let Err(interrupt) = self
-                .deliver(&batch, &mut processor, &mut checkpointer)
-                .await
-            {
+            if let Err(interrupt) = self.deliver(&batch, &mut processor, checkpointer).await {
                 break interrupt.into();
             }
             if let Some(children) = batch.shard_end {
                 break self
-                    .finish_shard(&mut processor, &mut checkpointer, children)
+                    .finish_shard(&mut processor, checkpointer, children)
                     .await;
             }
         };
@@ -443,9 +446,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             }
         }
 
-        // Tell the processor, if one is left (a panic may have dropped it).
-        if let Some(mut processor) = processor {
-            match &exit {
+        // Tell the processor, if one is left (a panic drops it).
+        if let (Some(mut processor), SessionEnd::Exit(exit)) = (processor, &end) {
+            match exit {
                 ShardExit::LeaseLost => {
                     info!("lease lost; telling the processor");
                     self.call("lease_lost", processor.lease_lost()).await;
@@ -454,7 +457,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     if let Called::Returned(Err(e)) = self
                         .call(
                             "shutdown_requested",
-                            processor.shutdown_requested(&mut checkpointer),
+                            processor.shutdown_requested(checkpointer),
                         )
                         .await
                     {
@@ -465,18 +468,21 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 _ => {}
             }
         }
-        match &exit {
-            ShardExit::ShardEnded { .. } => info!("shard processed to its end"),
-            ShardExit::ShardGone => warn!("shard is past retention; its lease is deleted"),
-            ShardExit::Failed(e) => error!(error = %e, "shard consumer failed"),
-            _ => {}
+        if let SessionEnd::Exit(exit) = &end {
+            match exit {
+                ShardExit::ShardEnded { .. } => info!("shard processed to its end"),
+                ShardExit::ShardGone => warn!("shard is past retention; its lease is deleted"),
+                ShardExit::Failed(e) => error!(error = %e, "shard consumer failed"),
+                _ => {}
+            }
         }
-        exit
+        end
     }
 
-    /// Delivers a batch, retrying it per the processing policy: after a failed attempt the
-    /// records not covered by the processor's checkpoint are delivered again, never skipped;
-    /// after a panic, to a new processor.
+    /// Delivers a batch. After an error the same processor gets the records its checkpoint
+    /// does not cover again, per the processing policy; a panic ends the session (the
+    /// processor's buffered records died with it, so only a resume from the checkpoint
+    /// delivers everything).
     async fn deliver(
         &self,
         batch: &FetchedBatch,
@@ -484,6 +490,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         checkpointer: &mut Checkpointer,
     ) -> Result<(), Interrupt> {
         let Some(last) = batch.records.last() else {
+            if batch.shard_end.is_none() {
+                return self.deliver_empty(batch, processor, checkpointer).await;
+            }
             return Ok(());
         };
         let shard_id = self.lease.lease_key().to_owned();
@@ -497,18 +506,12 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             if self.lease.is_lost() {
                 return Err(Interrupt::LeaseLost);
             }
-            let current = match processor {
-                Some(p) => p,
-                None => {
-                    let fresh = self
-                        .start_processor(
-                            checkpointer.last_checkpoint(),
-                            &mut backoff,
-                            &mut attempts,
-                        )
-                        .await?;
-                    processor.insert(fresh)
-                }
+            let Some(current) = processor.as_mut() else {
+                // Only a panic drops the processor, and a panic ends the session.
+                return Err(Interrupt::Failed(Error::TaskFailed {
+                    task: format!("shard consumer of {shard_id}"),
+                    problem: "no record processor to deliver to".into(),
+                }));
             };
             checkpointer.set_highest_delivered(last.position());
             let failure: BoxError = match self
@@ -527,9 +530,13 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     e.into()
                 }
                 Called::Panicked(message) => {
-                    // Its state cannot be trusted: the next attempt gets a new processor.
+                    // Its state cannot be trusted, and what it buffered is gone.
                     *processor = None;
-                    format!("process_records panicked: {message}").into()
+                    checkpointer.reset_highest_delivered(processed_before);
+                    return Err(Interrupt::Restart {
+                        callback: "process_records",
+                        failure: format!("process_records panicked: {message}").into(),
+                    });
                 }
             };
             // The failed records are not processed: from now on, until a retry succeeds, a
@@ -562,15 +569,55 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         }
     }
 
-    /// Calls `shard_ended` and checkpoints `SHARD_END` if the processor did not. A failing
-    /// `shard_ended` does not write `SHARD_END`: the shard restarts from its last checkpoint
-    /// rather than risk losing what the processor had not finished.
+    /// Calls `process_records` with no records after an idle read
+    /// (`processing.call_process_records_even_for_empty_list`), so a processor can flush on
+    /// time. An error is logged and counted; there is nothing to deliver again.
+    async fn deliver_empty(
+        &self,
+        batch: &FetchedBatch,
+        processor: &mut Option<F::Processor>,
+        checkpointer: &mut Checkpointer,
+    ) -> Result<(), Interrupt> {
+        let Some(current) = processor.as_mut() else {
+            return Ok(());
+        };
+        match self
+            .call(
+                "process_records",
+                current.process_records(&[], checkpointer, batch.millis_behind_latest),
+            )
+            .await
+        {
+            Called::Returned(Ok(())) => Ok(()),
+            Called::Returned(Err(e)) => {
+                Counters::add(&self.counters.processor_failures, 1);
+                let e: BoxError = e.into();
+                warn!(error = %e, "process_records failed on an empty batch");
+                Ok(())
+            }
+            Called::Panicked(message) => {
+                *processor = None;
+                Err(Interrupt::Restart {
+                    callback: "process_records",
+                    failure: format!("process_records panicked on an empty batch: {message}")
+                        .into(),
+                })
+            }
+        }
+    }
+
+    /// Calls `shard_ended`, then makes sure `SHARD_END` is written only over nothing: if the
+    /// processor did not checkpoint `SHARD_END` itself, the consumer writes it when the
+    /// checkpoint covers every record delivered, and otherwise fails with
+    /// [`Error::ShardEndNotCheckpointed`] (the records after the checkpoint, which the
+    /// processor may still buffer, are delivered again). A failing `shard_ended` writes
+    /// nothing either: the shard restarts from its last checkpoint.
     async fn finish_shard(
         &self,
         processor: &mut Option<F::Processor>,
         checkpointer: &mut Checkpointer,
         children: Vec<ChildShard>,
-    ) -> ShardExit {
+    ) -> SessionEnd {
         let shard_id = self.lease.lease_key().to_owned();
         checkpointer.set_at_shard_end();
         if let Some(current) = processor.as_mut() {
@@ -585,21 +632,37 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 }
                 Called::Panicked(message) => {
                     *processor = None;
-                    Some(format!("shard_ended panicked: {message}").into())
+                    return SessionEnd::Restart {
+                        callback: "shard_ended",
+                        failure: format!("shard_ended panicked: {message}").into(),
+                    };
                 }
             };
             if let Some(failure) = failure {
-                return ShardExit::Failed(processor_error(&shard_id, "shard_ended", 1, failure));
+                return SessionEnd::Exit(ShardExit::Failed(processor_error(
+                    &shard_id,
+                    "shard_ended",
+                    1,
+                    failure,
+                )));
             }
         }
         if !checkpointer.last_checkpoint().is_shard_end() {
+            if !checkpointer.covers_delivered() {
+                Counters::add(&self.counters.shard_end_not_checkpointed, 1);
+                return SessionEnd::Exit(ShardExit::Failed(Error::ShardEndNotCheckpointed {
+                    shard_id,
+                    last_checkpoint: checkpointer.last_checkpoint().clone(),
+                    highest_delivered: checkpointer.highest_delivered().cloned(),
+                }));
+            }
             if let Err(e) = checkpointer.checkpoint().await {
-                return match e {
+                return SessionEnd::Exit(match e {
                     Error::LeaseLost { .. } => ShardExit::LeaseLost,
                     e => ShardExit::Failed(e),
-                };
+                });
             }
         }
-        ShardExit::ShardEnded { children }
+        SessionEnd::Exit(ShardExit::ShardEnded { children })
     }
 }

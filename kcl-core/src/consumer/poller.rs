@@ -1,12 +1,15 @@
 //! The poller: pages `GetRecords` through shard iterators ahead of the processor.
 //!
 //! It runs as a task owned by its shard consumer and hands batches over a bounded channel of
-//! `max_prefetched_batches`, so the next batch is fetched while the current one is processed,
-//! and a slow processor holds back at most that many batches in memory.
+//! `max_prefetched_batches`, so the next batch is fetched while the current one is processed.
+//! A slow processor holds back at most that many batches, and at most `max_prefetched_bytes`
+//! of payload plus one `GetRecords` answer: each batch carries permits of a per-shard byte
+//! budget until it was delivered, and the poller calls `GetRecords` only while the budget
+//! has room.
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -27,6 +30,13 @@ pub(crate) struct FetchedBatch {
     pub(crate) millis_behind_latest: Option<u64>,
     /// Set on the last batch of a closed shard: its children as `GetRecords` reported them.
     pub(crate) shard_end: Option<Vec<ChildShard>>,
+    /// The batch's share of the shard's prefetch byte budget, given back when it is dropped.
+    pub(crate) _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// What a record counts against the prefetch budget: its payload and partition key.
+fn record_bytes(record: &Record) -> usize {
+    record.data.len() + record.partition_key.len()
 }
 
 #[derive(Debug)]
@@ -43,6 +53,12 @@ pub(crate) struct Poller {
     pub(crate) skip_through: Option<ExtendedSequenceNumber>,
     /// The shard's hash keys: KPL user records outside them are dropped.
     pub(crate) shard_range: Option<HashKeyRange>,
+    /// Hand over an empty batch after a read that found no new records
+    /// (`processing.call_process_records_even_for_empty_list`).
+    pub(crate) deliver_empty: bool,
+    /// The shard's prefetch byte budget: `budget_bytes` permits, one per byte.
+    pub(crate) budget: Arc<Semaphore>,
+    pub(crate) budget_bytes: usize,
     pub(crate) counters: Arc<Counters>,
     pub(crate) progress: Arc<super::Progress>,
 }
@@ -126,6 +142,8 @@ impl Poller {
                 _ = stop.cancelled() => return,
                 answer = async {
                     tokio::time::sleep_until(next_call_at).await;
+                    // Fetch only while batches not yet delivered leave room in the budget.
+                    drop(self.budget.acquire().await);
                     self.stream.get_records(&self.shard_id, &current, self.config.max_records).await
                 } => answer,
             };
@@ -182,19 +200,29 @@ impl Poller {
             );
             iterator = page.next_shard_iterator;
             let shard_end = iterator.is_none().then_some(page.child_shards);
-            if records.is_empty() && shard_end.is_none() {
+            if records.is_empty() && shard_end.is_none() && !self.deliver_empty {
                 continue;
             }
             let ended = shard_end.is_some();
-            let batch = FetchedBatch {
-                records,
-                millis_behind_latest: page.millis_behind_latest,
-                shard_end,
-            };
+            // A batch larger than the whole budget takes all of it and passes alone.
+            let bytes: usize = records.iter().map(record_bytes).sum();
+            let permits = u32::try_from(bytes.min(self.budget_bytes)).unwrap_or(u32::MAX);
             let sent = tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                sent = tx.send(Ok(batch)) => sent,
+                sent = async {
+                    let budget = match permits {
+                        0 => None,
+                        n => Some(self.budget.clone().acquire_many_owned(n).await.ok()?),
+                    };
+                    let batch = FetchedBatch {
+                        records,
+                        millis_behind_latest: page.millis_behind_latest,
+                        shard_end,
+                        _budget: budget,
+                    };
+                    Some(tx.send(Ok(batch)).await)
+                } => sent.unwrap_or(Ok(())),
             };
             if sent.is_err() || ended {
                 return;

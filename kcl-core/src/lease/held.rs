@@ -112,7 +112,11 @@ impl HeldLease {
     ///
     /// # Errors
     /// [`Error::LeaseLost`] when the lease was lost before or by this write (the lease is then
-    /// marked lost); the store's error otherwise, with the lease still held.
+    /// marked lost); [`Error::LeaseUpdateRejected`] when the stored lease, still ours, does not
+    /// allow the update ([`LeaseUpdate::allowed`]; nothing is written, the lease stays held,
+    /// and a pending request of another worker is passed on as
+    /// [`handoff_requested`](Self::handoff_requested)); the store's error otherwise, with the
+    /// lease still held.
     ///
     /// # Cancel safety
     /// Dropping the future may leave a write applied whose answer was never read. The next
@@ -128,28 +132,32 @@ impl HeldLease {
             return Err(self.lost_error());
         }
         let sent_at = Instant::now();
-        let result = match store
+        let mut result = store
             .update_lease(&self.lease_key, &state.fence(), update)
-            .await
+            .await;
+        if let Err(Error::LeaseConditionFailed {
+            current: Some(current),
+            ..
+        }) = &result
         {
-            Err(Error::LeaseConditionFailed {
-                current: Some(current),
-                ..
-            }) if current.owner.as_deref() == Some(self.worker_id.as_str()) => {
-                // Still ours, so the counter moved by a write of ours whose answer was lost
-                // (a timeout, or a dropped future). Adopt the stored fence and send again.
+            // Still ours and the update is allowed, so the counter moved by a write of ours
+            // whose answer was lost (a timeout, or a dropped future). Adopt the stored fence
+            // and send again. (Not allowed: a rejection, handled below without resending.)
+            if self.still_ours(current)
+                && update.allowed(current)
+                && current.fence() != state.fence()
+            {
                 warn!(
                     lease_key = %self.lease_key,
                     expected_counter = state.counter,
                     stored_counter = current.counter,
                     "lease counter moved under an unanswered write of this worker; resending"
                 );
-                store
+                result = store
                     .update_lease(&self.lease_key, &current.fence(), update)
-                    .await
+                    .await;
             }
-            other => other,
-        };
+        }
         match result {
             Ok(lease) => {
                 if let LeaseUpdate::RequestHandoff { to } = update {
@@ -167,6 +175,29 @@ impl HeldLease {
                 *state = lease.clone();
                 Ok(lease)
             }
+            Err(Error::LeaseConditionFailed {
+                current: Some(current),
+                ..
+            }) if self.still_ours(&current) && !update.allowed(&current) => {
+                // The update's own precondition failed, not the fence: the lease is ours.
+                // Adopt the stored lease (a counter that moved under our name is a write of
+                // ours; `valid_until` stays, as we do not know when that write was sent).
+                info!(
+                    lease_key = %self.lease_key,
+                    operation = update.operation(),
+                    handoff_to = ?current.handoff_to,
+                    "lease update rejected by its precondition; the lease is still held"
+                );
+                *state = (*current).clone();
+                if let Some(to) = &current.handoff_to {
+                    self.handoff_requested(to);
+                }
+                Err(Error::LeaseUpdateRejected {
+                    lease_key: self.lease_key.clone(),
+                    operation: update.operation(),
+                    current,
+                })
+            }
             Err(Error::LeaseConditionFailed { current, .. }) => {
                 let owner = current.and_then(|l| l.owner);
                 self.mark_lost(&format!(
@@ -178,6 +209,11 @@ impl HeldLease {
             }
             Err(other) => Err(other),
         }
+    }
+
+    /// True when the stored lease still names this worker as its owner.
+    fn still_ours(&self, stored: &Lease) -> bool {
+        stored.owner.as_deref() == Some(self.worker_id.as_str())
     }
 
     /// Gives the lease up: clears the owner so another worker can take it at once, and
@@ -252,6 +288,7 @@ impl HeldLeases {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use crate::testing::InMemoryLeaseStore;
 
     const DURATION: Duration = Duration::from_secs(10);
@@ -300,6 +337,77 @@ mod tests {
         let lease = held.write(&store, &LeaseUpdate::Renew).await.unwrap();
         assert_eq!(lease.counter, 3);
         assert!(!held.is_lost());
+    }
+
+    /// Another worker asks for the lease the way the worker does: on the stored fence,
+    /// leaving the counter alone.
+    async fn request_as(store: &InMemoryLeaseStore, key: &str, worker: &str) {
+        let fence = store.get_lease(key).await.unwrap().unwrap().fence();
+        let request = LeaseUpdate::RequestHandoff { to: worker.into() };
+        store.update_lease(key, &fence, &request).await.unwrap();
+    }
+
+    // Defect 3 of issue 9: a worker shutting down offers its lease while another worker's
+    // request is pending. The offer's own precondition fails; that is a refusal of the offer,
+    // not a lost lease: the lease stays held, its consumer is told to hand it over, and the
+    // release keeps the reservation for the worker that asked.
+    #[tokio::test(start_paused = true)]
+    async fn an_offer_on_a_lease_already_asked_for_is_rejected_not_lost() {
+        let store = InMemoryLeaseStore::new("t");
+        let held = taken(&store, "s-0", "w1");
+        request_as(&store, "s-0", "w2").await;
+        let calls = store.update_calls();
+        let offer = LeaseUpdate::RequestHandoff { to: "w3".into() };
+        let err = held.write(&store, &offer).await.unwrap_err();
+        assert!(
+            matches!(&err, Error::LeaseUpdateRejected { current, .. } if current.handoff_to.as_deref() == Some("w2")),
+            "{err:?}"
+        );
+        assert_ne!(err.kind(), ErrorKind::ConditionFailed);
+        assert_eq!(store.update_calls(), calls + 1, "a rejection is not resent");
+        assert!(!held.is_lost(), "the lease is still ours");
+        assert!(
+            held.handoff_token().is_cancelled(),
+            "the request of w2 is passed on to the consumer"
+        );
+        held.release(&store).await.unwrap();
+        let stored = store.get_lease("s-0").await.unwrap().unwrap();
+        assert_eq!(stored.owner, None);
+        assert_eq!(stored.handoff_to.as_deref(), Some("w2"), "reserved for w2");
+    }
+
+    // The same refusal after one of our writes landed without an answer: the precondition is
+    // checked before the resend on the stored fence, and the stored lease is adopted, so the
+    // next write goes through.
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_after_an_unanswered_write_adopts_the_stored_fence() {
+        let store = InMemoryLeaseStore::new("t");
+        let held = taken(&store, "s-0", "w1");
+        assert_eq!(held.snapshot().await.counter, 1);
+        let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
+        store
+            .update_lease("s-0", &fence, &LeaseUpdate::Renew)
+            .await
+            .unwrap();
+        request_as(&store, "s-0", "w2").await;
+        let calls = store.update_calls();
+        let offer = LeaseUpdate::RequestHandoff { to: "w3".into() };
+        let err = held.write(&store, &offer).await.unwrap_err();
+        assert!(matches!(err, Error::LeaseUpdateRejected { .. }), "{err:?}");
+        assert_eq!(
+            store.update_calls(),
+            calls + 1,
+            "no resend of a refused update"
+        );
+        assert!(!held.is_lost());
+        assert_eq!(held.snapshot().await.counter, 2, "stored fence adopted");
+        let renewed = held.write(&store, &LeaseUpdate::Renew).await.unwrap();
+        assert_eq!(renewed.counter, 3);
+        assert_eq!(
+            store.update_calls(),
+            calls + 2,
+            "the next write needs no resend"
+        );
     }
 
     #[tokio::test(start_paused = true)]

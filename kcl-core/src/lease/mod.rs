@@ -7,10 +7,17 @@
 //! Invariant kept by every writer: a worker changes the counter only of a lease it owns
 //! (renew, checkpoint, release) or while changing its owner (take). The one write to another
 //! worker's lease that keeps the owner, a handoff request, leaves the counter alone. Hence a
-//! failed condition on a lease that still names this worker as owner can only come from one
-//! of this worker's own writes whose answer was lost, which [`held`] uses to tell a lost
-//! answer from a lost lease. And a request never looks like a renewal to a worker watching a
-//! dead owner's counter.
+//! failed condition on a lease that still names this worker as owner is never a lost lease.
+//! It has one of two causes, told apart by the stored lease the failure carries:
+//! - the update's own precondition ([`LeaseUpdate::allowed`]) does not hold: say a handoff
+//!   offer of a worker shutting down, on a lease another worker has already asked for. The
+//!   update is rejected ([`Error::LeaseUpdateRejected`]); nothing was written, the lease stays
+//!   held, and a pending request is passed on to its consumer;
+//! - the update is allowed, so the counter moved: one of this worker's own writes landed but
+//!   its answer was lost (a timeout, a dropped future). [`held`] adopts the stored fence and
+//!   sends the update again.
+//!
+//! And a request never looks like a renewal to a worker watching a dead owner's counter.
 //!
 //! # Handoff
 //! A worker that wants a live worker's lease (to balance the fleet) does not take it: it
@@ -253,8 +260,10 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// the write (`update.apply(stored)`).
     ///
     /// # Errors
-    /// [`Error::LeaseConditionFailed`] when the lease is missing or does not match `fence`,
-    /// with the stored lease in `current` when available.
+    /// [`Error::LeaseConditionFailed`] when the lease is missing, does not match `fence`, or
+    /// does not allow the update ([`LeaseUpdate::allowed`]), with the stored lease in `current`
+    /// when available (the caller tells these cases apart from it, so it must be the lease the
+    /// condition was evaluated on).
     async fn update_lease(
         &self,
         lease_key: &str,

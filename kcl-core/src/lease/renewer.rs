@@ -1,18 +1,27 @@
 //! Renewal of held leases.
 //!
-//! One task, owned by the worker, renews every held lease each `renewal_interval`. A renewal
-//! that fails with a retryable error is retried with backoff until the next round is due; a
-//! lease that could not be renewed before it runs out ([`HeldLease::valid_until`]) is marked
-//! lost at that instant, so its consumer stops before another worker can see it expired. A
-//! failed condition marks the lease lost at once. Lost leases reach the worker through their
-//! tokens; the renewer never drops a lease silently.
+//! One task, owned by the worker, renews every held lease each `renewal_interval`. Leases are
+//! renewed independently: the renewer owns one renewal task per lease with at most one in
+//! flight, and each tick starts a renewal for every held lease that has none, so one lease's
+//! slow renewal (a call stuck on a dead connection, or a slow checkpoint holding that lease's
+//! write lock) never holds back the others.
+//!
+//! Each attempt is bounded by `lease.request_timeout`, well inside the renewal interval, and a
+//! failed or timed-out attempt is retried with backoff until the renewal succeeds or the lease
+//! runs out ([`HeldLease::valid_until`]); at that instant the lease is marked lost, so its
+//! consumer stops before another worker can see it expired. A failed condition marks the lease
+//! lost at once. A timed-out attempt may still land: the next write adopts it (see
+//! [`crate::lease`]). Lost leases reach the worker through their tokens; the renewer never
+//! drops a lease silently.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::backoff::SeedSource;
 use crate::config::LeaseConfig;
@@ -20,13 +29,16 @@ use crate::error::ErrorKind;
 use crate::lease::held::{HeldLease, HeldLeases};
 use crate::lease::{LeaseStore, LeaseUpdate};
 
-/// Renewals sent at once. The Java KCL uses a pool of 20 renewal threads.
+/// Renewal calls in flight at once. The Java KCL renews on a pool of 20 threads
+/// (`maxLeaseRenewalThreads`). A stuck call holds its permit for at most one
+/// `lease.request_timeout`.
 const MAX_CONCURRENT_RENEWALS: usize = 20;
 
 /// Renews held leases until `stop` is cancelled.
 ///
-/// Exit: returns when `stop` is cancelled, after the round in progress (rounds are not
-/// interrupted, so no write is dropped halfway).
+/// Exit: returns when `stop` is cancelled, once every renewal in flight has ended. Renewals
+/// stop between attempts, never halfway through a write, so this takes at most one
+/// `lease.request_timeout`.
 pub(crate) async fn run_renewer(
     held: Arc<HeldLeases>,
     store: Arc<dyn LeaseStore>,
@@ -34,79 +46,235 @@ pub(crate) async fn run_renewer(
     seeds: Arc<SeedSource>,
     stop: CancellationToken,
 ) {
+    let config = Arc::new(config);
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_RENEWALS));
+    let mut renewals: JoinSet<()> = JoinSet::new();
+    // Lease key of each renewal in flight, by task.
+    let mut in_flight: HashMap<Id, String> = HashMap::new();
     let mut tick = tokio::time::interval(config.renewal_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = stop.cancelled() => break,
+            Some(joined) = renewals.join_next_with_id() => renewal_ended(&mut in_flight, joined),
+            _ = tick.tick() => {
+                for lease in held.all() {
+                    let busy = in_flight.values().any(|key| key == lease.lease_key());
+                    if busy || lease.is_lost() {
+                        continue;
+                    }
+                    let key = lease.lease_key().to_owned();
+                    let renewal = renew_one(
+                        lease,
+                        store.clone(),
+                        config.clone(),
+                        seeds.next_seed(),
+                        permits.clone(),
+                        stop.clone(),
+                    );
+                    let task = renewals.spawn(renewal);
+                    in_flight.insert(task.id(), key);
+                }
+            }
         }
-        // Outside the select: a round runs to completion.
-        renew_round(&held, store.as_ref(), &config, &seeds).await;
+    }
+    while let Some(joined) = renewals.join_next_with_id().await {
+        renewal_ended(&mut in_flight, joined);
     }
 }
 
-/// Renews every held lease once; returns when each renewal succeeded, failed for good, or
-/// ran out of time (the next round is due, or the lease ran out).
-pub(crate) async fn renew_round(
-    held: &HeldLeases,
-    store: &dyn LeaseStore,
-    config: &LeaseConfig,
-    seeds: &SeedSource,
-) {
-    let round_deadline = Instant::now() + config.renewal_interval;
-    futures::stream::iter(held.all())
-        .map(|lease| renew_one(lease, store, config, seeds.next_seed(), round_deadline))
-        .buffer_unordered(MAX_CONCURRENT_RENEWALS)
-        .collect::<()>()
-        .await;
+fn renewal_ended(in_flight: &mut HashMap<Id, String>, joined: Result<(Id, ()), JoinError>) {
+    let id = match joined {
+        Ok((id, ())) => id,
+        Err(e) => {
+            // A bug, not a lease problem: the next tick renews the lease again.
+            error!(error = %e, lease_key = ?in_flight.get(&e.id()), "lease renewal task failed");
+            e.id()
+        }
+    };
+    in_flight.remove(&id);
 }
 
+/// Renews one lease: attempts bounded by `lease.request_timeout`, retried with backoff until
+/// one succeeds, the lease is lost or runs out, or `stop` is cancelled.
 async fn renew_one(
     lease: Arc<HeldLease>,
-    store: &dyn LeaseStore,
-    config: &LeaseConfig,
+    store: Arc<dyn LeaseStore>,
+    config: Arc<LeaseConfig>,
     seed: u64,
-    round_deadline: Instant,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
 ) {
     let mut backoff = config.retry.backoff(seed);
     loop {
-        if lease.is_lost() {
+        if lease.is_lost() || stop.is_cancelled() {
             return;
         }
-        if Instant::now() >= lease.valid_until() {
+        let lease_end = lease.valid_until();
+        if Instant::now() >= lease_end {
             lease.mark_lost("not renewed within the lease duration");
             return;
         }
-        // Bounded by the lease's end: past it another worker may take the lease, so an
-        // answer that comes later must not keep the consumer running.
-        let attempt =
-            tokio::time::timeout_at(lease.valid_until(), lease.write(store, &LeaseUpdate::Renew))
-                .await;
+        // Past the lease's end another worker may take the lease, so an answer that comes
+        // later must not keep the consumer running: no attempt outlives it. Dropping a write
+        // at its timeout is safe: it is conditional on the fence, and if it lands anyway the
+        // next write of this lease finds the counter moved under our name and adopts it.
+        let attempt_end = (Instant::now() + config.request_timeout).min(lease_end);
+        let attempt = tokio::time::timeout_at(attempt_end, async {
+            let _permit = permits.acquire().await;
+            lease.write(store.as_ref(), &LeaseUpdate::Renew).await
+        })
+        .await;
         let error = match attempt {
             Ok(Ok(renewed)) => {
                 debug!(lease_key = %lease.lease_key(), counter = renewed.counter, "renewed");
                 return;
             }
             Ok(Err(error)) if error.kind() == ErrorKind::ConditionFailed => return,
+            // Any other failure (retryable or not) is retried: a lease is only given up when
+            // it runs out or is proven taken.
             Ok(Err(error)) => error.to_string(),
-            Err(_elapsed) => {
+            Err(_elapsed) if attempt_end >= lease_end => {
                 lease.mark_lost("renewal did not answer before the lease ran out");
                 return;
             }
+            Err(_elapsed) => format!("no answer within {:?}", config.request_timeout),
         };
-        // Any other failure (retryable or not) is retried: a lease is only given up when it
-        // runs out or is proven taken.
         let delay = backoff.next().unwrap_or(config.retry.max_delay);
-        let retry_at = Instant::now() + delay;
-        let lease_deadline = lease.valid_until();
-        if retry_at >= round_deadline && round_deadline < lease_deadline {
-            warn!(lease_key = %lease.lease_key(), error = %error, "renewal failed; next round retries");
-            return;
-        }
         warn!(lease_key = %lease.lease_key(), error = %error, ?delay, "renewal failed; retrying");
-        // At the lease's end at the latest: the loop's first check then marks it lost.
-        tokio::time::sleep_until(retry_at.min(lease_deadline)).await;
+        // At the lease's end at the latest: the loop's first check then marks it lost. Only
+        // the wait is cut short by a stop or a lost lease, never a write.
+        tokio::select! {
+            _ = tokio::time::sleep_until((Instant::now() + delay).min(lease.valid_until())) => {}
+            _ = lease.lost_token().cancelled() => return,
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::error::Result;
+    use crate::lease::{Lease, LeaseFence, LeaseScan};
+    use crate::testing::InMemoryLeaseStore;
+
+    /// A lease table where the first update of one lease never answers: a request stuck on a
+    /// dead pooled connection while every other call works.
+    #[derive(Debug)]
+    struct OneCallHangs {
+        inner: Arc<InMemoryLeaseStore>,
+        lease_key: &'static str,
+        armed: AtomicBool,
+    }
+
+    #[async_trait]
+    impl LeaseStore for OneCallHangs {
+        fn table_name(&self) -> &str {
+            self.inner.table_name()
+        }
+        async fn initialize(&self) -> Result<()> {
+            self.inner.initialize().await
+        }
+        async fn list_leases(&self) -> Result<LeaseScan> {
+            self.inner.list_leases().await
+        }
+        async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
+            self.inner.get_lease(lease_key).await
+        }
+        async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+            self.inner.create_lease_if_absent(lease).await
+        }
+        async fn update_lease(
+            &self,
+            lease_key: &str,
+            fence: &LeaseFence,
+            update: &LeaseUpdate,
+        ) -> Result<Lease> {
+            if lease_key == self.lease_key && self.armed.swap(false, Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.update_lease(lease_key, fence, update).await
+        }
+        async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+            self.inner.delete_lease(lease_key, fence).await
+        }
+    }
+
+    fn counter(store: &InMemoryLeaseStore, key: &str) -> u64 {
+        store
+            .leases()
+            .into_iter()
+            .find(|l| l.lease_key == key)
+            .expect("lease")
+            .counter
+    }
+
+    // Defect 5 of issue 9: one renewal stuck on a call that never answers used to be bounded
+    // only by the lease's end (and `request_timeout` defaulted to the lease duration), so the
+    // lease was lost; and the round waited for it, so the other leases went unrenewed.
+    #[tokio::test(start_paused = true)]
+    async fn one_stuck_renewal_neither_loses_its_lease_nor_holds_back_the_others() {
+        let memory = Arc::new(InMemoryLeaseStore::new("t"));
+        let store = Arc::new(OneCallHangs {
+            inner: memory.clone(),
+            lease_key: "s-0",
+            armed: AtomicBool::new(true),
+        });
+        let config = LeaseConfig::default();
+        let held = Arc::new(HeldLeases::default());
+        let now = Instant::now();
+        let stuck = HeldLease::new(
+            memory.take_as("s-0", "w1"),
+            "w1",
+            config.lease_duration,
+            now,
+        );
+        let other = HeldLease::new(
+            memory.take_as("s-1", "w1"),
+            "w1",
+            config.lease_duration,
+            now,
+        );
+        held.insert(stuck.clone());
+        held.insert(other.clone());
+        let stop = CancellationToken::new();
+        let renewer = tokio::spawn(run_renewer(
+            held,
+            store.clone(),
+            config.clone(),
+            Arc::new(SeedSource::new(Some(7))),
+            stop.clone(),
+        ));
+
+        // Ticks at 0 s, 3 s, …, 30 s: eleven renewal rounds in three lease durations.
+        let rounds = 11;
+        tokio::time::sleep(config.renewal_interval * (rounds - 1) + config.renewal_interval / 3)
+            .await;
+        assert!(
+            !store.armed.load(Ordering::SeqCst),
+            "the stuck call happened"
+        );
+        assert!(!stuck.is_lost(), "a stuck renewal is retried, not lost");
+        assert!(!other.is_lost());
+        assert_eq!(
+            counter(&memory, "s-1"),
+            1 + u64::from(rounds),
+            "the other lease was renewed in every round"
+        );
+        assert_eq!(
+            counter(&memory, "s-0"),
+            1 + u64::from(rounds),
+            "the stuck renewal was retried within its round"
+        );
+        assert!(stuck.valid_until() > Instant::now() + config.renewal_interval);
+
+        stop.cancel();
+        renewer.await.expect("the renewer stops when asked");
     }
 }

@@ -198,7 +198,7 @@ impl TestProcessor {
             worker: self.worker.clone(),
             shard: self.shard.clone(),
             sequence_number: r.sequence_number.to_string(),
-            data: r.data.clone(),
+            data: r.data.to_vec(),
             at: now,
         };
         if fail {

@@ -52,6 +52,7 @@ impl Setup {
             Setup::Short => LeaseConfig::default()
                 .with_lease_duration(Duration::from_secs(3))
                 .with_renewal_interval(Duration::from_secs(1))
+                .with_request_timeout(Duration::from_secs(1))
                 .with_taker_interval(Duration::from_secs(1))
                 .with_handoff_timeout(Duration::from_secs(3)),
             Setup::JavaLike => LeaseConfig::default()
