@@ -87,6 +87,11 @@ async fn a_worker_shutting_down_hands_over_a_lease_already_asked_for() {
         .map(|l| l.lease_key)
         .collect();
     assert_eq!(a_leases.len(), 2, "{a_leases:?}");
+    // The status is published after the writes the table shows: read it once it agrees.
+    wait_for("b's status shows its two leases", PATIENCE, || async {
+        b.status.borrow().held_leases.len() == 2
+    })
+    .await;
     let received_before = b.status.borrow().received;
 
     // b's request for one of a's leases is pending when a shuts down.
@@ -113,7 +118,7 @@ async fn a_worker_shutting_down_hands_over_a_lease_already_asked_for() {
         );
     }
     wait_for("b holds every lease", PATIENCE, || async {
-        lease_owners(&app).await.get("b") == Some(&4)
+        lease_owners(&app).await.get("b") == Some(&4) && b.status.borrow().held_leases.len() == 4
     })
     .await;
     // Both were released reserved for b and taken as such, not after they expired or the

@@ -14,8 +14,8 @@
 //!   update is rejected ([`Error::LeaseUpdateRejected`]); nothing was written, the lease stays
 //!   held, and a pending request is passed on to its consumer;
 //! - the update is allowed, so the counter moved: one of this worker's own writes landed but
-//!   its answer was lost (a timeout, a dropped future). [`held`] adopts the stored fence and
-//!   sends the update again.
+//!   its answer was lost (a timeout, a dropped future). The held lease's write adopts the
+//!   stored fence and sends the update again.
 //!
 //! And a request never looks like a renewal to a worker watching a dead owner's counter.
 //!
