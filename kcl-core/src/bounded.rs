@@ -84,12 +84,14 @@ impl StreamClient for BoundedStream {
     }
 }
 
-/// A [`LeaseStore`] whose calls fail with [`Error::Timeout`] after `timeout` (table set-up,
-/// which may wait minutes for a new table, excepted).
+/// A [`LeaseStore`] whose calls fail with [`Error::Timeout`] after `timeout`, reads of many
+/// leases after `scan_timeout` (table set-up, which may wait minutes for a new table,
+/// excepted).
 #[derive(Debug)]
 pub(crate) struct BoundedLeaseStore {
     pub(crate) inner: Arc<dyn LeaseStore>,
     pub(crate) timeout: Duration,
+    pub(crate) scan_timeout: Duration,
 }
 
 #[async_trait]
@@ -106,7 +108,7 @@ impl LeaseStore for BoundedLeaseStore {
         bounded(
             Service::LeaseStore,
             "Scan",
-            self.timeout,
+            self.scan_timeout,
             self.inner.list_leases(),
         )
         .await
@@ -126,7 +128,7 @@ impl LeaseStore for BoundedLeaseStore {
         bounded(
             Service::LeaseStore,
             "BatchGetItem",
-            self.timeout,
+            self.scan_timeout,
             self.inner.get_leases(lease_keys),
         )
         .await

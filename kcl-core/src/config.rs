@@ -142,9 +142,12 @@ pub struct LeaseConfig {
     /// the renewal interval (3 s), several times before the lease runs out. (The Java KCL
     /// bounds each call by `dynamoDbRequestTimeout`, 1 min, longer than its lease duration, so
     /// one stuck renewal there loses the lease.) Must be shorter than `lease_duration -
-    /// renewal_interval`. A whole-table `Scan` (all its pages) is one call too: a table of
-    /// tens of thousands of leases may need more.
+    /// renewal_interval`. Reads of many leases are bounded by `scan_timeout` instead.
     pub request_timeout: Duration,
+    /// Timeout of a read of many leases: a whole-table `Scan` (all its pages) or a
+    /// `BatchGetItem` of many keys. Default 10 s: a scan of a table of thousands of leases is
+    /// many requests, and nothing is lost while a taking round waits (the next round retries).
+    pub scan_timeout: Duration,
     /// How often a worker reads the parent leases its child shards wait for after a reshard,
     /// so a child starts within this long of its last parent finishing. Default 500 ms (the
     /// Java KCL's `parentShardPollIntervalMillis` is 10 s); one `BatchGetItem` per interval
@@ -169,6 +172,7 @@ impl Default for LeaseConfig {
             handoff_poll_interval: Duration::from_millis(200),
             parent_poll_interval: Duration::from_millis(500),
             request_timeout: Duration::from_secs(2),
+            scan_timeout: Duration::from_secs(10),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
         }
     }
@@ -223,6 +227,12 @@ impl LeaseConfig {
         self.handoff_poll_interval = d;
         self
     }
+    /// Sets [`LeaseConfig::scan_timeout`].
+    #[must_use]
+    pub fn with_scan_timeout(mut self, d: Duration) -> Self {
+        self.scan_timeout = d;
+        self
+    }
     /// Sets [`LeaseConfig::request_timeout`].
     #[must_use]
     pub fn with_request_timeout(mut self, d: Duration) -> Self {
@@ -246,6 +256,7 @@ impl LeaseConfig {
         nonzero("lease.lease_duration", self.lease_duration)?;
         nonzero("lease.parent_poll_interval", self.parent_poll_interval)?;
         nonzero("lease.request_timeout", self.request_timeout)?;
+        nonzero("lease.scan_timeout", self.scan_timeout)?;
         nonzero("lease.handoff_poll_interval", self.handoff_poll_interval)?;
         // The owner learns of a request at its next renewal or scan: give it that long, and
         // the requester's polls some chances within the timeout.

@@ -276,6 +276,7 @@ async fn shard_end_is_not_written_over_records_a_processor_still_buffers() {
         10 - sink.flushed().len()
     );
     assert!(status.shard_failures >= 1, "{status:?}");
+    assert!(status.shard_end_not_checkpointed >= 1, "{status:?}");
     worker.stop().await.unwrap();
 }
 

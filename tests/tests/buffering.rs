@@ -138,6 +138,7 @@ async fn shard_end_waits_for_a_buffering_processor_to_flush() {
         sink.flushed()
     );
     assert!(status.shard_failures >= 1, "{status:?}");
+    assert!(status.shard_end_not_checkpointed >= 1, "{status:?}");
 
     // The same application with a processor that flushes in `shard_ended`: the parent ends,
     // its children follow, and every record of both generations is flushed.

@@ -134,6 +134,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
         let lease_store: Arc<dyn LeaseStore> = Arc::new(BoundedLeaseStore {
             inner: lease_store,
             timeout: config.lease.request_timeout,
+            scan_timeout: config.lease.scan_timeout,
         });
         Ok(Worker {
             config: Arc::new(config),

@@ -44,6 +44,9 @@ pub struct WorkerStatus {
     pub aggregation_errors: u64,
     /// KPL user records dropped for hashing outside their shard.
     pub records_out_of_range: u64,
+    /// Shard ends where the processor's checkpoint did not cover every record delivered:
+    /// `SHARD_END` was not written and the shard restarts from its checkpoint.
+    pub shard_end_not_checkpointed: u64,
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -85,6 +88,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             status.throttled_reads = Counters::get(&metrics.throttled_reads);
             status.aggregation_errors = Counters::get(&metrics.aggregation_errors);
             status.records_out_of_range = Counters::get(&metrics.records_out_of_range);
+            status.shard_end_not_checkpointed = Counters::get(&metrics.shard_end_not_checkpointed);
         });
     }
 }
