@@ -34,6 +34,51 @@ fn injected(service: Service, operation: &'static str) -> Error {
     }
 }
 
+/// How [`InMemoryLeaseStore::list_leases`] reads the table when it is not a snapshot: in
+/// pages, like a DynamoDB `Scan`, with Tokio time passing between pages.
+///
+/// A DynamoDB scan returns items in the order of the hash of their key and carries on after
+/// the last key of the previous page, so a write landing between two pages is seen or not
+/// depending on where its key falls: a lease created after the scan passed its place is
+/// missed, one created before the scan reaches it is seen, and one deleted before the scan
+/// reaches it is missed. A scan can thus return a lease without another one written before it
+/// (a child without its parent). Here the order is a fixed pseudo-random permutation of the
+/// keys, drawn from `order_seed`, so runs replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScanPaging {
+    /// Leases per page (at least one).
+    pub page_size: usize,
+    /// Tokio time between two pages, during which other calls run.
+    pub page_gap: Duration,
+    /// Fixes the scan order.
+    pub order_seed: u64,
+}
+
+impl ScanPaging {
+    /// Pages of `page_size` leases, `page_gap` apart, in the order drawn from `order_seed`.
+    pub fn new(page_size: usize, page_gap: Duration, order_seed: u64) -> Self {
+        ScanPaging {
+            page_size: page_size.max(1),
+            page_gap,
+            order_seed,
+        }
+    }
+
+    /// Where `lease_key` comes in a scan: a well-mixed hash of the key (ties, which a 64-bit
+    /// hash makes unlikely, broken by the key itself).
+    fn place(&self, lease_key: &str) -> (u64, String) {
+        let mut h = self.order_seed ^ 0xcbf2_9ce4_8422_2325;
+        for b in lease_key.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (h ^ (h >> 31), lease_key.to_owned())
+    }
+}
+
 /// A lease table in memory.
 #[derive(Debug)]
 pub struct InMemoryLeaseStore {
@@ -44,6 +89,11 @@ pub struct InMemoryLeaseStore {
     failing_updates: AtomicUsize,
     failing_scans: AtomicUsize,
     scan_latency: Mutex<Duration>,
+    /// `None`: every scan is a snapshot.
+    scan_paging: Mutex<Option<ScanPaging>>,
+    /// Successful writes so far: a scan that sees it move between its pages raced a write.
+    writes: AtomicU64,
+    raced_scans: AtomicUsize,
 }
 
 impl InMemoryLeaseStore {
@@ -57,7 +107,61 @@ impl InMemoryLeaseStore {
             failing_updates: AtomicUsize::new(0),
             failing_scans: AtomicUsize::new(0),
             scan_latency: Mutex::new(Duration::ZERO),
+            scan_paging: Mutex::new(None),
+            writes: AtomicU64::new(0),
+            raced_scans: AtomicUsize::new(0),
         }
+    }
+
+    /// Makes `list_leases` read the table in pages from now on (`None`: at once, a snapshot).
+    /// See [`ScanPaging`].
+    pub fn set_scan_paging(&self, paging: Option<ScanPaging>) {
+        *lock(&self.scan_paging) = paging;
+    }
+
+    /// How many paged scans had a write land between their first and last page (each may
+    /// have missed a lease created or seen one deleted meanwhile).
+    pub fn raced_scans(&self) -> usize {
+        self.raced_scans.load(Ordering::SeqCst)
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A scan in pages: each page is read from the table as it is then, continuing after the
+    /// place of the last lease of the previous page.
+    async fn paged_scan(&self, paging: ScanPaging) -> Vec<Lease> {
+        let writes_before = self.writes.load(Ordering::SeqCst);
+        let mut after: Option<(u64, String)> = None;
+        let mut found = Vec::new();
+        loop {
+            let page: Vec<((u64, String), Lease)> = {
+                let leases = lock(&self.leases);
+                let mut next: Vec<((u64, String), Lease)> = leases
+                    .values()
+                    .map(|l| (paging.place(&l.lease_key), l))
+                    .filter(|(place, _)| after.as_ref().is_none_or(|a| place > a))
+                    .map(|(place, l)| (place, l.clone()))
+                    .collect();
+                next.sort_by(|a, b| a.0.cmp(&b.0));
+                next.truncate(paging.page_size);
+                next
+            };
+            let last_page = page.len() < paging.page_size;
+            if let Some((place, _)) = page.last() {
+                after = Some(place.clone());
+            }
+            found.extend(page.into_iter().map(|(_, l)| l));
+            if last_page {
+                break;
+            }
+            tokio::time::sleep(paging.page_gap).await;
+        }
+        if self.writes.load(Ordering::SeqCst) != writes_before {
+            self.raced_scans.fetch_add(1, Ordering::SeqCst);
+        }
+        found
     }
 
     /// How long `list_leases` takes from now on (Tokio time); the table is read at the end.
@@ -93,6 +197,7 @@ impl InMemoryLeaseStore {
     /// Stores a lease as given, bypassing conditions (test setup).
     pub fn put(&self, lease: Lease) {
         lock(&self.leases).insert(lease.lease_key.clone(), lease);
+        self.wrote();
     }
 
     /// Gives the lease to `owner` with a conditional take on its current fence, creating it
@@ -109,7 +214,10 @@ impl InMemoryLeaseStore {
             new_owner: owner.to_owned(),
         }
         .apply(stored);
-        stored.clone()
+        let taken = stored.clone();
+        drop(leases);
+        self.wrote();
+        taken
     }
 
     fn take_failure(counter: &AtomicUsize) -> bool {
@@ -138,8 +246,13 @@ impl LeaseStore for InMemoryLeaseStore {
         if Self::take_failure(&self.failing_scans) {
             return Err(injected(Service::LeaseStore, "Scan"));
         }
+        let paging = *lock(&self.scan_paging);
+        let leases = match paging {
+            Some(paging) => self.paged_scan(paging).await,
+            None => self.leases(),
+        };
         Ok(LeaseScan {
-            leases: self.leases(),
+            leases,
             invalid: Vec::new(),
         })
     }
@@ -154,6 +267,7 @@ impl LeaseStore for InMemoryLeaseStore {
             return Ok(false);
         }
         leases.insert(lease.lease_key.clone(), lease.clone());
+        self.wrote();
         Ok(true)
     }
 
@@ -171,6 +285,7 @@ impl LeaseStore for InMemoryLeaseStore {
         match leases.get_mut(lease_key) {
             Some(stored) if stored.fence() == *fence && update.allowed(stored) => {
                 *stored = update.apply(stored);
+                self.wrote();
                 Ok(stored.clone())
             }
             current => Err(Error::LeaseConditionFailed {
@@ -186,6 +301,7 @@ impl LeaseStore for InMemoryLeaseStore {
         match leases.get(lease_key) {
             Some(stored) if stored.fence() == *fence => {
                 leases.remove(lease_key);
+                self.wrote();
                 Ok(())
             }
             current => Err(Error::LeaseConditionFailed {
@@ -778,6 +894,33 @@ pub enum Fault {
     Hold,
 }
 
+/// A kind of lease-store call, to pick the one [`Faulty::hang_next`] makes hang.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseCall {
+    /// `update_lease` with this operation, as [`LeaseUpdate::operation`] names it (`"renew"`,
+    /// `"checkpoint"`, `"take"`, `"release"`, ...).
+    Update(&'static str),
+    /// `list_leases`.
+    Scan,
+    /// `get_lease` or `get_leases`.
+    Get,
+    /// `create_lease_if_absent`.
+    Create,
+    /// `delete_lease`.
+    Delete,
+}
+
+/// What a call made to hang by [`Faulty::hang_next`] did before it stopped answering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Hang {
+    /// The request never reached the store (a dead pooled connection): nothing is applied.
+    Lost,
+    /// The store applied the call, but its answer never comes back.
+    AnswerLost,
+}
+
 /// Wraps a [`StreamClient`] or a [`LeaseStore`] of one worker and injects faults into its calls,
 /// switchable at any time: one worker can be cut off while the others run on.
 #[derive(Debug)]
@@ -785,6 +928,9 @@ pub struct Faulty<T: ?Sized> {
     inner: std::sync::Arc<T>,
     /// Stalled calls wait on this; they wake in a fixed order, so simulations replay.
     fault: std::sync::Arc<Published<Fault>>,
+    /// Lease-store calls still to hang, each once, in the order they were asked for.
+    hangs: Mutex<Vec<(LeaseCall, Hang)>>,
+    hung: AtomicUsize,
 }
 
 impl<T: ?Sized> Faulty<T> {
@@ -793,7 +939,38 @@ impl<T: ?Sized> Faulty<T> {
         Faulty {
             inner,
             fault: std::sync::Arc::new(Published::new(Fault::None)),
+            hangs: Mutex::new(Vec::new()),
+            hung: AtomicUsize::new(0),
         }
+    }
+
+    /// The next lease-store call of this kind never answers: it hangs until its caller stops
+    /// waiting (the worker's request timeout, or a lease running out), while every other call
+    /// goes through. This is one request stuck on a dead connection, not an outage (for that,
+    /// see [`Fault::Stall`]). `hang` says whether the store applied it first.
+    pub fn hang_next(&self, call: LeaseCall, hang: Hang) {
+        lock(&self.hangs).push((call, hang));
+    }
+
+    /// How many calls were made to hang so far.
+    pub fn hung_calls(&self) -> usize {
+        self.hung.load(Ordering::SeqCst)
+    }
+
+    /// Whether this call is one to hang (consuming the request if so).
+    fn hang_for(&self, call: &LeaseCall) -> Option<Hang> {
+        let mut hangs = lock(&self.hangs);
+        let i = hangs.iter().position(|(c, _)| c == call)?;
+        Some(hangs.remove(i).1)
+    }
+
+    /// Runs `call` if the hang applies it, then never answers.
+    async fn hang<R>(&self, hang: Hang, call: impl Future<Output = Result<R>>) -> Result<R> {
+        self.hung.fetch_add(1, Ordering::SeqCst);
+        if hang == Hang::AnswerLost {
+            let _ = call.await;
+        }
+        std::future::pending().await
     }
 
     /// Sets the fault for the calls from now on. Ending a stall lets the stalled calls go on,
@@ -881,14 +1058,23 @@ impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
     }
     async fn list_leases(&self) -> Result<LeaseScan> {
         self.gate(Service::LeaseStore, "Scan").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Scan) {
+            return self.hang(hang, self.inner.list_leases()).await;
+        }
         self.inner.list_leases().await
     }
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
         self.gate(Service::LeaseStore, "GetItem").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Get) {
+            return self.hang(hang, self.inner.get_lease(lease_key)).await;
+        }
         self.inner.get_lease(lease_key).await
     }
     async fn get_leases(&self, lease_keys: &[String]) -> Result<LeaseScan> {
         self.gate(Service::LeaseStore, "BatchGetItem").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Get) {
+            return self.hang(hang, self.inner.get_leases(lease_keys)).await;
+        }
         self.inner.get_leases(lease_keys).await
     }
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
@@ -898,6 +1084,11 @@ impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
             return self.deliver_later("PutItem", write).await;
         }
         self.gate(Service::LeaseStore, "PutItem").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Create) {
+            return self
+                .hang(hang, self.inner.create_lease_if_absent(lease))
+                .await;
+        }
         self.inner.create_lease_if_absent(lease).await
     }
     async fn update_lease(
@@ -917,6 +1108,11 @@ impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
             return self.deliver_later("UpdateItem", write).await;
         }
         self.gate(Service::LeaseStore, "UpdateItem").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Update(update.operation())) {
+            return self
+                .hang(hang, self.inner.update_lease(lease_key, fence, update))
+                .await;
+        }
         self.inner.update_lease(lease_key, fence, update).await
     }
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
@@ -926,6 +1122,11 @@ impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
             return self.deliver_later("DeleteItem", write).await;
         }
         self.gate(Service::LeaseStore, "DeleteItem").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Delete) {
+            return self
+                .hang(hang, self.inner.delete_lease(lease_key, fence))
+                .await;
+        }
         self.inner.delete_lease(lease_key, fence).await
     }
 }
