@@ -32,7 +32,7 @@ mod monitored;
 mod observe;
 mod processor;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -457,40 +457,23 @@ impl Sim {
         }
     }
 
-    /// Shards a correct library may leave unfinished: those whose processor let the default
-    /// `shard_ended` pass over unflushed records, and their descendants.
-    fn exempt_shards(&self) -> BTreeSet<String> {
-        let mut exempt = self.observed.lock().unwrap().ended_unflushed.clone();
-        if exempt.is_empty() {
-            return exempt;
-        }
-        let shards = self.stream.shards();
-        let mut queue: VecDeque<String> = exempt.iter().cloned().collect();
-        while let Some(parent) = queue.pop_front() {
-            for child in shards
-                .iter()
-                .filter(|s| s.parent_shard_ids().contains(&parent))
-            {
-                if exempt.insert(child.shard_id.clone()) {
-                    queue.push_back(child.shard_id.clone());
-                }
-            }
-        }
-        exempt
-    }
-
-    /// Records not yet flushed nor held in the buffer of a live processor (which flushes them
-    /// at shutdown at the latest), outside the exempt shards.
-    fn unsettled_records(&self, exempt: &BTreeSet<String>) -> usize {
+    /// Per shard, how many records are neither flushed nor held in the buffer of a live
+    /// processor (which flushes them at shutdown at the latest).
+    fn unsettled_records(&self) -> BTreeMap<String, usize> {
         let observed = self.observed.lock().unwrap();
         let buffered: BTreeSet<&RecordId> = observed.buffered.values().flatten().collect();
         observed
             .records
             .iter()
-            .filter(|(shard, _)| !exempt.contains(*shard))
-            .flat_map(|(_, records)| records)
-            .filter(|(_, id)| !observed.processed.contains(id) && !buffered.contains(id))
-            .count()
+            .map(|(shard, records)| {
+                let unsettled = records
+                    .iter()
+                    .filter(|(_, id)| !observed.processed.contains(id) && !buffered.contains(id))
+                    .count();
+                (shard.clone(), unsettled)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     fn balanced(&self) -> bool {
@@ -540,7 +523,7 @@ fn run_seed(seed: u64, shapes: Option<Shapes>) -> SeedRun {
         if shapes.paged_scans {
             let paging = ScanPaging::new(
                 1 + shape_rng.below(3) as usize,
-                shape_rng.millis(5, 200),
+                shape_rng.millis(5, 60),
                 shape_rng.next(),
             );
             leases.set_scan_paging(Some(paging));
@@ -602,15 +585,14 @@ fn run_seed(seed: u64, shapes: Option<Shapes>) -> SeedRun {
         sim.trace("faults end; settling".into());
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
-            let exempt = sim.exempt_shards();
-            let unsettled = sim.unsettled_records(&exempt);
-            // A shard a correct library may leave unfinished keeps its lease busy for good.
-            let balanced = !exempt.is_empty() || sim.balanced();
-            if unsettled == 0 && balanced {
+            let unsettled = sim.unsettled_records();
+            let balanced = sim.balanced();
+            if unsettled.is_empty() && balanced {
                 break;
             }
             if Instant::now() > deadline {
-                violation(&observed, format!("not settled after 15 virtual minutes: {unsettled} records neither flushed nor buffered, balanced {balanced}"));
+                let leases: Vec<String> = sim.leases.leases().iter().map(|l| format!("{} {:?} {}", l.lease_key, l.owner, l.checkpoint)).collect();
+                violation(&observed, format!("not settled after 15 virtual minutes: records neither flushed nor buffered per shard {unsettled:?}, balanced {balanced}; leases {leases:?}"));
                 break;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -49,9 +49,9 @@ pub(crate) struct Observed {
     /// Per shard, how many of its first records are known to be flushed and covered by a
     /// checkpoint (checked once, since checkpoints never move back and the sink only grows).
     pub(crate) verified: HashMap<String, usize>,
-    /// Shards whose processor let `shard_ended` do nothing while it still buffered records:
-    /// a correct library may then never finish the shard, so its records and those of its
-    /// descendants are not demanded when the fleet settles (only that none is lost).
+    /// Shards whose processor let the default `shard_ended` pass over unflushed records. A
+    /// correct library must not write `SHARD_END` then; later processors of the shard flush
+    /// in `shard_ended` (the operator fixed the processor), so the shard can finish.
     pub(crate) ended_unflushed: BTreeSet<String>,
     /// Workers running and not asked to stop.
     pub(crate) live: BTreeSet<String>,
