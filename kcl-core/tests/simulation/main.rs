@@ -85,7 +85,9 @@ impl Shapes {
 
     /// `SIM_SHAPES`, if set: `classic`, or a comma-separated list of the shapes to run.
     fn from_env() -> Option<Self> {
-        let list = std::env::var("SIM_SHAPES").ok()?;
+        let list = std::env::var("SIM_SHAPES")
+            .ok()
+            .filter(|s| !s.trim().is_empty())?;
         let mut shapes = Shapes::CLASSIC;
         for shape in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match shape {
