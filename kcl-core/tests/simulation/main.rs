@@ -551,9 +551,8 @@ fn run_seed(seed: u64, shapes: Option<Shapes>) -> SeedRun {
         }
         let statuses: Vec<WorkerStatus> = sim.workers.iter().map(|w| w.status.borrow().clone()).collect();
         // Stopping flushes what the processors still buffer (`shutdown_requested`).
-        let live: Vec<usize> = (0..sim.workers.len()).rev().collect();
-        for i in live {
-            let w = sim.remove_worker(i);
+        while !sim.workers.is_empty() {
+            let w = sim.remove_worker(0);
             w.shutdown.cancel();
             match w.task.await {
                 Ok(Ok(())) => {}
