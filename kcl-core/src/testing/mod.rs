@@ -1,7 +1,8 @@
 //! In-memory [`StreamClient`](crate::StreamClient) and [`LeaseStore`](crate::LeaseStore) for
-//! tests and simulations (feature `test-util`). They implement the same semantics as Kinesis and the DynamoDB lease store
-//! (conditional writes, iterators that expire after five minutes of Tokio time, closed
-//! shards that end) and let tests inject failures.
+//! tests and simulations (feature `test-util`). They implement the same semantics as Kinesis
+//! and the DynamoDB lease store (conditional writes, iterators that expire after five minutes
+//! of Tokio time, closed shards that end, scans in pages that are not snapshots) and let tests
+//! inject failures, down to one call that never answers.
 
 mod faulty;
 mod lease_store;

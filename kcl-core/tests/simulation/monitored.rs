@@ -58,7 +58,8 @@ impl Monitored {
             violation(
                 &self.observed,
                 format!(
-                    "{key}: taken by {new_owner} as expired from {previous}, which was running with a working lease table"
+                    "{key}: taken by {new_owner} as expired from {previous}, which was running with \
+                     a working lease table"
                 ),
             );
         }

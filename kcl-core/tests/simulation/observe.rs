@@ -95,7 +95,8 @@ impl Observed {
         self.verified.insert(lease_key.to_owned(), next);
         if let Some(first) = lost.first() {
             let what = format!(
-                "{lease_key}: checkpoint {checkpoint} by {by} covers {} records never flushed, {}:{} first",
+                "{lease_key}: checkpoint {checkpoint} by {by} covers {} records never flushed, \
+                 {}:{} first",
                 lost.len(),
                 first.0,
                 first.1
