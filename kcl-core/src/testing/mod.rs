@@ -1,0 +1,31 @@
+//! In-memory [`StreamClient`](crate::StreamClient) and [`LeaseStore`](crate::LeaseStore) for
+//! tests and simulations (feature `test-util`). They implement the same semantics as Kinesis
+//! and the DynamoDB lease store (conditional writes, iterators that expire after five minutes
+//! of Tokio time, closed shards that end, scans in pages that are not snapshots) and let tests
+//! inject failures, down to one call that never answers.
+
+mod faulty;
+mod lease_store;
+mod stream;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Mutex;
+
+use crate::error::{Error, Service};
+
+pub use faulty::{Fault, Faulty, Hang, LeaseCall};
+pub use lease_store::{InMemoryLeaseStore, ScanPaging};
+pub use stream::InMemoryStream;
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn injected(service: Service, operation: &'static str) -> Error {
+    Error::Transient {
+        service,
+        operation,
+        source: "injected failure".into(),
+    }
+}
