@@ -33,7 +33,8 @@ pub fn log_failure(program: &str, error: &(dyn std::error::Error + 'static)) {
     }
 }
 
-/// Parses `500ms`, `10s`, `2m` or a bare number of milliseconds.
+/// Parses `500ms`, `10s`, `2m` or a bare number of milliseconds. A number too large to be a
+/// duration is an error, never a wrapped value (the worker's configuration then bounds it).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -46,7 +47,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("`{text}` is too long a duration")),
         _ => Err(format!("`{text}`: unit must be ms, s or m")),
     }
 }
@@ -112,6 +116,9 @@ mod tests {
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("250"), Ok(Duration::from_millis(250)));
+        // 307445734561825861 minutes overflow u64 seconds: an error, not a wrapped 44 s.
+        assert!(parse_duration("307445734561825861m").is_err());
+        assert!(parse_duration("18446744073709551616s").is_err());
         assert!(parse_duration("10h").is_err());
         assert!(parse_duration("abc").is_err());
     }

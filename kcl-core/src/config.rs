@@ -64,6 +64,8 @@ impl RetryConfig {
     }
 
     fn validate(&self, field: &'static str) -> Result<()> {
+        within_bound(field, self.min_delay)?;
+        within_bound(field, self.max_delay)?;
         if self.min_delay.is_zero() {
             return Err(Error::invalid_config(field, "min_delay must be above zero"));
         }
@@ -253,6 +255,19 @@ impl LeaseConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        for (field, d) in [
+            ("lease.lease_duration", self.lease_duration),
+            ("lease.renewal_interval", self.renewal_interval),
+            ("lease.taker_interval", self.taker_interval),
+            ("lease.shard_sync_interval", self.shard_sync_interval),
+            ("lease.handoff_timeout", self.handoff_timeout),
+            ("lease.handoff_poll_interval", self.handoff_poll_interval),
+            ("lease.request_timeout", self.request_timeout),
+            ("lease.scan_timeout", self.scan_timeout),
+            ("lease.parent_poll_interval", self.parent_poll_interval),
+        ] {
+            within_bound(field, d)?;
+        }
         nonzero("lease.lease_duration", self.lease_duration)?;
         nonzero("lease.parent_poll_interval", self.parent_poll_interval)?;
         nonzero("lease.request_timeout", self.request_timeout)?;
@@ -415,6 +430,19 @@ impl PollingConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        for (field, d) in [
+            (
+                "polling.idle_time_between_empty_reads",
+                self.idle_time_between_empty_reads,
+            ),
+            (
+                "polling.min_time_between_reads",
+                self.min_time_between_reads,
+            ),
+            ("polling.request_timeout", self.request_timeout),
+        ] {
+            within_bound(field, d)?;
+        }
         if !(1..=MAX_RECORDS_PER_GET).contains(&self.max_records) {
             return Err(Error::invalid_config(
                 "polling.max_records",
@@ -512,6 +540,7 @@ impl ProcessingConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        within_bound("processing.watchdog_timeout", self.watchdog_timeout)?;
         nonzero("processing.watchdog_timeout", self.watchdog_timeout)?;
         self.retry.validate("processing.retry")?;
         if self.retry.max_attempts.is_none() {
@@ -645,6 +674,7 @@ impl WorkerConfig {
             return Err(Error::invalid_config("worker_id", "must not be empty"));
         }
         validate_table_name(self.lease_table())?;
+        within_bound("shutdown_timeout", self.shutdown_timeout)?;
         self.lease.validate()?;
         self.polling.validate()?;
         self.processing.validate()?;
@@ -665,6 +695,22 @@ impl WorkerConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+}
+
+/// The longest duration any setting may have. Far beyond any sensible interval or timeout,
+/// and small enough that adding it to an instant, or multiplying it by the small factors the
+/// checks use, can never overflow (an unchecked overflow would panic at run time).
+pub const MAX_SETTING_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+fn within_bound(field: &'static str, d: Duration) -> Result<()> {
+    if d > MAX_SETTING_DURATION {
+        Err(Error::invalid_config(
+            field,
+            format!("{d:?} is longer than the longest allowed duration, 365 days"),
+        ))
+    } else {
         Ok(())
     }
 }
@@ -730,6 +776,80 @@ mod tests {
         assert_eq!(config().lease_table(), "orders-app");
         assert!(config().worker_id.len() > 36, "host name and uuid");
         assert_ne!(config().worker_id, config().worker_id);
+    }
+
+    #[test]
+    fn absurd_durations_are_named_errors_not_panics() {
+        let huge = Duration::MAX;
+        let cases: Vec<(&str, WorkerConfig)> = vec![
+            (
+                "lease.lease_duration",
+                config().with_lease(LeaseConfig::default().with_lease_duration(huge)),
+            ),
+            (
+                "lease.renewal_interval",
+                config().with_lease(LeaseConfig::default().with_renewal_interval(huge)),
+            ),
+            (
+                "lease.taker_interval",
+                config().with_lease(LeaseConfig::default().with_taker_interval(huge)),
+            ),
+            (
+                "lease.shard_sync_interval",
+                config().with_lease(LeaseConfig::default().with_shard_sync_interval(huge)),
+            ),
+            (
+                "lease.handoff_timeout",
+                config().with_lease(LeaseConfig::default().with_handoff_timeout(huge)),
+            ),
+            (
+                "lease.handoff_poll_interval",
+                config().with_lease(LeaseConfig::default().with_handoff_poll_interval(huge)),
+            ),
+            (
+                "lease.request_timeout",
+                config().with_lease(LeaseConfig::default().with_request_timeout(huge)),
+            ),
+            (
+                "lease.scan_timeout",
+                config().with_lease(LeaseConfig::default().with_scan_timeout(huge)),
+            ),
+            (
+                "lease.parent_poll_interval",
+                config().with_lease(LeaseConfig::default().with_parent_poll_interval(huge)),
+            ),
+            (
+                "lease.retry",
+                config().with_lease(
+                    LeaseConfig::default()
+                        .with_retry(RetryConfig::new(Duration::from_secs(1), huge)),
+                ),
+            ),
+            (
+                "polling.idle_time_between_empty_reads",
+                config().with_polling(
+                    PollingConfig::default().with_idle_time_between_empty_reads(huge),
+                ),
+            ),
+            (
+                "polling.min_time_between_reads",
+                config().with_polling(PollingConfig::default().with_min_time_between_reads(huge)),
+            ),
+            (
+                "polling.request_timeout",
+                config().with_polling(PollingConfig::default().with_request_timeout(huge)),
+            ),
+            (
+                "processing.watchdog_timeout",
+                config().with_processing(ProcessingConfig::default().with_watchdog_timeout(huge)),
+            ),
+            ("shutdown_timeout", config().with_shutdown_timeout(huge)),
+        ];
+        for (field, config) in cases {
+            assert_eq!(field_of(config.validate()), field);
+        }
+        let longest = config().with_shutdown_timeout(MAX_SETTING_DURATION);
+        longest.validate().unwrap();
     }
 
     #[test]

@@ -24,7 +24,8 @@ mod worker;
 
 pub use checkpoint::Checkpointer;
 pub use config::{
-    InitialPosition, LeaseConfig, PollingConfig, ProcessingConfig, RetryConfig, WorkerConfig,
+    InitialPosition, LeaseConfig, MAX_SETTING_DURATION, PollingConfig, ProcessingConfig,
+    RetryConfig, WorkerConfig,
 };
 pub use error::{BoxError, Error, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]

@@ -196,4 +196,38 @@ async fn the_consumer_cli_fails_with_a_message_on_a_missing_stream() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("lease.renewal_interval"), "{stderr}");
+
+    // Absurd durations are named configuration errors before anything is written, never a
+    // panic (exit 101) or a value wrapped around.
+    for (flag, value, field) in [
+        (
+            "--lease-duration",
+            "18446744073709551615s",
+            "lease.lease_duration",
+        ),
+        (
+            "--shutdown-timeout",
+            "18446744073709551615s",
+            "shutdown_timeout",
+        ),
+        (
+            "--taker-interval",
+            "307445734561825861m",
+            "too long a duration",
+        ),
+    ] {
+        let out = Command::new(example_binary("kcl-consumer"))
+            .args(["--app", "ok-app", "--stream", "s", flag, value])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value}: {stderr}");
+        assert_ne!(
+            out.status.code(),
+            Some(101),
+            "{flag} {value} panicked: {stderr}"
+        );
+        assert!(stderr.contains(field), "{flag} {value}: {stderr}");
+    }
 }
