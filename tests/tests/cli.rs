@@ -231,3 +231,61 @@ async fn the_consumer_cli_fails_with_a_message_on_a_missing_stream() {
         assert!(stderr.contains(field), "{flag} {value}: {stderr}");
     }
 }
+
+// Issue 10, defect 6: `kcl-consumer ... | head` used to fail the batch, release the shard, take
+// it again and fail again, forever. A closed output is fatal: the worker shuts down (releasing
+// its leases) and the process exits non-zero, naming the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_cli_stops_when_its_output_pipe_is_closed() {
+    let kinesis = kinesis().await;
+    let stream = unique("cli-pipe");
+    create_stream(&kinesis, &stream, 1).await;
+    put_records(&kinesis, &stream, &records("pipe", 0, 20, 4)).await;
+    let mut child = Command::new(example_binary("kcl-consumer"))
+        .args(["--app", &unique("cli-pipe-app"), "--stream", &stream])
+        .args(["--initial-position", "trim-horizon", "--max-records", "5"])
+        .args(["--idle-time-between-empty-reads", "500ms"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start kcl-consumer");
+    // Read one line, then close the pipe (as `head -1` does) while records keep coming.
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut first)
+        .await
+        .unwrap();
+    assert!(first.contains("pipe-"), "{first}");
+    drop(stdout);
+    put_records(&kinesis, &stream, &records("more", 0, 20, 4)).await;
+    let out = tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .expect("kcl-consumer exits once its output is closed")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("the output stdout is closed"), "{stderr}");
+    assert!(
+        stderr.contains("released lease"),
+        "the leases were released: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_cli_names_an_output_it_cannot_open() {
+    sdk_config().await;
+    let out = Command::new(example_binary("kcl-consumer"))
+        .args(["--app", "ok-app", "--stream", "s"])
+        .args(["--output", "/nonexistent-dir/records.jsonl"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent-dir/records.jsonl"),
+        "{stderr}"
+    );
+}

@@ -9,7 +9,10 @@
 //! Endpoints, region and credentials come from the standard AWS environment and config files.
 //! Each batch is written and flushed to the output, then checkpointed, so a record is
 //! checkpointed only once it is on disk. SIGTERM or SIGINT shuts down gracefully
-//! (`shutdown_requested` checkpoints, leases are released) and the process exits 0.
+//! (`shutdown_requested` checkpoints, leases are released) and the process exits 0. An output
+//! that is gone for good (a closed pipe, say `kcl-consumer ... | head`) shuts the worker down
+//! the same way, and the process exits non-zero naming the output: retrying a batch into a
+//! closed pipe could never succeed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -141,10 +144,39 @@ impl Args {
 
 type Output = Arc<Mutex<Box<dyn AsyncWrite + Send + Unpin>>>;
 
+/// The first write error after which the output can never be written again, and the worker's
+/// shutdown token, cancelled when it happens.
+#[derive(Clone)]
+struct OutputGone {
+    name: Arc<str>,
+    error: Arc<std::sync::Mutex<Option<std::io::Error>>>,
+    shutdown: CancellationToken,
+}
+
+impl OutputGone {
+    /// Notes `error` if the output is gone for good, and then shuts the worker down.
+    fn check(&self, error: std::io::Error) -> std::io::Error {
+        if error.kind() == std::io::ErrorKind::BrokenPipe {
+            let mut first = self.error.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                tracing::error!(output = %self.name, error = %error, "the output is closed; shutting down");
+                *first = Some(std::io::Error::new(error.kind(), error.to_string()));
+                self.shutdown.cancel();
+            }
+        }
+        std::io::Error::new(error.kind(), format!("writing to {}: {error}", self.name))
+    }
+
+    fn take(&self) -> Option<std::io::Error> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
 /// Writes each record as a JSON line, flushes, then checkpoints.
 struct JsonLines {
     shard_id: String,
     output: Output,
+    gone: OutputGone,
 }
 
 #[async_trait]
@@ -164,8 +196,13 @@ impl RecordProcessor for JsonLines {
         }
         {
             let mut out = self.output.lock().await;
-            out.write_all(text.as_bytes()).await?;
-            out.flush().await?;
+            let written = match out.write_all(text.as_bytes()).await {
+                Ok(()) => out.flush().await,
+                Err(e) => Err(e),
+            };
+            // Nothing is checkpointed after a failed write: the batch is delivered again, or
+            // (the output is gone) the worker shuts down and the next one starts here.
+            written.map_err(|e| self.gone.check(e))?;
         }
         checkpointer.checkpoint().await?;
         Ok(())
@@ -190,7 +227,13 @@ async fn open_output(
                 .create(true)
                 .append(true)
                 .open(path)
-                .await?,
+                .await
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("opening the output {}: {e}", path.display()),
+                    )
+                })?,
         ),
         None => Box::new(tokio::io::stdout()),
     })
@@ -233,16 +276,34 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Region, credentials and endpoints from the environment, for both services.
     let sdk = aws_config::load_from_env().await;
     let output: Output = Arc::new(Mutex::new(open_output(args.output.as_ref()).await?));
+    let gone = OutputGone {
+        name: args
+            .output
+            .as_ref()
+            .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string())
+            .into(),
+        error: Arc::default(),
+        shutdown: shutdown.clone(),
+    };
     let factory = {
-        let output = output.clone();
+        let (output, gone) = (output.clone(), gone.clone());
         move |shard_id: &str| JsonLines {
             shard_id: shard_id.to_owned(),
             output: output.clone(),
+            gone: gone.clone(),
         }
     };
     let worker = AwsWorkerBuilder::new(&sdk, config).build(factory)?;
     info!(worker_id = worker.worker_id(), "starting");
     worker.run(shutdown).await?;
-    output.lock().await.flush().await?;
+    if let Some(error) = gone.take() {
+        return Err(format!("the output {} is closed: {error}", gone.name).into());
+    }
+    output
+        .lock()
+        .await
+        .flush()
+        .await
+        .map_err(|e| format!("flushing {}: {e}", gone.name))?;
     Ok(())
 }
