@@ -312,13 +312,25 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         // The first sync runs before anything else: a missing stream stops the worker here.
         // Nothing is held yet, and a sync may be dropped at any point (see `ShardSyncer::run`),
         // so a shutdown meanwhile ends the worker at once.
-        tokio::select! {
+        let synced = tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 info!("worker stopped before it started");
                 return Ok(());
             }
-            synced = syncer.sync_once() => synced?,
+            synced = syncer.sync_once() => synced,
+        };
+        match synced {
+            // A lease store or stream failing for longer than the sync's retries is no reason
+            // to give up a worker (found by the simulation: a worker started during an outage
+            // ended with a transient PutItem error and the fleet never balanced): the
+            // background sync tries again at once, and the taking rounds go on meanwhile.
+            Err(e) if e.is_retryable() => {
+                warn!(error = %e, "the first shard sync failed; retrying in the background");
+                self.sync_trigger.notify_one();
+            }
+            Err(e) => return Err(e),
+            Ok(()) => {}
         }
         info!(lease_table = %self.store.table_name(), "worker started");
 
