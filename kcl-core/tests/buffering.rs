@@ -10,15 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{config, wait_until};
+use common::{Running, config, start_with, wait_until};
 use kcl_core::testing::{InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
-    CancellationToken, Checkpoint, Checkpointer, Error, LeaseStore, PollingConfig,
-    ProcessingConfig, Record, RecordProcessor, StreamClient, Worker, WorkerConfig, WorkerStatus,
-    async_trait,
+    Checkpoint, Checkpointer, Error, LeaseStore, PollingConfig, ProcessingConfig, Record,
+    RecordProcessor, StreamClient, WorkerConfig, async_trait,
 };
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 /// What the buffering processors of one test wrote: the durable output.
@@ -127,19 +124,6 @@ impl RecordProcessor for Buffering {
     }
 }
 
-struct Running {
-    shutdown: CancellationToken,
-    task: JoinHandle<kcl_core::Result<()>>,
-    status: watch::Receiver<WorkerStatus>,
-}
-
-impl Running {
-    async fn stop(self) -> kcl_core::Result<()> {
-        self.shutdown.cancel();
-        self.task.await.expect("worker task")
-    }
-}
-
 fn start(
     config: WorkerConfig,
     stream: &Arc<InMemoryStream>,
@@ -155,21 +139,12 @@ fn start(
         buffer: Vec::new(),
         batches: batches.clone(),
     };
-    let worker = Worker::new(
+    start_with(
         config,
         stream.clone() as Arc<dyn StreamClient>,
         store.clone() as Arc<dyn LeaseStore>,
         factory,
     )
-    .unwrap();
-    let status = worker.status();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(worker.run(shutdown.clone()));
-    Running {
-        shutdown,
-        task,
-        status,
-    }
 }
 
 /// Puts `record-i` for i in `from..to` under `key-i`; returns the data put.

@@ -284,6 +284,16 @@ pub fn start_on(
         log: log.clone(),
         faults: faults.clone(),
     };
+    start_with(config, stream, store, factory)
+}
+
+/// Starts a worker with any processor factory.
+pub fn start_with<F: kcl_core::RecordProcessorFactory>(
+    config: WorkerConfig,
+    stream: Arc<dyn StreamClient>,
+    store: Arc<dyn LeaseStore>,
+    factory: F,
+) -> Running {
     let worker = Worker::new(config, stream, store, factory).unwrap();
     let status = worker.status();
     let shutdown = CancellationToken::new();
