@@ -1,10 +1,15 @@
-//! Time limits on every call to Kinesis and the lease store.
+//! The worker's edge around the clients it is given: time limits on every call to Kinesis and
+//! the lease store, and a vanished lease table reported to the worker.
 //!
-//! The worker wraps the clients it is given in these, so no call can stall it: a call that
+//! No call can stall the worker: a call that
 //! does not answer in time fails with [`Error::Timeout`], which [`Error::kind`] classifies as
 //! transient, and the caller's usual retry applies. A timed-out conditional write may still
 //! have been applied; the next write on that lease then finds the counter moved under its own
 //! name and adopts it (see [`crate::lease`]).
+//!
+//! A lease table that is gone (deleted under running workers, or a DynamoDB endpoint replaced)
+//! takes every lease with it, whichever call finds out: that call raises
+//! [`Error::LeaseTableNotFound`] to the worker ([`Fatal`]), which stops delivering and ends.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::{Error, Result, Service};
+use crate::fatal::Fatal;
 use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
 use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
 
@@ -86,12 +92,30 @@ impl StreamClient for BoundedStream {
 
 /// A [`LeaseStore`] whose calls fail with [`Error::Timeout`] after `timeout`, reads of many
 /// leases after `scan_timeout` (table set-up, which may wait minutes for a new table,
-/// excepted).
+/// excepted), and which raises a missing table to `fatal`.
 #[derive(Debug)]
 pub(crate) struct BoundedLeaseStore {
     pub(crate) inner: Arc<dyn LeaseStore>,
     pub(crate) timeout: Duration,
     pub(crate) scan_timeout: Duration,
+    pub(crate) fatal: Arc<Fatal>,
+}
+
+impl BoundedLeaseStore {
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        timeout: Duration,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let result = bounded(Service::LeaseStore, operation, timeout, call).await;
+        if let Err(Error::LeaseTableNotFound { table }) = &result {
+            self.fatal.raise(Error::LeaseTableNotFound {
+                table: table.clone(),
+            });
+        }
+        result
+    }
 }
 
 #[async_trait]
@@ -105,28 +129,17 @@ impl LeaseStore for BoundedLeaseStore {
     }
 
     async fn list_leases(&self) -> Result<LeaseScan> {
-        bounded(
-            Service::LeaseStore,
-            "Scan",
-            self.scan_timeout,
-            self.inner.list_leases(),
-        )
-        .await
+        self.call("Scan", self.scan_timeout, self.inner.list_leases())
+            .await
     }
 
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
-        bounded(
-            Service::LeaseStore,
-            "GetItem",
-            self.timeout,
-            self.inner.get_lease(lease_key),
-        )
-        .await
+        self.call("GetItem", self.timeout, self.inner.get_lease(lease_key))
+            .await
     }
 
     async fn get_leases(&self, lease_keys: &[String]) -> Result<LeaseScan> {
-        bounded(
-            Service::LeaseStore,
+        self.call(
             "BatchGetItem",
             self.scan_timeout,
             self.inner.get_leases(lease_keys),
@@ -135,8 +148,7 @@ impl LeaseStore for BoundedLeaseStore {
     }
 
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
-        bounded(
-            Service::LeaseStore,
+        self.call(
             "PutItem",
             self.timeout,
             self.inner.create_lease_if_absent(lease),
@@ -150,8 +162,7 @@ impl LeaseStore for BoundedLeaseStore {
         fence: &LeaseFence,
         update: &LeaseUpdate,
     ) -> Result<Lease> {
-        bounded(
-            Service::LeaseStore,
+        self.call(
             "UpdateItem",
             self.timeout,
             self.inner.update_lease(lease_key, fence, update),
@@ -160,8 +171,7 @@ impl LeaseStore for BoundedLeaseStore {
     }
 
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
-        bounded(
-            Service::LeaseStore,
+        self.call(
             "DeleteItem",
             self.timeout,
             self.inner.delete_lease(lease_key, fence),

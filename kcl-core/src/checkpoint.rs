@@ -222,7 +222,13 @@ mod tests {
 
     async fn checkpointer(store: &Arc<InMemoryLeaseStore>) -> Checkpointer {
         let lease = store.take_as("s-0", "w1");
-        let held = HeldLease::new(lease, "w1", Duration::from_secs(10), Instant::now());
+        let held = HeldLease::new(
+            lease,
+            "w1",
+            Duration::from_secs(10),
+            Instant::now(),
+            Arc::default(),
+        );
         let retry = RetryConfig::new(Duration::from_millis(1), Duration::from_millis(2))
             .with_max_attempts(Some(3));
         Checkpointer::new(

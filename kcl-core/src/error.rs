@@ -184,6 +184,43 @@ pub enum Error {
         table: String,
     },
 
+    /// The lease table is used by another stream: a lease in it names a stream other than the
+    /// one this worker consumes (the same application name configured for two streams). The
+    /// worker refuses it: the two streams' shards share lease keys, so each would read its
+    /// stream from the other's checkpoints.
+    #[error(
+        "lease table `{table}` belongs to stream `{table_stream}`, not to stream `{stream}`: \
+         give each stream's consumers their own application name (or lease table name)"
+    )]
+    LeaseTableOfAnotherStream {
+        /// The table name.
+        table: String,
+        /// The stream the table's leases name.
+        table_stream: String,
+        /// The stream this worker consumes.
+        stream: String,
+    },
+
+    /// Another process writes the leases of this worker under the same worker id: the counter
+    /// of a lease this worker holds moved by more than this worker's own unanswered writes can
+    /// explain. Both processes would process the same shards, so this one stops. Worker ids
+    /// must be unique across the fleet.
+    #[error(
+        "another process is using worker id `{worker_id}`: lease `{lease_key}` moved from counter \
+         {expected_counter} to {stored_counter} without a write of this process; give every \
+         process its own worker id"
+    )]
+    DuplicateWorkerId {
+        /// The worker id both processes use.
+        worker_id: String,
+        /// The lease whose counter moved.
+        lease_key: String,
+        /// The counter this process last wrote.
+        expected_counter: u64,
+        /// The counter found in the table.
+        stored_counter: u64,
+    },
+
     /// The lease table exists with a schema this library cannot use.
     #[error("lease table `{table}` has an unexpected schema: {problem}")]
     LeaseTableSchema {
@@ -305,6 +342,8 @@ impl Error {
             // means (a refused handoff offer: the lease goes to the worker that asked first).
             | Error::LeaseUpdateRejected { .. }
             | Error::LeaseTableNotFound { .. }
+            | Error::LeaseTableOfAnotherStream { .. }
+            | Error::DuplicateWorkerId { .. }
             | Error::LeaseTableSchema { .. }
             | Error::InvalidLeaseItem { .. }
             | Error::InvalidSequenceNumber { .. }
@@ -319,6 +358,16 @@ impl Error {
     /// [`ErrorKind::Throttled`]).
     pub fn is_retryable(&self) -> bool {
         matches!(self.kind(), ErrorKind::Transient | ErrorKind::Throttled)
+    }
+
+    /// True when the error means this worker holds no lease any more, so nothing may be
+    /// written in its name: the lease table is gone, or another process writes as this
+    /// worker. A worker stopping on such an error releases nothing.
+    pub fn voids_every_lease(&self) -> bool {
+        matches!(
+            self,
+            Error::LeaseTableNotFound { .. } | Error::DuplicateWorkerId { .. }
+        )
     }
 
     pub(crate) fn invalid_config(field: &'static str, problem: impl Into<String>) -> Self {

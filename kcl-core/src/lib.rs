@@ -9,6 +9,7 @@ mod checkpoint;
 mod config;
 mod consumer;
 mod error;
+mod fatal;
 #[cfg(feature = "kinesis")]
 mod kinesis;
 mod lease;

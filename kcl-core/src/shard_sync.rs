@@ -48,8 +48,9 @@ impl ShardSyncer {
     /// Syncs every `shard_sync_interval` and whenever `trigger` is notified, until `stop`.
     ///
     /// # Errors
-    /// [`Error::StreamNotFound`] when the stream was deleted; other failures are logged and
-    /// retried at the next sync.
+    /// [`Error::StreamNotFound`] when the stream was deleted, and
+    /// [`Error::LeaseTableOfAnotherStream`] when the table is another stream's; other failures
+    /// are logged and retried at the next sync.
     pub(crate) async fn run(mut self, trigger: Arc<Notify>, stop: CancellationToken) -> Result<()> {
         let every = self.config.lease.shard_sync_interval;
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
@@ -72,7 +73,11 @@ impl ShardSyncer {
                 synced = self.sync_once() => synced,
             };
             match synced {
-                Err(e @ Error::StreamNotFound { .. }) => return Err(e),
+                Err(
+                    e @ (Error::StreamNotFound { .. } | Error::LeaseTableOfAnotherStream { .. }),
+                ) => {
+                    return Err(e);
+                }
                 Err(e) => warn!(error = %e, "shard sync failed; the next sync retries"),
                 Ok(()) => {}
             }
@@ -123,6 +128,9 @@ impl ShardSyncer {
             );
             attempt += 1;
         };
+        // A table whose leases name another stream is not this worker's: creating leases of
+        // this stream's shards there would mix two streams' checkpoints under one key.
+        crate::lease::check_stream(store.table_name(), &scan.leases, &self.config.stream)?;
         // An item that does not decode still occupies its key: never create over it.
         let mut leases = scan.leases;
         for invalid in &scan.invalid {
@@ -134,7 +142,9 @@ impl ShardSyncer {
             }
         }
         let mut created = 0usize;
+        let stream_name = crate::lease::stream_name_of(&self.config.stream).to_owned();
         for lease in lineage::leases_to_create(&shards, &leases, &self.config.initial_position) {
+            let lease = lease.with_stream_name(&stream_name);
             let made = retry(
                 "create lease",
                 setup.backoff(self.seeds.next_seed()),

@@ -35,6 +35,11 @@ pub const ENDING_HASH_KEY: &str = "endingHashKey";
 /// unowned lease). Not a Java KCL attribute: KCL 3 hands over through `checkpointOwner` with
 /// a leader; this library has no leader.
 pub const HANDOFF_TO: &str = "handoffTo";
+/// The name of the stream whose shard the lease is, written when the lease is created: a
+/// worker refuses a table whose leases name another stream. The Java KCL names the same
+/// attribute in multi-stream mode (with its stream identifier); in single-stream mode it
+/// ignores it, as it ignores every attribute it does not know.
+pub const STREAM_NAME: &str = "streamName";
 /// Java KCL 3.x only: the worker that must checkpoint and shut down before the lease's new
 /// `leaseOwner` may process it (set by the Java leader during a graceful handoff, removed when
 /// the old owner lets go). A Java 3.x worker does not renew a lease whose `checkpointOwner`
@@ -82,6 +87,9 @@ pub fn lease_to_item(lease: &Lease) -> HashMap<String, AttributeValue> {
     }
     if let Some(to) = &lease.handoff_to {
         item.insert(HANDOFF_TO.to_owned(), AttributeValue::S(to.clone()));
+    }
+    if let Some(stream) = &lease.stream_name {
+        item.insert(STREAM_NAME.to_owned(), AttributeValue::S(stream.clone()));
     }
     if let Some(range) = lease.hash_key_range {
         item.insert(
@@ -136,6 +144,13 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
             return Err(decoder.invalid(HANDOFF_TO, describe_wrong("a non-empty string", other)));
         }
     };
+    let stream_name = match item.get(STREAM_NAME) {
+        None | Some(AttributeValue::Null(true)) => None,
+        Some(AttributeValue::S(name)) if !name.is_empty() => Some(name.clone()),
+        other => {
+            return Err(decoder.invalid(STREAM_NAME, describe_wrong("a non-empty string", other)));
+        }
+    };
     let counter = decoder.required_number(LEASE_COUNTER)?;
     let sub_sequence_number = decoder
         .optional_number(CHECKPOINT_SUB_SEQUENCE_NUMBER)?
@@ -188,6 +203,7 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
     lease.child_shard_ids = children;
     lease.hash_key_range = hash_key_range;
     lease.handoff_to = handoff_to;
+    lease.stream_name = stream_name;
     Ok(lease)
 }
 
@@ -383,6 +399,7 @@ mod tests {
             ids,
             proptest::option::of((any::<u128>(), any::<u128>())),
             proptest::option::of("[a-z0-9-]{1,40}"),
+            proptest::option::of("[a-zA-Z0-9_.-]{1,128}"),
         )
             .prop_map(
                 |(
@@ -395,6 +412,7 @@ mod tests {
                     children,
                     range,
                     handoff_to,
+                    stream_name,
                 )| {
                     let mut lease = Lease::new(key, checkpoint).with_parents(parents);
                     lease.owner = owner;
@@ -406,6 +424,7 @@ mod tests {
                         ending_hash_key: a.max(b),
                     });
                     lease.handoff_to = handoff_to;
+                    lease.stream_name = stream_name;
                     lease
                 },
             )
@@ -442,7 +461,7 @@ mod tests {
                     Just(LEASE_KEY), Just(LEASE_OWNER), Just(LEASE_COUNTER), Just(CHECKPOINT),
                     Just(CHECKPOINT_SUB_SEQUENCE_NUMBER), Just(OWNER_SWITCHES_SINCE_CHECKPOINT),
                     Just(PARENT_SHARD_ID), Just(CHILD_SHARD_IDS), Just(STARTING_HASH_KEY),
-                    Just(ENDING_HASH_KEY), Just(HANDOFF_TO),
+                    Just(ENDING_HASH_KEY), Just(HANDOFF_TO), Just(STREAM_NAME),
                 ], proptest::option::of(arb_value())),
                 0..5,
             ),

@@ -5,16 +5,18 @@
 //! previous write produced, so they must not overlap.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
-use crate::error::{Error, Result};
-use crate::lease::{Lease, LeaseStore, LeaseUpdate};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fatal::Fatal;
+use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
 
 /// A lease this worker took, and the state of its last successful write.
 #[derive(Debug)]
@@ -36,6 +38,13 @@ pub(crate) struct HeldLease {
     /// The worker this one offered the lease to while shutting down: `handoffTo` naming it is
     /// our own offer, not a request to stop now.
     offered_to: SyncMutex<Option<String>>,
+    /// Writes sent on the current fence whose outcome is unknown (a timeout, a transient
+    /// error, a dropped future): each may have landed. The counter can move under this
+    /// worker's name by at most this many; a larger move is another process writing as this
+    /// worker id. Changed only under the `state` lock.
+    unanswered: AtomicU64,
+    /// Where a duplicate worker id is reported: it ends the worker.
+    fatal: Arc<Fatal>,
 }
 
 impl HeldLease {
@@ -45,6 +54,7 @@ impl HeldLease {
         worker_id: &str,
         lease_duration: Duration,
         written_at: Instant,
+        fatal: Arc<Fatal>,
     ) -> Arc<Self> {
         Arc::new(HeldLease {
             lease_key: lease.lease_key.clone(),
@@ -55,6 +65,8 @@ impl HeldLease {
             lost: CancellationToken::new(),
             handoff: CancellationToken::new(),
             offered_to: SyncMutex::new(None),
+            unanswered: AtomicU64::new(0),
+            fatal,
         })
     }
 
@@ -112,16 +124,19 @@ impl HeldLease {
     ///
     /// # Errors
     /// [`Error::LeaseLost`] when the lease was lost before or by this write (the lease is then
-    /// marked lost); [`Error::LeaseUpdateRejected`] when the stored lease, still ours, does not
+    /// marked lost); [`Error::DuplicateWorkerId`] when the counter moved more than this
+    /// worker's unanswered writes explain (lost, and raised to the worker);
+    /// [`Error::LeaseTableNotFound`] (lost); [`Error::LeaseUpdateRejected`] when the stored lease, still ours, does not
     /// allow the update ([`LeaseUpdate::allowed`]; nothing is written, the lease stays held,
     /// and a pending request of another worker is passed on as
     /// [`handoff_requested`](Self::handoff_requested)); the store's error otherwise, with the
     /// lease still held.
     ///
     /// # Cancel safety
-    /// Dropping the future may leave a write applied whose answer was never read. The next
-    /// write then fails its condition on a lease that still names this worker, and is resent
-    /// once on the stored fence (see the invariant in [`crate::lease`]).
+    /// Dropping the future may leave a write applied whose answer was never read; it stays
+    /// counted as unanswered. The next write then fails its condition on a lease that still
+    /// names this worker, and is resent once on the stored fence (see the invariant in
+    /// [`crate::lease`]).
     pub(crate) async fn write(
         &self,
         store: &dyn LeaseStore,
@@ -132,32 +147,46 @@ impl HeldLease {
             return Err(self.lost_error());
         }
         let sent_at = Instant::now();
-        let mut result = store
-            .update_lease(&self.lease_key, &state.fence(), update)
-            .await;
-        if let Err(Error::LeaseConditionFailed {
-            current: Some(current),
-            ..
-        }) = &result
-        {
-            // Still ours and the update is allowed, so the counter moved by a write of ours
-            // whose answer was lost (a timeout, or a dropped future). Adopt the stored fence
-            // and send again. (Not allowed: a rejection, handled below without resending.)
-            if self.still_ours(current)
-                && update.allowed(current)
-                && current.fence() != state.fence()
-            {
-                warn!(
-                    lease_key = %self.lease_key,
-                    expected_counter = state.counter,
-                    stored_counter = current.counter,
-                    "lease counter moved under an unanswered write of this worker; resending"
-                );
-                result = store
-                    .update_lease(&self.lease_key, &current.fence(), update)
-                    .await;
+        let mut fence = state.fence();
+        let mut resent = false;
+        let result = loop {
+            let result = self.send(store, &fence, update).await;
+            // Still ours and the update is allowed, yet the fence did not match: the counter
+            // moved under this worker's name. (Not allowed: a rejection, handled below.)
+            let current = match &result {
+                Err(Error::LeaseConditionFailed {
+                    current: Some(current),
+                    ..
+                }) if self.still_ours(current)
+                    && update.allowed(current)
+                    && current.fence() != fence =>
+                {
+                    current.clone()
+                }
+                _ => break result,
+            };
+            let moved = current.counter.saturating_sub(fence.counter);
+            let unanswered = self.unanswered.load(Ordering::SeqCst);
+            if resent || moved == 0 || moved > unanswered {
+                // Our own writes cannot explain it: another process writes as this worker.
+                return Err(self.duplicate_worker(fence.counter, current.counter));
             }
-        }
+            // Writes of ours whose answers were lost (a timeout, a dropped future) landed.
+            // Adopt the stored fence and send again. The other unanswered writes were sent on
+            // an older fence and can no longer land.
+            warn!(
+                lease_key = %self.lease_key,
+                expected_counter = fence.counter,
+                stored_counter = current.counter,
+                unanswered,
+                "lease counter moved under an unanswered write of this worker; resending"
+            );
+            // Adopted even if the resend fails: the reset count is only right for this fence.
+            self.unanswered.store(0, Ordering::SeqCst);
+            *state = (*current).clone();
+            fence = state.fence();
+            resent = true;
+        };
         match result {
             Ok(lease) => {
                 if let LeaseUpdate::RequestHandoff { to } = update {
@@ -198,6 +227,12 @@ impl HeldLease {
                     current,
                 })
             }
+            Err(e @ Error::LeaseTableNotFound { .. }) => {
+                // Every lease is gone with the table: stop the consumer at once, so no batch
+                // is retried against it. (The worker ends on this error; see `crate::fatal`.)
+                self.mark_lost("the lease table does not exist");
+                Err(e)
+            }
             Err(Error::LeaseConditionFailed { current, .. }) => {
                 let owner = current.and_then(|l| l.owner);
                 self.mark_lost(&format!(
@@ -209,6 +244,46 @@ impl HeldLease {
             }
             Err(other) => Err(other),
         }
+    }
+
+    /// Sends one conditional write, counting it as unanswered until an answer says whether it
+    /// landed. A dropped future leaves it counted: it may still land.
+    async fn send(
+        &self,
+        store: &dyn LeaseStore,
+        fence: &LeaseFence,
+        update: &LeaseUpdate,
+    ) -> Result<Lease> {
+        self.unanswered.fetch_add(1, Ordering::SeqCst);
+        let result = store.update_lease(&self.lease_key, fence, update).await;
+        // A transient failure or a timeout may have been applied; any other answer says
+        // whether it was.
+        let unknown = matches!(&result, Err(e) if e.kind() == ErrorKind::Transient);
+        if !unknown {
+            self.unanswered.fetch_sub(1, Ordering::SeqCst);
+        }
+        result
+    }
+
+    /// Reports another process using this worker id: the lease is lost to this process (it
+    /// must not write in that process's name again), and the worker ends with the error.
+    fn duplicate_worker(&self, expected_counter: u64, stored_counter: u64) -> Error {
+        let error = || Error::DuplicateWorkerId {
+            worker_id: self.worker_id.clone(),
+            lease_key: self.lease_key.clone(),
+            expected_counter,
+            stored_counter,
+        };
+        error!(
+            lease_key = %self.lease_key,
+            worker_id = %self.worker_id,
+            expected_counter,
+            stored_counter,
+            "another process writes this worker's lease under the same worker id; stopping"
+        );
+        self.mark_lost("another process uses this worker id");
+        self.fatal.raise(error());
+        error()
     }
 
     /// True when the stored lease still names this worker as its owner.
@@ -288,13 +363,18 @@ impl HeldLeases {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::ErrorKind;
-    use crate::testing::InMemoryLeaseStore;
+    use crate::testing::{Faulty, Hang, InMemoryLeaseStore, LeaseCall};
 
     const DURATION: Duration = Duration::from_secs(10);
 
     fn taken(store: &InMemoryLeaseStore, key: &str, worker: &str) -> Arc<HeldLease> {
-        HeldLease::new(store.take_as(key, worker), worker, DURATION, Instant::now())
+        HeldLease::new(
+            store.take_as(key, worker),
+            worker,
+            DURATION,
+            Instant::now(),
+            Arc::default(),
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -324,19 +404,106 @@ mod tests {
         assert_eq!(store.update_calls(), calls);
     }
 
+    /// Sends a renewal of `held` that the store applies but never answers; the caller gives
+    /// up after a second, as the renewer does at its request timeout.
+    async fn renew_unanswered(held: &HeldLease, store: &Arc<InMemoryLeaseStore>) {
+        let faulty = Faulty::new(store.clone());
+        faulty.hang_next(LeaseCall::Update("renew"), Hang::AnswerLost);
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(1),
+            held.write(&faulty, &LeaseUpdate::Renew),
+        );
+        assert!(attempt.await.is_err(), "the renewal never answers");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_unanswered_own_write_is_not_a_lost_lease() {
-        let store = InMemoryLeaseStore::new("t");
+        let store = Arc::new(InMemoryLeaseStore::new("t"));
         let held = taken(&store, "s-0", "w1");
-        // A renewal of ours applied, but its answer never arrived.
-        let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
-        store
-            .update_lease("s-0", &fence, &LeaseUpdate::Renew)
+        renew_unanswered(&held, &store).await;
+        assert_eq!(store.get_lease("s-0").await.unwrap().unwrap().counter, 2);
+        let lease = held
+            .write(store.as_ref(), &LeaseUpdate::Renew)
             .await
             .unwrap();
-        let lease = held.write(&store, &LeaseUpdate::Renew).await.unwrap();
         assert_eq!(lease.counter, 3);
         assert!(!held.is_lost());
+    }
+
+    // Defect 8 of issue 10: two processes running with the same worker id both wrote the same
+    // leases, each adopting the other's counter as its own lost write. A counter that moves
+    // with no unanswered write of ours to explain it is another process: the lease is dropped
+    // without writing, and the worker is told to stop.
+    #[tokio::test(start_paused = true)]
+    async fn a_counter_moved_by_another_process_with_our_id_is_reported() {
+        let store = Arc::new(InMemoryLeaseStore::new("t"));
+        let fatal = Arc::new(Fatal::default());
+        let held = HeldLease::new(
+            store.take_as("s-0", "w1"),
+            "w1",
+            DURATION,
+            Instant::now(),
+            fatal.clone(),
+        );
+        // The other process takes the lease it believes orphaned, under the same name.
+        store.take_as("s-0", "w1");
+        let calls = store.update_calls();
+        let err = held
+            .write(store.as_ref(), &LeaseUpdate::Renew)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::DuplicateWorkerId { worker_id, expected_counter: 1, stored_counter: 2, .. } if worker_id == "w1"),
+            "{err:?}"
+        );
+        assert_eq!(store.update_calls(), calls + 1, "no resend on its fence");
+        assert!(held.is_lost());
+        assert!(fatal.is_raised());
+        assert!(matches!(
+            fatal.take(),
+            Some(Error::DuplicateWorkerId { .. })
+        ));
+        assert_eq!(store.get_lease("s-0").await.unwrap().unwrap().counter, 2);
+    }
+
+    // An unanswered write explains one step of the counter, not two.
+    #[tokio::test(start_paused = true)]
+    async fn a_move_larger_than_the_unanswered_writes_is_another_process() {
+        let store = Arc::new(InMemoryLeaseStore::new("t"));
+        let fatal = Arc::new(Fatal::default());
+        let held = HeldLease::new(
+            store.take_as("s-0", "w1"),
+            "w1",
+            DURATION,
+            Instant::now(),
+            fatal.clone(),
+        );
+        renew_unanswered(&held, &store).await;
+        store.take_as("s-0", "w1");
+        let err = held
+            .write(store.as_ref(), &LeaseUpdate::Renew)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::DuplicateWorkerId { .. }), "{err:?}");
+        assert!(fatal.is_raised());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vanished_table_stops_the_lease_at_once() {
+        let store = Arc::new(InMemoryLeaseStore::new("t"));
+        let held = taken(&store, "s-0", "w1");
+        store.drop_table();
+        let err = held
+            .write(
+                store.as_ref(),
+                &LeaseUpdate::Checkpoint {
+                    checkpoint: crate::Checkpoint::ShardEnd,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::LeaseTableNotFound { .. }), "{err:?}");
+        assert!(held.is_lost(), "nothing is retried against a missing table");
     }
 
     /// Another worker asks for the lease the way the worker does: on the stored fence,
@@ -381,18 +548,14 @@ mod tests {
     // next write goes through.
     #[tokio::test(start_paused = true)]
     async fn a_rejection_after_an_unanswered_write_adopts_the_stored_fence() {
-        let store = InMemoryLeaseStore::new("t");
+        let store = Arc::new(InMemoryLeaseStore::new("t"));
         let held = taken(&store, "s-0", "w1");
         assert_eq!(held.snapshot().await.counter, 1);
-        let fence = store.get_lease("s-0").await.unwrap().unwrap().fence();
-        store
-            .update_lease("s-0", &fence, &LeaseUpdate::Renew)
-            .await
-            .unwrap();
+        renew_unanswered(&held, &store).await;
         request_as(&store, "s-0", "w2").await;
         let calls = store.update_calls();
         let offer = LeaseUpdate::RequestHandoff { to: "w3".into() };
-        let err = held.write(&store, &offer).await.unwrap_err();
+        let err = held.write(store.as_ref(), &offer).await.unwrap_err();
         assert!(matches!(err, Error::LeaseUpdateRejected { .. }), "{err:?}");
         assert_eq!(
             store.update_calls(),
@@ -401,7 +564,10 @@ mod tests {
         );
         assert!(!held.is_lost());
         assert_eq!(held.snapshot().await.counter, 2, "stored fence adopted");
-        let renewed = held.write(&store, &LeaseUpdate::Renew).await.unwrap();
+        let renewed = held
+            .write(store.as_ref(), &LeaseUpdate::Renew)
+            .await
+            .unwrap();
         assert_eq!(renewed.counter, 3);
         assert_eq!(
             store.update_calls(),

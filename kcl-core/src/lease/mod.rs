@@ -13,9 +13,12 @@
 //!   offer of a worker shutting down, on a lease another worker has already asked for. The
 //!   update is rejected ([`Error::LeaseUpdateRejected`]); nothing was written, the lease stays
 //!   held, and a pending request is passed on to its consumer;
-//! - the update is allowed, so the counter moved: one of this worker's own writes landed but
-//!   its answer was lost (a timeout, a dropped future). The held lease's write adopts the
-//!   stored fence and sends the update again.
+//! - the update is allowed, so the counter moved under this worker's name: one of its own
+//!   writes landed but its answer was lost (a timeout, a dropped future). The held lease's
+//!   write adopts the stored fence and sends the update again. Each unanswered write can
+//!   move the counter by one at most, so a move larger than the writes left unanswered since
+//!   the last adopted fence is another process running with this worker id: the lease is
+//!   dropped without a write and the worker ends with [`Error::DuplicateWorkerId`].
 //!
 //! And a request never looks like a renewal to a worker watching a dead owner's counter.
 //!
@@ -66,6 +69,10 @@ pub struct Lease {
     /// The worker the lease is being handed to (`handoffTo`): set on an owned lease, a request
     /// to its owner to hand it over; on an unowned lease, a reservation for that worker.
     pub handoff_to: Option<String>,
+    /// The name of the stream whose shard this is (`streamName`), so that a lease table is
+    /// never shared by two streams unnoticed ([`Error::LeaseTableOfAnotherStream`]). `None` on
+    /// leases written by the Java KCL or by versions before it: those fit any stream.
+    pub stream_name: Option<String>,
 }
 
 impl Lease {
@@ -81,7 +88,15 @@ impl Lease {
             child_shard_ids: BTreeSet::new(),
             hash_key_range: None,
             handoff_to: None,
+            stream_name: None,
         }
+    }
+
+    /// Sets the stream the lease belongs to.
+    #[must_use]
+    pub fn with_stream_name(mut self, stream_name: impl Into<String>) -> Self {
+        self.stream_name = Some(stream_name.into());
+        self
     }
 
     /// Sets the parent shards.
@@ -206,6 +221,32 @@ impl LeaseUpdate {
     }
 }
 
+/// The name in a stream name or ARN (`arn:aws:kinesis:REGION:ACCOUNT:stream/NAME`): what
+/// leases record as their stream, however a deployment names it.
+pub(crate) fn stream_name_of(name_or_arn: &str) -> &str {
+    name_or_arn
+        .rsplit_once(":stream/")
+        .map_or(name_or_arn, |(_, name)| name)
+}
+
+/// The first lease that names a stream other than `stream` (a name or ARN), as an error: the
+/// table belongs to that stream. Leases without a stream name fit any stream.
+pub(crate) fn check_stream(table: &str, leases: &[Lease], stream: &str) -> Result<()> {
+    let name = stream_name_of(stream);
+    match leases
+        .iter()
+        .filter_map(|l| l.stream_name.as_deref())
+        .find(|other| stream_name_of(other) != name)
+    {
+        Some(other) => Err(Error::LeaseTableOfAnotherStream {
+            table: table.to_owned(),
+            table_stream: other.to_owned(),
+            stream: stream.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The result of reading the whole lease table.
 #[derive(Debug, Default)]
 #[non_exhaustive]
@@ -306,6 +347,41 @@ mod tests {
         }
         .apply(&released);
         assert_eq!(taken.handoff_to, None, "a take ends the handoff");
+    }
+
+    #[test]
+    fn a_lease_of_another_stream_is_found_and_arns_match_names() {
+        let of = |stream: Option<&str>| {
+            let lease = Lease::new("shardId-0", Checkpoint::TrimHorizon);
+            match stream {
+                Some(s) => lease.with_stream_name(s),
+                None => lease,
+            }
+        };
+        let arn = "arn:aws:kinesis:us-east-1:123456789012:stream/orders";
+        assert_eq!(stream_name_of(arn), "orders");
+        assert_eq!(stream_name_of("orders"), "orders");
+        let ours = [of(Some("orders")), of(None)];
+        assert!(check_stream("app", &ours, "orders").is_ok());
+        assert!(
+            check_stream("app", &ours, arn).is_ok(),
+            "an ARN names the same stream"
+        );
+        assert!(
+            check_stream("app", &[of(None)], "payments").is_ok(),
+            "Java KCL leases fit"
+        );
+        let err = check_stream("app", &ours, "payments").unwrap_err();
+        assert!(
+            matches!(&err, Error::LeaseTableOfAnotherStream { table, table_stream, stream }
+                if table == "app" && table_stream == "orders" && stream == "payments"),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("`orders`") && text.contains("`payments`"),
+            "{text}"
+        );
     }
 
     #[test]

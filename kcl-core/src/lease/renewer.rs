@@ -234,12 +234,14 @@ mod tests {
             "w1",
             config.lease_duration,
             now,
+            Arc::default(),
         );
         let other = HeldLease::new(
             memory.take_as("s-1", "w1"),
             "w1",
             config.lease_duration,
             now,
+            Arc::default(),
         );
         held.insert(stuck.clone());
         held.insert(other.clone());

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -71,6 +71,11 @@ pub struct InMemoryLeaseStore {
     /// Successful writes so far: a scan that sees it move between its pages raced a write.
     writes: AtomicU64,
     raced_scans: AtomicUsize,
+    /// False once the table was dropped, until `initialize` creates it again.
+    exists: AtomicBool,
+    /// Items that do not decode, by key, with what is wrong: reported by scans and reads,
+    /// never overwritten by a create.
+    invalid: Mutex<BTreeMap<String, (&'static str, String)>>,
 }
 
 impl InMemoryLeaseStore {
@@ -87,6 +92,57 @@ impl InMemoryLeaseStore {
             scan_paging: Mutex::new(None),
             writes: AtomicU64::new(0),
             raced_scans: AtomicUsize::new(0),
+            exists: AtomicBool::new(true),
+            invalid: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Deletes the table, as an operator might under running workers: every call fails with
+    /// [`Error::LeaseTableNotFound`] until `initialize` creates it again, empty.
+    pub fn drop_table(&self) {
+        self.exists.store(false, Ordering::SeqCst);
+        lock(&self.leases).clear();
+        lock(&self.invalid).clear();
+        self.wrote();
+    }
+
+    /// Stores an item under `lease_key` whose `attribute` does not decode (a hand-edited
+    /// item, say a text `leaseCounter`), replacing any lease there.
+    pub fn put_invalid(&self, lease_key: &str, attribute: &'static str, problem: &str) {
+        lock(&self.leases).remove(lease_key);
+        lock(&self.invalid).insert(lease_key.to_owned(), (attribute, problem.to_owned()));
+        self.wrote();
+    }
+
+    /// Replaces an item that does not decode by `lease` (what a repair does).
+    pub fn repair(&self, lease: Lease) {
+        lock(&self.invalid).remove(&lease.lease_key);
+        self.put(lease);
+    }
+
+    fn invalid_item(&self, lease_key: &str, attribute: &'static str, problem: &str) -> Error {
+        Error::InvalidLeaseItem {
+            table: self.table.clone(),
+            lease_key: lease_key.to_owned(),
+            attribute,
+            problem: problem.to_owned(),
+        }
+    }
+
+    fn invalid_items(&self) -> Vec<Error> {
+        lock(&self.invalid)
+            .iter()
+            .map(|(key, (attribute, problem))| self.invalid_item(key, attribute, problem))
+            .collect()
+    }
+
+    fn ensure_exists(&self) -> Result<()> {
+        if self.exists.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(Error::LeaseTableNotFound {
+                table: self.table.clone(),
+            })
         }
     }
 
@@ -211,6 +267,7 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn initialize(&self) -> Result<()> {
+        self.exists.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -223,6 +280,7 @@ impl LeaseStore for InMemoryLeaseStore {
         if Self::take_failure(&self.failing_scans) {
             return Err(injected(Service::LeaseStore, "Scan"));
         }
+        self.ensure_exists()?;
         let paging = *lock(&self.scan_paging);
         let leases = match paging {
             Some(paging) => self.paged_scan(paging).await,
@@ -230,17 +288,24 @@ impl LeaseStore for InMemoryLeaseStore {
         };
         Ok(LeaseScan {
             leases,
-            invalid: Vec::new(),
+            invalid: self.invalid_items(),
         })
     }
 
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
+        self.ensure_exists()?;
+        if let Some((attribute, problem)) = lock(&self.invalid).get(lease_key) {
+            return Err(self.invalid_item(lease_key, attribute, problem));
+        }
         Ok(lock(&self.leases).get(lease_key).cloned())
     }
 
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
+        self.ensure_exists()?;
         let mut leases = lock(&self.leases);
-        if leases.contains_key(&lease.lease_key) {
+        if leases.contains_key(&lease.lease_key)
+            || lock(&self.invalid).contains_key(&lease.lease_key)
+        {
             return Ok(false);
         }
         leases.insert(lease.lease_key.clone(), lease.clone());
@@ -258,6 +323,7 @@ impl LeaseStore for InMemoryLeaseStore {
         if Self::take_failure(&self.failing_updates) {
             return Err(injected(Service::LeaseStore, "UpdateItem"));
         }
+        self.ensure_exists()?;
         let mut leases = lock(&self.leases);
         match leases.get_mut(lease_key) {
             Some(stored) if stored.fence() == *fence && update.allowed(stored) => {
@@ -274,6 +340,7 @@ impl LeaseStore for InMemoryLeaseStore {
     }
 
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
+        self.ensure_exists()?;
         let mut leases = lock(&self.leases);
         match leases.get(lease_key) {
             Some(stored) if stored.fence() == *fence => {

@@ -41,6 +41,7 @@ use crate::bounded::{BoundedLeaseStore, BoundedStream};
 use crate::config::WorkerConfig;
 use crate::consumer::{Progress, ShardExit};
 use crate::error::{Error, Result};
+use crate::fatal::Fatal;
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLeases;
 use crate::lease::renewer::run_renewer;
@@ -101,6 +102,7 @@ pub struct Worker<F> {
     store: Arc<dyn LeaseStore>,
     factory: Arc<F>,
     status: watch::Sender<WorkerStatus>,
+    fatal: Arc<Fatal>,
 }
 
 impl<F> std::fmt::Debug for Worker<F> {
@@ -126,7 +128,9 @@ impl<F: RecordProcessorFactory> Worker<F> {
         factory: F,
     ) -> Result<Self> {
         config.validate()?;
-        // Every call is bounded in time, so nothing can stall the worker.
+        // Every call is bounded in time, so nothing can stall the worker; a vanished lease
+        // table, found by any call, ends it.
+        let fatal = Arc::new(Fatal::default());
         let stream: Arc<dyn StreamClient> = Arc::new(BoundedStream {
             inner: stream,
             timeout: config.polling.request_timeout,
@@ -135,6 +139,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             inner: lease_store,
             timeout: config.lease.request_timeout,
             scan_timeout: config.lease.scan_timeout,
+            fatal: fatal.clone(),
         });
         Ok(Worker {
             config: Arc::new(config),
@@ -142,6 +147,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             store: lease_store,
             factory: Arc::new(factory),
             status: watch::Sender::new(WorkerStatus::default()),
+            fatal,
         })
     }
 
@@ -199,6 +205,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             stopping: false,
             metrics: Arc::new(Counters::default()),
             cooldown: HashMap::new(),
+            fatal: self.fatal,
         };
         coordinator.run().instrument(span).await
     }
@@ -253,6 +260,8 @@ struct Coordinator<F> {
     /// Shards whose consumer failed, with how many times in a row and until when this worker
     /// leaves them alone.
     cooldown: HashMap<String, (u32, Instant)>,
+    /// Errors that end the worker, raised by whichever task finds them.
+    fatal: Arc<Fatal>,
 }
 
 /// A shard consumer task and its handles.
@@ -279,6 +288,7 @@ struct Pending {
 
 enum Event {
     Shutdown,
+    Fatal,
     ConsumerExited(std::result::Result<(Id, ShardExit), JoinError>),
     BackgroundExited(std::result::Result<(&'static str, Result<()>), JoinError>),
     TakeLeases,
@@ -365,12 +375,14 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let mut parent_poll = tokio::time::interval(lease_config.parent_poll_interval);
         parent_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
+        let fatal = self.fatal.clone();
         let outcome = loop {
             // Pick the next event; act on it outside the select so lease writes run to
             // completion.
             let event = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Event::Shutdown,
+                _ = fatal.token().cancelled() => Event::Fatal,
                 Some(joined) = self.consumers.join_next_with_id() => Event::ConsumerExited(joined),
                 Some(joined) = background.join_next() => Event::BackgroundExited(joined),
                 _ = taker.tick() => Event::TakeLeases,
@@ -380,6 +392,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             };
             match event {
                 Event::Shutdown => break Ok(()),
+                Event::Fatal => {
+                    break Err(fatal.take().unwrap_or_else(|| Error::TaskFailed {
+                        task: "worker".into(),
+                        problem: "a fatal error was raised twice".into(),
+                    }));
+                }
                 Event::ConsumerExited(joined) => self.on_consumer_exit(joined).await,
                 Event::BackgroundExited(joined) => {
                     break Err(match joined {
@@ -404,7 +422,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         }
 
         self.stopping = true;
-        self.offer_leases_before_stopping().await;
+        match &outcome {
+            // Nothing may be written in this worker's name: the table is gone, or the leases
+            // are another process's. Consumers stop at once, without checkpoints.
+            Err(e) if e.voids_every_lease() => self.abandon_leases(e),
+            _ => self.offer_leases_before_stopping().await,
+        }
         self.stop_consumers().await;
         self.release_all().await;
         background_stop.cancel();

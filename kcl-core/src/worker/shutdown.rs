@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use super::{Coordinator, MAX_CONCURRENT_LEASE_CALLS, SETUP_ATTEMPTS, concurrently};
 use crate::backoff::{SeedSource, retry};
 use crate::config::WorkerConfig;
+use crate::error::Error;
 use crate::lease::held::HeldLease;
 use crate::lease::{LeaseStore, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
@@ -79,6 +80,17 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 Some(joined) = self.consumers.join_next_with_id() => self.on_consumer_exit(joined).await,
                 _ = tokio::time::sleep_until(deadline) => return,
             }
+        }
+    }
+
+    /// Drops every held lease without writing: after `error` nothing may be written in this
+    /// worker's name ([`Error::voids_every_lease`]). Each consumer stops at its next step, its
+    /// processor told `lease_lost`, and nothing is released.
+    pub(super) fn abandon_leases(&mut self, error: &Error) {
+        let leases = self.held.all();
+        warn!(leases = leases.len(), error = %error, "dropping every lease without writing");
+        for lease in leases {
+            lease.mark_lost("the worker stops on an error that voids its leases");
         }
     }
 

@@ -51,6 +51,14 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 return;
             }
         };
+        // Never take a lease of another stream (another deployment with the same application
+        // name): its checkpoint is a position in that stream.
+        if let Err(e) =
+            crate::lease::check_stream(self.store.table_name(), &scan.leases, &self.config.stream)
+        {
+            self.fatal.raise(e);
+            return;
+        }
         let now = Instant::now();
         self.report_invalid(&scan.invalid);
         self.observations.observe(&scan.leases, now);
@@ -265,7 +273,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     }
 
     fn may_take(&self, decision: &TakeDecision) -> bool {
-        if self.stopping || self.shutdown.is_cancelled() {
+        if self.stopping || self.shutdown.is_cancelled() || self.fatal.is_raised() {
             return false;
         }
         if let Some((failures, until)) = self.cooldown.get(&decision.lease_key) {
@@ -292,6 +300,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     &self.config.worker_id,
                     self.config.lease.lease_duration,
                     sent_at,
+                    self.fatal.clone(),
                 );
                 self.held.insert(held.clone());
                 self.start_consumer(held, parents);

@@ -141,7 +141,10 @@ const SHAPE_BUG_SEEDS: [(u64, Shapes); 22] = [
 ];
 /// Seeds that found bugs with their shapes drawn per seed (as CI runs them): a worker started
 /// during a lease-store outage ended with the first shard sync's transient error, and the fleet
-/// never balanced (5591, 13385; found by a 20,000-seed soak after issue 9's fixes).
-const DRAWN_BUG_SEEDS: [u64; 2] = [5591, 13385];
+/// never balanced (5591, 13385; found by a 20,000-seed soak after issue 9's fixes). A worker
+/// whose resend on an adopted fence was throttled kept its old fence with a reset count of
+/// unanswered writes, and took its own late write for another process using its worker id
+/// (1013, 455, 555; found by a 6,000-seed soak while adding that detection in issue 10).
+const DRAWN_BUG_SEEDS: [u64; 5] = [455, 555, 1013, 5591, 13385];
 /// Seeds per CI run: about half a minute on two threads of an unoptimized build.
 pub(crate) const DEFAULT_SEEDS: u64 = 3_000;
