@@ -181,6 +181,26 @@ impl Default for LeaseConfig {
 }
 
 impl LeaseConfig {
+    /// The longest lease-table outage every held lease survives, whatever its kind and
+    /// whenever it starts: `lease_duration − renewal_interval − request_timeout −
+    /// retry.max_delay` (4 s with the defaults).
+    ///
+    /// A lease is valid for `lease_duration` from the sending of its last successful write.
+    /// The outage may begin just before the next renewal (`renewal_interval` later) and end
+    /// just after an attempt started hanging (`request_timeout`) and its retry was scheduled
+    /// (`retry.max_delay`). An outage whose calls fail at once (connection refused, 500s)
+    /// costs no attempt time, so it is ridden out up to `request_timeout` longer (6 s with
+    /// the defaults). Longer outages may cost leases: their consumers stop when the leases
+    /// run out, before any other worker can take them, and the records after the last
+    /// checkpoint are delivered again. A longer `lease_duration` buys a longer tolerance at
+    /// the price of a slower failover.
+    pub fn outage_tolerance(&self) -> Duration {
+        self.lease_duration
+            .saturating_sub(self.renewal_interval)
+            .saturating_sub(self.request_timeout)
+            .saturating_sub(self.retry.max_delay)
+    }
+
     /// Sets [`LeaseConfig::lease_duration`].
     #[must_use]
     pub fn with_lease_duration(mut self, d: Duration) -> Self {
@@ -768,6 +788,14 @@ mod tests {
             Err(Error::InvalidConfig { field, .. }) => field,
             other => panic!("expected InvalidConfig, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_outage_tolerance_is_what_the_docs_say() {
+        let lease = LeaseConfig::default();
+        assert_eq!(lease.outage_tolerance(), Duration::from_secs(4));
+        let longer = lease.with_lease_duration(Duration::from_secs(20));
+        assert_eq!(longer.outage_tolerance(), Duration::from_secs(14));
     }
 
     #[test]
