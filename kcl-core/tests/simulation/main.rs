@@ -28,6 +28,7 @@
 // The replayed trace and the coverage summary are the output a developer asks for.
 #![allow(clippy::print_stderr)]
 
+mod endings;
 mod monitored;
 mod observe;
 mod processor;
@@ -49,6 +50,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use endings::Ending;
 use monitored::Monitored;
 use observe::{Coverage, RecordId, Rng, Shared, covered, trace, violation};
 use processor::{Buffering, SimProcessor};
@@ -457,7 +459,7 @@ struct SeedRun {
     coverage: Coverage,
 }
 
-fn run_seed(seed: u64, shapes: Option<Shapes>) -> SeedRun {
+fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -534,6 +536,10 @@ fn run_seed(seed: u64, shapes: Option<Shapes>) -> SeedRun {
             sim.start_worker(seed);
         }
         sim.put(20);
+        let mut statuses = Vec::new();
+        if ending == Ending::TableVanishes {
+            sim.vanish_table().await;
+        } else {
         sim.trace("faults end; settling".into());
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
@@ -549,7 +555,7 @@ fn run_seed(seed: u64, shapes: Option<Shapes>) -> SeedRun {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        let statuses: Vec<WorkerStatus> = sim.workers.iter().map(|w| w.status.borrow().clone()).collect();
+        statuses = sim.workers.iter().map(|w| w.status.borrow().clone()).collect::<Vec<WorkerStatus>>();
         // Stopping flushes what the processors still buffer (`shutdown_requested`).
         while !sim.workers.is_empty() {
             let w = sim.remove_worker(0);
@@ -558,6 +564,7 @@ fn run_seed(seed: u64, shapes: Option<Shapes>) -> SeedRun {
                 Ok(Ok(())) => {}
                 other => violation(&observed, format!("{} ended with {other:?}", w.id)),
             }
+        }
         }
         // Invariant 6: per key, first flushed in the order put.
         let mut last: HashMap<String, u64> = HashMap::new();
@@ -595,10 +602,10 @@ const REAL_TIME_LIMIT: Duration = Duration::from_secs(120);
 
 /// Runs a seed on its own thread, so one that spins forever is reported instead of hanging
 /// the test.
-fn run_seed_bounded((seed, shapes): Job) -> Result<SeedRun, String> {
+fn run_seed_bounded((seed, shapes): Job, ending: Ending) -> Result<SeedRun, String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(run_seed(seed, shapes));
+        let _ = tx.send(run_seed(seed, shapes, ending));
     });
     match rx.recv_timeout(REAL_TIME_LIMIT) {
         Ok(run) => Ok(run),
@@ -614,9 +621,33 @@ fn run_seed_bounded((seed, shapes): Job) -> Result<SeedRun, String> {
 
 #[test]
 fn the_invariants_hold_for_every_seed() {
+    run_seeds(seeds(), Ending::Settle);
+}
+
+/// Seeds per run of each unrecoverable ending (`SIM_ENDING_SEEDS`; with `SIM_SEED`, that
+/// seed alone, its trace printed).
+const ENDING_SEEDS: u64 = 200;
+
+fn ending_seeds() -> Vec<Job> {
+    if let Ok(seed) = std::env::var("SIM_SEED") {
+        return vec![(seed.parse().expect("SIM_SEED is a number"), None)];
+    }
+    let n = std::env::var("SIM_ENDING_SEEDS")
+        .ok()
+        .map_or(ENDING_SEEDS, |s| {
+            s.parse().expect("SIM_ENDING_SEEDS is a number")
+        });
+    (0..n).map(|seed| (seed, None)).collect()
+}
+
+#[test]
+fn a_vanished_lease_table_ends_every_worker() {
+    run_seeds(ending_seeds(), Ending::TableVanishes);
+}
+
+fn run_seeds(jobs: Vec<Job>, ending: Ending) {
     // Injected panics are expected; keep their messages out of the output.
     std::panic::set_hook(Box::new(|_| {}));
-    let jobs = seeds();
     let replay = jobs.len() == 1;
     let next = Arc::new(AtomicUsize::new(0));
     let results = Arc::new(Mutex::new((Vec::new(), Coverage::default())));
@@ -628,7 +659,7 @@ fn the_invariants_hold_for_every_seed() {
             let (jobs, next, results) = (jobs.clone(), next.clone(), results.clone());
             std::thread::spawn(move || {
                 while let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)).copied() {
-                    let (violations, coverage) = match run_seed_bounded(job) {
+                    let (violations, coverage) = match run_seed_bounded(job, ending) {
                         Ok(run) => {
                             if replay {
                                 for line in &run.trace {
@@ -666,7 +697,7 @@ fn the_invariants_hold_for_every_seed() {
         jobs.len(),
         failures.iter().take(5).collect::<Vec<_>>()
     );
-    if jobs.len() >= COVERAGE_SEEDS {
+    if jobs.len() >= COVERAGE_SEEDS && ending == Ending::Settle {
         assert_eq!(
             coverage.missing(),
             Vec::<&str>::new(),
@@ -681,7 +712,12 @@ fn a_seed_replays_exactly() {
     std::panic::set_hook(Box::new(|_| {}));
     let runs: Vec<(SeedRun, SeedRun)> = SEEDS
         .iter()
-        .map(|&seed| (run_seed(seed, None), run_seed(seed, None)))
+        .map(|&seed| {
+            (
+                run_seed(seed, None, Ending::Settle),
+                run_seed(seed, None, Ending::Settle),
+            )
+        })
         .collect();
     let _ = std::panic::take_hook();
     for (seed, (a, b)) in SEEDS.iter().zip(runs) {
