@@ -5,7 +5,6 @@
 //! previous write produced, so they must not overlap.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
@@ -38,11 +37,12 @@ pub(crate) struct HeldLease {
     /// The worker this one offered the lease to while shutting down: `handoffTo` naming it is
     /// our own offer, not a request to stop now.
     offered_to: SyncMutex<Option<String>>,
-    /// Writes sent on the current fence whose outcome is unknown (a timeout, a transient
-    /// error, a dropped future): each may have landed. The counter can move under this
-    /// worker's name by at most this many; a larger move is another process writing as this
+    /// The writes sent since the counter last moved by a write of ours whose outcome is
+    /// unknown (a timeout, a transient error, a dropped future): each may have landed. The
+    /// counter can move under this worker's name by at most this many, and only to a lease
+    /// these updates could have made; anything else is another process writing as this
     /// worker id. Changed only under the `state` lock.
-    unanswered: AtomicU64,
+    unanswered: SyncMutex<Vec<LeaseUpdate>>,
     /// Where a duplicate worker id is reported: it ends the worker.
     fatal: Arc<Fatal>,
 }
@@ -65,7 +65,7 @@ impl HeldLease {
             lost: CancellationToken::new(),
             handoff: CancellationToken::new(),
             offered_to: SyncMutex::new(None),
-            unanswered: AtomicU64::new(0),
+            unanswered: SyncMutex::new(Vec::new()),
             fatal,
         })
     }
@@ -165,9 +165,8 @@ impl HeldLease {
                 }
                 _ => break result,
             };
-            let moved = current.counter.saturating_sub(fence.counter);
-            let unanswered = self.unanswered.load(Ordering::SeqCst);
-            if resent || moved == 0 || moved > unanswered {
+            let unanswered = self.unanswered().len();
+            if resent || !self.explained_by_unanswered(&state, &current) {
                 // Our own writes cannot explain it: another process writes as this worker.
                 return Err(self.duplicate_worker(fence.counter, current.counter));
             }
@@ -182,7 +181,7 @@ impl HeldLease {
                 "lease counter moved under an unanswered write of this worker; resending"
             );
             // Adopted even if the resend fails: the reset count is only right for this fence.
-            self.unanswered.store(0, Ordering::SeqCst);
+            self.unanswered().clear();
             *state = (*current).clone();
             fence = state.fence();
             resent = true;
@@ -196,8 +195,11 @@ impl HeldLease {
                 if let Some(to) = &lease.handoff_to {
                     self.handoff_requested(to);
                 }
-                // Only a write that moved the counter shows other workers we are alive.
+                // Only a write that moved the counter shows other workers we are alive. It
+                // also settles every write left unanswered: those were sent on older fences
+                // and can no longer land.
                 if lease.counter != state.counter {
+                    self.unanswered().clear();
                     *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
                         sent_at + self.lease_duration;
                 }
@@ -254,15 +256,50 @@ impl HeldLease {
         fence: &LeaseFence,
         update: &LeaseUpdate,
     ) -> Result<Lease> {
-        self.unanswered.fetch_add(1, Ordering::SeqCst);
+        self.unanswered().push(update.clone());
         let result = store.update_lease(&self.lease_key, fence, update).await;
         // A transient failure or a timeout may have been applied; any other answer says
-        // whether it was.
+        // whether it was. (Writes are one at a time, so this one is the last pushed.)
         let unknown = matches!(&result, Err(e) if e.kind() == ErrorKind::Transient);
         if !unknown {
-            self.unanswered.fetch_sub(1, Ordering::SeqCst);
+            self.unanswered().pop();
         }
         result
+    }
+
+    fn unanswered(&self) -> std::sync::MutexGuard<'_, Vec<LeaseUpdate>> {
+        self.unanswered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `current`, found where `state` was expected, can be the work of this worker's
+    /// unanswered writes alone: the counter moved by at most their number, and every field
+    /// they do not set is as this worker left it. A take by another process under our name
+    /// counts an owner switch that none of our writes makes; its checkpoints are positions
+    /// none of ours carried.
+    fn explained_by_unanswered(&self, state: &Lease, current: &Lease) -> bool {
+        let unanswered = self.unanswered();
+        let moved = current.counter.saturating_sub(state.counter);
+        if moved == 0 || moved > unanswered.len() as u64 {
+            return false;
+        }
+        let checkpoints: Vec<&crate::sequence::Checkpoint> = unanswered
+            .iter()
+            .filter_map(|u| match u {
+                LeaseUpdate::Checkpoint { checkpoint } => Some(checkpoint),
+                _ => None,
+            })
+            .collect();
+        let checkpoint_ours =
+            current.checkpoint == state.checkpoint || checkpoints.contains(&&current.checkpoint);
+        let switches_ours = current.owner_switches_since_checkpoint
+            == state.owner_switches_since_checkpoint
+            || (current.owner_switches_since_checkpoint == 0 && !checkpoints.is_empty());
+        let children_ours = current.child_shard_ids == state.child_shard_ids
+            || unanswered.iter().any(|u| {
+                matches!(u, LeaseUpdate::RecordChildren { child_shard_ids }
+                    if *child_shard_ids == current.child_shard_ids)
+            });
+        checkpoint_ours && switches_ours && children_ours
     }
 
     /// Reports another process using this worker id: the lease is lost to this process (it
@@ -479,6 +516,36 @@ mod tests {
             fatal.clone(),
         );
         renew_unanswered(&held, &store).await;
+        store.take_as("s-0", "w1");
+        let err = held
+            .write(store.as_ref(), &LeaseUpdate::Renew)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::DuplicateWorkerId { .. }), "{err:?}");
+        assert!(fatal.is_raised());
+    }
+
+    // A renewal of ours was lost on the way (it never landed), and the other process took the
+    // lease: the counter moved by one, which that renewal could explain, but a take counts an
+    // owner switch, which no write of ours makes.
+    #[tokio::test(start_paused = true)]
+    async fn a_take_under_our_name_is_told_from_our_own_unanswered_write() {
+        let store = Arc::new(InMemoryLeaseStore::new("t"));
+        let fatal = Arc::new(Fatal::default());
+        let held = HeldLease::new(
+            store.take_as("s-0", "w1"),
+            "w1",
+            DURATION,
+            Instant::now(),
+            fatal.clone(),
+        );
+        let faulty = Faulty::new(store.clone());
+        faulty.hang_next(LeaseCall::Update("renew"), Hang::Lost);
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(1),
+            held.write(&faulty, &LeaseUpdate::Renew),
+        );
+        assert!(attempt.await.is_err(), "the renewal never answers");
         store.take_as("s-0", "w1");
         let err = held
             .write(store.as_ref(), &LeaseUpdate::Renew)

@@ -1,7 +1,12 @@
-//! How a seed's bad day ends. Normally the faults stop and the fleet settles. Instead, the
-//! lease table may vanish (an operator deletes it), a fault no fleet recovers from on its own
-//! (issue 10): every worker's `run` must then end with `Error::LeaseTableNotFound` within
-//! [`VANISH_BOUND`].
+//! How a seed's bad day ends. Normally the faults stop and the fleet settles; two endings
+//! instead end it with a fault no fleet recovers from on its own, each with its expected
+//! outcome (issue 10):
+//!
+//! - the lease table vanishes (an operator deletes it): every worker's `run` ends with
+//!   `Error::LeaseTableNotFound` within [`VANISH_BOUND`];
+//! - a second process starts with the worker id of a running worker: within
+//!   [`DUPLICATE_BOUND`] at least one of the two ends with `Error::DuplicateWorkerId` and
+//!   neither ends otherwise; the fleet then settles as usual (every record flushed, balanced).
 
 use std::time::Duration;
 
@@ -9,7 +14,7 @@ use kcl_core::Error;
 use tokio::time::Instant;
 
 use crate::Sim;
-use crate::observe::violation;
+use crate::observe::{covered, violation};
 
 /// Which ending a seed runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -19,6 +24,8 @@ pub(crate) enum Ending {
     Settle,
     /// The lease table is deleted.
     TableVanishes,
+    /// A second process runs with an existing worker's id.
+    SharedWorkerId,
 }
 
 /// A worker ends within a renewal interval or a taking round of the table's deletion (the
@@ -56,6 +63,53 @@ impl Sim {
                         w.id
                     ),
                 ),
+            }
+        }
+    }
+
+    /// Starts a second process with the id of a running worker, one holding leases if any
+    /// does (an idle duplicate writes nothing and cannot be told apart until it holds a
+    /// lease). The fleet then settles with both; see [`Sim::reap_shared`].
+    pub(crate) async fn share_worker_id(&mut self, seed: u64) {
+        let holding: Vec<usize> = (0..self.workers.len())
+            .filter(|&i| !self.workers[i].status.borrow().held_leases.is_empty())
+            .collect();
+        let i = if holding.is_empty() {
+            self.rng.below(self.workers.len() as u64) as usize
+        } else {
+            holding[self.rng.below(holding.len() as u64) as usize]
+        };
+        let id = self.workers[i].id.clone();
+        self.start_worker_as(&id, seed);
+        self.shared_id = Some(id.clone());
+        self.trace(format!("a second process runs as {id}"));
+    }
+
+    /// Removes the processes of the shared worker id that ended, each of which must have
+    /// ended with `Error::DuplicateWorkerId`. Their leases are abandoned unreleased, so they
+    /// expire: the id counts as disturbed from now (invariant 8), and it leaves the fleet once
+    /// no process of it runs.
+    pub(crate) async fn reap_shared(&mut self) {
+        let Some(id) = self.shared_id.clone() else {
+            return;
+        };
+        while let Some(j) = (0..self.workers.len())
+            .find(|&j| self.workers[j].id == id && self.workers[j].task.is_finished())
+        {
+            let w = self.workers.remove(j);
+            match w.task.await {
+                Ok(Err(Error::DuplicateWorkerId { .. })) => {
+                    covered(&self.observed, |c| c.duplicates_stopped += 1);
+                    self.trace(format!("a process of {id} stopped: duplicate worker id"));
+                }
+                other => violation(
+                    &self.observed,
+                    format!("{id} (a shared id) ended with {other:?}"),
+                ),
+            }
+            self.disturb(&id, Instant::now());
+            if !self.workers.iter().any(|w| w.id == id) {
+                self.observed.lock().unwrap().live.remove(&id);
             }
         }
     }

@@ -102,6 +102,8 @@ struct Sim {
     put: usize,
     /// When each fault ends, and what to do then.
     pending_ends: Vec<(Instant, FaultEnd)>,
+    /// The worker id two processes run with (the shared-id ending).
+    shared_id: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +130,12 @@ impl Sim {
 
     fn start_worker(&mut self, seed: u64) {
         let id = format!("w{}", self.next_worker);
+        self.start_worker_as(&id, seed);
+    }
+
+    /// Starts a worker process with this id (another process may already run with it).
+    fn start_worker_as(&mut self, id: &str, seed: u64) {
+        let id = id.to_owned();
         self.next_worker += 1;
         let stream = Arc::new(Faulty::new(self.stream.clone()));
         let store = Arc::new(Faulty::new(self.monitored.clone()));
@@ -198,7 +206,7 @@ impl Sim {
     }
 
     /// Marks a worker's lease-table calls as failing or paused until `until`.
-    fn disturb(&self, id: &str, until: Instant) {
+    pub(crate) fn disturb(&self, id: &str, until: Instant) {
         let mut observed = self.observed.lock().unwrap();
         let after = until + DISTURBANCE_AFTERMATH;
         let entry = observed
@@ -514,6 +522,7 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
             counters: BTreeMap::new(),
             put: 0,
             pending_ends: Vec::new(),
+            shared_id: None,
         };
         let initial = 1 + sim.rng.below(2);
         for _ in 0..initial {
@@ -540,9 +549,13 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
         if ending == Ending::TableVanishes {
             sim.vanish_table().await;
         } else {
+        if ending == Ending::SharedWorkerId {
+            sim.share_worker_id(seed).await;
+        }
         sim.trace("faults end; settling".into());
         let deadline = Instant::now() + Duration::from_secs(900);
         loop {
+            sim.reap_shared().await;
             let unsettled = sim.unsettled_records();
             let balanced = sim.balanced();
             if unsettled.is_empty() && balanced {
@@ -557,11 +570,14 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
         }
         statuses = sim.workers.iter().map(|w| w.status.borrow().clone()).collect::<Vec<WorkerStatus>>();
         // Stopping flushes what the processors still buffer (`shutdown_requested`).
+        sim.reap_shared().await;
         while !sim.workers.is_empty() {
             let w = sim.remove_worker(0);
             w.shutdown.cancel();
             match w.task.await {
                 Ok(Ok(())) => {}
+                Ok(Err(kcl_core::Error::DuplicateWorkerId { .. }))
+                    if sim.shared_id.as_ref() == Some(&w.id) => {}
                 other => violation(&observed, format!("{} ended with {other:?}", w.id)),
             }
         }
@@ -645,7 +661,21 @@ fn a_vanished_lease_table_ends_every_worker() {
     run_seeds(ending_seeds(), Ending::TableVanishes);
 }
 
-fn run_seeds(jobs: Vec<Job>, ending: Ending) {
+#[test]
+fn a_shared_worker_id_stops_one_process_and_the_fleet_settles() {
+    let jobs = ending_seeds();
+    let seeds = jobs.len();
+    let coverage = run_seeds(jobs, Ending::SharedWorkerId);
+    if seeds >= COVERAGE_SEEDS {
+        assert!(
+            coverage.duplicates_stopped > 0,
+            "no seed stopped a process for its shared worker id: {coverage:?}"
+        );
+    }
+}
+
+/// Runs the seeds with this ending; fails on any violation. Returns what they covered.
+fn run_seeds(jobs: Vec<Job>, ending: Ending) -> Coverage {
     // Injected panics are expected; keep their messages out of the output.
     std::panic::set_hook(Box::new(|_| {}));
     let replay = jobs.len() == 1;
@@ -704,6 +734,7 @@ fn run_seeds(jobs: Vec<Job>, ending: Ending) {
             "situations no schedule produced: {coverage:?}"
         );
     }
+    coverage
 }
 
 #[test]

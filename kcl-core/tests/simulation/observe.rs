@@ -154,6 +154,8 @@ pub(crate) struct Coverage {
     pub(crate) raced_scans: u64,
     /// Lease-table calls that hung until their caller gave up.
     pub(crate) hangs: u64,
+    /// Processes stopped for sharing a worker id with another (the shared-id ending).
+    pub(crate) duplicates_stopped: u64,
 }
 
 impl std::ops::AddAssign for Coverage {
@@ -174,6 +176,7 @@ impl std::ops::AddAssign for Coverage {
         self.shard_ends_mid_buffer += o.shard_ends_mid_buffer;
         self.raced_scans += o.raced_scans;
         self.hangs += o.hangs;
+        self.duplicates_stopped += o.duplicates_stopped;
     }
 }
 
