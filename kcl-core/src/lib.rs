@@ -27,7 +27,7 @@ pub use config::{
     InitialPosition, LeaseConfig, MAX_SETTING_DURATION, PollingConfig, ProcessingConfig,
     RetryConfig, WorkerConfig,
 };
-pub use error::{BoxError, Error, ErrorKind, Result, Service};
+pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]
 pub use kinesis::KinesisStreamClient;
 pub use lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, InitialPosition, LeaseConfig, PollingConfig, Record,
-    RecordProcessor, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, ErrorChain, InitialPosition, LeaseConfig, PollingConfig,
+    Record, RecordProcessor, WorkerConfig, async_trait,
 };
 use kcl_dynamo_lease::AwsWorkerBuilder;
 use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
@@ -159,7 +159,7 @@ impl OutputGone {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
             let mut first = self.error.lock().unwrap_or_else(|e| e.into_inner());
             if first.is_none() {
-                tracing::error!(output = %self.name, error = %error, "the output is closed; shutting down");
+                tracing::error!(output = %self.name, error = %ErrorChain(&error), "the output is closed; shutting down");
                 *first = Some(std::io::Error::new(error.kind(), error.to_string()));
                 self.shutdown.cancel();
             }

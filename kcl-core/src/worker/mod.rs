@@ -40,7 +40,7 @@ use crate::backoff::{SeedSource, retry};
 use crate::bounded::{BoundedLeaseStore, BoundedStream};
 use crate::config::WorkerConfig;
 use crate::consumer::{Progress, ShardExit};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorChain, Result};
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLeases;
 use crate::lease::renewer::run_renewer;
@@ -326,7 +326,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             // ended with a transient PutItem error and the fleet never balanced): the
             // background sync tries again at once, and the taking rounds go on meanwhile.
             Err(e) if e.is_retryable() => {
-                warn!(error = %e, "the first shard sync failed; retrying in the background");
+                warn!(error = %ErrorChain(&e), "the first shard sync failed; retrying in the background");
                 self.sync_trigger.notify_one();
             }
             Err(e) => return Err(e),
@@ -400,7 +400,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             }
         };
         if let Err(e) = &outcome {
-            error!(error = %e, "worker stopping after a fatal error");
+            error!(error = %ErrorChain(e), "worker stopping after a fatal error");
         }
 
         self.stopping = true;
@@ -411,9 +411,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         while let Some(joined) = background.join_next().await {
             match joined {
                 Ok((task, Err(e))) => {
-                    warn!(task, error = %e, "background task ended with an error")
+                    warn!(task, error = %ErrorChain(&e), "background task ended with an error")
                 }
-                Err(e) => error!(error = %e, "background task failed"),
+                Err(e) => error!(error = %ErrorChain(&e), "background task failed"),
                 Ok(_) => {}
             }
         }

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 use super::{Coordinator, MAX_CONCURRENT_LEASE_CALLS, SETUP_ATTEMPTS, concurrently};
 use crate::backoff::{SeedSource, retry};
 use crate::config::WorkerConfig;
+use crate::error::ErrorChain;
 use crate::lease::held::HeldLease;
 use crate::lease::{LeaseStore, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
@@ -61,7 +62,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     offered += 1;
                 }
                 // Already asked for by another worker: the release goes to that one.
-                Err(e) => debug!(lease_key = %lease.lease_key(), error = %e, "lease not offered"),
+                Err(e) => {
+                    debug!(lease_key = %lease.lease_key(), error = %ErrorChain(&e), "lease not offered")
+                }
             }
         }
         let wait = (self.config.lease.taker_interval + self.config.lease.handoff_poll_interval)
@@ -166,7 +169,7 @@ pub(super) async fn release_lease(
             true
         }
         Err(e) => {
-            warn!(lease_key = %lease.lease_key(), error = %e, "could not release lease; it will expire");
+            warn!(lease_key = %lease.lease_key(), error = %ErrorChain(&e), "could not release lease; it will expire");
             false
         }
     }
