@@ -182,6 +182,9 @@ pub enum Error {
     LeaseTableNotFound {
         /// The table name.
         table: String,
+        /// What the store answered, when it said so (DynamoDB's `ResourceNotFoundException`).
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The lease table exists with a schema this library cannot use.

@@ -3,6 +3,8 @@
 #![warn(missing_docs)]
 
 mod aggregation;
+#[cfg(feature = "kinesis")]
+mod aws;
 mod backoff;
 mod bounded;
 mod checkpoint;
@@ -22,6 +24,8 @@ mod stream;
 pub mod testing;
 mod worker;
 
+#[cfg(feature = "kinesis")]
+pub use aws::AwsSdkError;
 pub use checkpoint::Checkpointer;
 pub use config::{
     InitialPosition, LeaseConfig, MAX_SETTING_DURATION, PollingConfig, ProcessingConfig,

@@ -289,3 +289,47 @@ async fn the_consumer_cli_names_an_output_it_cannot_open() {
         "{stderr}"
     );
 }
+
+// Issue 10, defect 5: `kcl-leases` printed only "lease store Scan failed" (or that the table
+// does not exist), never what DynamoDB said. The cause is printed with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcl_leases_prints_what_dynamodb_said() {
+    sdk_config().await;
+    let leases = |table: String| async move {
+        Command::new(example_binary("kcl-leases"))
+            .args(["--app", &table])
+            .output()
+            .await
+            .unwrap()
+    };
+
+    let missing = unique("no-such-table");
+    let out = leases(missing.clone()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "lease table `{missing}` does not exist: ResourceNotFoundException: "
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("non-existent table"),
+        "DynamoDB's message: {stderr}"
+    );
+
+    // Too short a name: DynamoDB rejects the request itself, and says why.
+    let out = leases("a".to_owned()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("lease store Scan failed: ValidationException: "),
+        "{stderr}"
+    );
+    // DynamoDB Local's wording; DynamoDB says "Value 'a' at 'tableName' failed to satisfy ...".
+    assert!(
+        stderr.contains("Invalid table/index name") || stderr.contains("tableName"),
+        "DynamoDB's message: {stderr}"
+    );
+    assert!(stderr.contains("(request id "), "{stderr}");
+}
