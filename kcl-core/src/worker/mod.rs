@@ -161,10 +161,16 @@ impl<F: RecordProcessorFactory> Worker<F> {
     /// every held lease is released to the worker it was offered to (or to anyone, without
     /// other workers), so the shards continue from their checkpoints at once.
     ///
+    /// Once `shutdown` is cancelled no lease is taken any more, and `run` returns within
+    /// [`WorkerConfig::shutdown_deadline`]; cancelled before the worker has started (during
+    /// lease table initialization, or the first shard sync), it returns `Ok` at once, without
+    /// taking any lease.
+    ///
     /// # Errors
     /// Fatal start-up errors (lease table unusable, stream missing) and fatal errors while
     /// running (the stream was deleted, a worker task failed). Failures of single shards are
-    /// handled and logged, not returned.
+    /// handled and logged, not returned. [`Error::TaskFailed`] when a shutdown did not finish
+    /// within its deadline: what was left (processors, releases) was abandoned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let span = info_span!(
             "worker",
@@ -172,9 +178,10 @@ impl<F: RecordProcessorFactory> Worker<F> {
             application = %self.config.application_name,
             stream = %self.config.stream,
         );
+        let deadline = self.config.shutdown_deadline();
         let coordinator = Coordinator {
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
-            shutdown,
+            shutdown: shutdown.clone(),
             config: self.config,
             stream: self.stream,
             store: self.store,
@@ -200,7 +207,30 @@ impl<F: RecordProcessorFactory> Worker<F> {
             metrics: Arc::new(Counters::default()),
             cooldown: HashMap::new(),
         };
-        coordinator.run().instrument(span).await
+        let run = coordinator.run().instrument(span.clone());
+        // The shutdown deadline, enforced: every step of a shutdown is bounded (see
+        // `WorkerConfig::shutdown_deadline`), but a step under way when the token is cancelled
+        // may run long (a release retrying against a failing table), and a processor that
+        // blocks its thread cannot be aborted. Dropping the coordinator aborts its tasks.
+        let backstop = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(deadline).await;
+        };
+        tokio::select! {
+            biased;
+            outcome = run => outcome,
+            () = backstop => {
+                let problem = format!(
+                    "did not stop within its shutdown deadline ({deadline:?}); the leases not \
+                     released yet will expire"
+                );
+                error!(parent: &span, ?deadline, "the worker did not stop within its shutdown deadline; abandoning what is left");
+                Err(Error::TaskFailed {
+                    task: "worker shutdown".into(),
+                    problem,
+                })
+            }
+        }
     }
 }
 
@@ -296,12 +326,23 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .retry
             .with_max_attempts(Some(SETUP_ATTEMPTS));
         let store = self.store.clone();
-        retry(
-            "lease table initialization",
-            setup.backoff(self.seeds.next_seed()),
-            || store.initialize(),
-        )
-        .await?;
+        // Initialization (which may wait minutes for a new table, or hang on a stuck call: it
+        // is not bounded like the other calls) is dropped when the worker is to shut down:
+        // nothing is held yet, and creating the table is idempotent, so a create dropped
+        // halfway is completed by the next worker to start.
+        let initialized = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                info!("worker stopped before it started");
+                return Ok(());
+            }
+            initialized = retry(
+                "lease table initialization",
+                setup.backoff(self.seeds.next_seed()),
+                || store.initialize(),
+            ) => initialized,
+        };
+        initialized?;
         let mut syncer = ShardSyncer {
             stream: self.stream.clone(),
             store: self.store.clone(),
@@ -405,8 +446,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
 
         self.stopping = true;
         self.offer_leases_before_stopping().await;
-        self.stop_consumers().await;
-        self.release_all().await;
+        let releases_end = self.stop_consumers().await;
+        self.release_all(releases_end).await;
         background_stop.cancel();
         while let Some(joined) = background.join_next().await {
             match joined {
