@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use kcl_core::{InitialPosition, Record};
+use kcl_core::{ErrorChain, InitialPosition, Record};
 use serde::Serialize;
 
 /// The workspace README, compiled as a doctest so its example cannot rot.
@@ -23,14 +23,9 @@ pub fn init_logging() {
         .init();
 }
 
-/// Logs an error that ends a program, with its chain of causes.
+/// Logs an error that ends a program, with its chain of causes (see [`ErrorChain`]).
 pub fn log_failure(program: &str, error: &(dyn std::error::Error + 'static)) {
-    tracing::error!(error = %error, "{program} failed");
-    let mut source = error.source();
-    while let Some(cause) = source {
-        tracing::error!(cause = %cause);
-        source = cause.source();
-    }
+    tracing::error!(error = %ErrorChain(error), "{program} failed");
 }
 
 /// Parses `500ms`, `10s`, `2m` or a bare number of milliseconds. A number too large to be a

@@ -12,7 +12,7 @@ use backon::BackoffBuilder;
 use tracing::warn;
 
 use crate::config::RetryConfig;
-use crate::error::Result;
+use crate::error::{ErrorChain, Result};
 
 /// The delays of one retry sequence: exponential, capped, with jitter.
 #[derive(Debug)]
@@ -86,7 +86,7 @@ where
             Ok(value) => return Ok(value),
             Err(error) if error.is_retryable() => match backoff.next() {
                 Some(delay) => {
-                    warn!(operation, attempts, ?delay, error = %error, "retrying");
+                    warn!(operation, attempts, ?delay, error = %ErrorChain(&error), "retrying");
                     tokio::time::sleep(delay).await;
                     attempts += 1;
                 }

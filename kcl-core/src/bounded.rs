@@ -109,9 +109,14 @@ impl BoundedLeaseStore {
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let result = bounded(Service::LeaseStore, operation, timeout, call).await;
-        if let Err(Error::LeaseTableNotFound { table }) = &result {
+        if let Err(Error::LeaseTableNotFound { table, source }) = &result {
+            // The caller keeps the error; the worker gets a copy, its cause as text.
+            let source = source.as_deref().map(|cause| -> crate::error::BoxError {
+                crate::ErrorChain(cause).to_string().into()
+            });
             self.fatal.raise(Error::LeaseTableNotFound {
                 table: table.clone(),
+                source,
             });
         }
         result

@@ -669,6 +669,52 @@ impl WorkerConfig {
         self
     }
 
+    /// The longest [`Worker::run`](crate::Worker::run) takes to return once its shutdown token
+    /// is cancelled. `run` returns by then in any case: whatever is still running at that
+    /// point is abandoned (processors dropped, leases not released left to expire, as after a
+    /// crash), and `run` returns an error saying so.
+    ///
+    /// It is the sum of the bounds of the shutdown's steps:
+    /// - the step the worker is in when asked: its lease writes already sent, one
+    ///   `lease.request_timeout` (reads are dropped, and no further write is sent);
+    /// - offering the held leases to the other workers, the offers sent together: one
+    ///   `lease.request_timeout` (an offer without an answer by then is given up: the lease is
+    ///   released to any worker instead);
+    /// - processing on while the receivers notice the offers: `lease.taker_interval +
+    ///   lease.handoff_poll_interval`, at most half the `shutdown_timeout`;
+    /// - the processors finishing their batch and `shutdown_requested`: `shutdown_timeout`,
+    ///   after which they are aborted;
+    /// - the releases still retrying after that: one `lease.lease_duration`, after which they
+    ///   are given up (past it, a lease left to expire would have been free sooner);
+    /// - the lease renewer's last renewals: one `lease.request_timeout`.
+    ///
+    /// With the defaults, 38.2 s. A process that must be gone by some time after SIGTERM
+    /// (Kubernetes' `terminationGracePeriodSeconds`) can check this against it.
+    pub fn shutdown_deadline(&self) -> Duration {
+        let call = self.lease.request_timeout;
+        [
+            call,
+            call,
+            self.offer_wait(),
+            self.shutdown_timeout,
+            self.lease.lease_duration,
+            call,
+        ]
+        .into_iter()
+        .fold(Duration::ZERO, Duration::saturating_add)
+    }
+
+    /// How long a worker shutting down keeps processing after offering its leases, so that
+    /// the receivers see the offers (at their next taking round) and then watch for the
+    /// releases (at their handoff polls). At most half the shutdown timeout, which is the
+    /// processors' time.
+    pub(crate) fn offer_wait(&self) -> Duration {
+        self.lease
+            .taker_interval
+            .saturating_add(self.lease.handoff_poll_interval)
+            .min(self.shutdown_timeout / 2)
+    }
+
     /// The lease table's name: [`WorkerConfig::lease_table_name`] or the application name.
     pub fn lease_table(&self) -> &str {
         self.lease_table_name
@@ -796,6 +842,22 @@ mod tests {
         assert_eq!(lease.outage_tolerance(), Duration::from_secs(4));
         let longer = lease.with_lease_duration(Duration::from_secs(20));
         assert_eq!(longer.outage_tolerance(), Duration::from_secs(14));
+    }
+
+    #[test]
+    fn the_shutdown_deadline_adds_up_the_shutdown_steps() {
+        // 2 s in flight + 2 s offers + 2.2 s offer wait + 20 s processors + 10 s releases +
+        // 2 s renewer.
+        assert_eq!(config().shutdown_deadline(), Duration::from_millis(38_200));
+        let short = config().with_shutdown_timeout(Duration::from_secs(2));
+        // The offer wait is at most half the shutdown timeout.
+        assert_eq!(
+            short.shutdown_deadline(),
+            Duration::from_secs(2 + 2 + 1 + 2 + 10 + 2)
+        );
+        // Never an overflow, even on a configuration that does not validate.
+        let absurd = config().with_shutdown_timeout(Duration::MAX);
+        assert_eq!(absurd.shutdown_deadline(), Duration::MAX);
     }
 
     #[test]

@@ -182,6 +182,9 @@ pub enum Error {
     LeaseTableNotFound {
         /// The table name.
         table: String,
+        /// What the store answered, when it said so (DynamoDB's `ResourceNotFoundException`).
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The lease table is used by another stream: a lease in it names a stream other than the
@@ -378,6 +381,43 @@ impl Error {
     }
 }
 
+/// Displays an error followed by its chain of causes, `error: cause: cause of the cause`, so a
+/// log line says why and not only what failed: `warn!(error = %ErrorChain(&e), "...")`.
+///
+/// A cause whose text is already part of what was written is left out: many wrappers (the
+/// AWS SDK's among them) repeat their source's message, which would otherwise show twice.
+///
+/// ```
+/// # use kcl_core::{Error, ErrorChain, Service};
+/// let e = Error::Transient {
+///     service: Service::LeaseStore,
+///     operation: "UpdateItem",
+///     source: "connection reset".into(),
+/// };
+/// assert_eq!(
+///     ErrorChain(&e).to_string(),
+///     "lease store UpdateItem failed (transient): connection reset"
+/// );
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut written = self.0.to_string();
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !written.contains(&text) {
+                written.push_str(": ");
+                written.push_str(&text);
+            }
+            source = cause.source();
+        }
+        f.write_str(&written)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,5 +463,65 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("`app`") && text.contains("shardId-000000000001"));
         assert!(text.contains("leaseCounter"));
+    }
+
+    /// An error with a chain of causes, each displaying its own message only.
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl fmt::Display for Layer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    fn chain(texts: &[&'static str]) -> Layer {
+        let mut layer = None;
+        for text in texts.iter().rev() {
+            layer = Some(Layer(text, layer.map(Box::new)));
+        }
+        layer.expect("at least one layer")
+    }
+
+    #[test]
+    fn an_error_chain_shows_every_cause() {
+        let e = Error::Service {
+            service: Service::Kinesis,
+            operation: "GetShardIterator",
+            source: Box::new(chain(&[
+                "InvalidArgumentException: Timestamp cannot be in the future",
+                "caused here",
+            ])),
+        };
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "Kinesis GetShardIterator failed: InvalidArgumentException: Timestamp cannot be in \
+             the future: caused here"
+        );
+        assert_eq!(ErrorChain(&chain(&["alone"])).to_string(), "alone");
+    }
+
+    #[test]
+    fn an_error_chain_leaves_out_causes_already_shown() {
+        // An SDK-style wrapper repeating its source, an empty cause, and one repeating an
+        // earlier layer than the last: each shown once, the order kept.
+        let e = chain(&[
+            "dispatch failure: io error",
+            "io error",
+            "",
+            "tcp connect error",
+            "dispatch failure",
+            "Connection refused (os error 111)",
+        ]);
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "dispatch failure: io error: tcp connect error: Connection refused (os error 111)"
+        );
     }
 }

@@ -51,10 +51,18 @@ mod tests {
     fn the_first_error_is_kept() {
         let fatal = Fatal::default();
         assert!(!fatal.is_raised());
-        fatal.raise(Error::LeaseTableNotFound { table: "a".into() });
-        fatal.raise(Error::LeaseTableNotFound { table: "b".into() });
+        fatal.raise(Error::LeaseTableNotFound {
+            table: "a".into(),
+            source: None,
+        });
+        fatal.raise(Error::LeaseTableNotFound {
+            table: "b".into(),
+            source: None,
+        });
         assert!(fatal.token().is_cancelled());
-        assert!(matches!(fatal.take(), Some(Error::LeaseTableNotFound { table }) if table == "a"));
+        assert!(
+            matches!(fatal.take(), Some(Error::LeaseTableNotFound { table, .. }) if table == "a")
+        );
         assert!(fatal.take().is_none());
     }
 }

@@ -8,6 +8,7 @@ use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_smithy_types::DateTime;
 
+use crate::aws::AwsSdkError;
 use crate::error::{Error, Result, Service};
 use crate::sequence::SequenceNumber;
 use crate::stream::{
@@ -79,7 +80,7 @@ where
         ) => Error::Transient {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
         (_, Some("ResourceNotFoundException")) => match shard_id {
             // GetShardIterator names a shard: a missing one was trimmed or never existed.
@@ -105,24 +106,24 @@ where
         ) => Error::Throttled {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
         (_, Some("InternalFailureException" | "InternalFailure" | "ServiceUnavailable")) => {
             Error::Transient {
                 service,
                 operation,
-                source: err.into(),
+                source: AwsSdkError::new(err).into(),
             }
         }
         _ if status.is_some_and(|s| s >= 500) => Error::Transient {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
         _ => Error::Service {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
     }
 }

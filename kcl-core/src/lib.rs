@@ -3,6 +3,8 @@
 #![warn(missing_docs)]
 
 mod aggregation;
+#[cfg(feature = "kinesis")]
+mod aws;
 mod backoff;
 mod bounded;
 mod checkpoint;
@@ -23,12 +25,14 @@ mod stream;
 pub mod testing;
 mod worker;
 
+#[cfg(feature = "kinesis")]
+pub use aws::AwsSdkError;
 pub use checkpoint::Checkpointer;
 pub use config::{
     InitialPosition, LeaseConfig, MAX_SETTING_DURATION, PollingConfig, ProcessingConfig,
     RetryConfig, WorkerConfig,
 };
-pub use error::{BoxError, Error, ErrorKind, Result, Service};
+pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]
 pub use kinesis::KinesisStreamClient;
 pub use lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};

@@ -78,7 +78,9 @@ impl ShardSyncer {
                 ) => {
                     return Err(e);
                 }
-                Err(e) => warn!(error = %e, "shard sync failed; the next sync retries"),
+                Err(e) => {
+                    warn!(error = %crate::ErrorChain(&e), "shard sync failed; the next sync retries")
+                }
                 Ok(()) => {}
             }
         }
@@ -136,7 +138,7 @@ impl ShardSyncer {
         for invalid in &scan.invalid {
             if let Error::InvalidLeaseItem { lease_key, .. } = invalid {
                 if self.reported_invalid.insert(lease_key.clone()) {
-                    warn!(error = %invalid, "skipping a lease item that does not decode");
+                    warn!(error = %crate::ErrorChain(invalid), "skipping a lease item that does not decode");
                 }
                 leases.push(Lease::new(lease_key, Checkpoint::TrimHorizon));
             }
@@ -173,7 +175,7 @@ impl ShardSyncer {
                 // Changed or already deleted by another worker.
                 Err(e) if e.kind() == ErrorKind::ConditionFailed => {}
                 Err(e) => {
-                    warn!(lease_key = %deletion.lease_key, error = %e, "deleting a finished lease failed")
+                    warn!(lease_key = %deletion.lease_key, error = %crate::ErrorChain(&e), "deleting a finished lease failed")
                 }
             }
         }

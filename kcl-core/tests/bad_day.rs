@@ -62,7 +62,7 @@ async fn a_vanished_lease_table_ends_the_worker_with_a_typed_error() {
         .expect("the worker ends on its own")
         .expect("worker task");
     assert!(
-        matches!(&outcome, Err(Error::LeaseTableNotFound { table }) if table == "test-app"),
+        matches!(&outcome, Err(Error::LeaseTableNotFound { table, .. }) if table == "test-app"),
         "{outcome:?}"
     );
     assert!(dropped.elapsed() < ENDS_WITHIN);

@@ -12,7 +12,9 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
     ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
 };
-use kcl_core::{Error, Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, Result, Service};
+use kcl_core::{
+    AwsSdkError, Error, Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, Result, Service,
+};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -176,10 +178,11 @@ where
         ) => Error::Transient {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
         (_, Some("ResourceNotFoundException")) => Error::LeaseTableNotFound {
             table: table.to_owned(),
+            source: Some(AwsSdkError::new(err).into()),
         },
         (
             _,
@@ -192,7 +195,7 @@ where
         ) => Error::Throttled {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
         (
             _,
@@ -200,17 +203,17 @@ where
         ) => Error::Transient {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
         _ if status.is_some_and(|s| s >= 500) => Error::Transient {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
         _ => Error::Service {
             service,
             operation,
-            source: err.into(),
+            source: AwsSdkError::new(err).into(),
         },
     }
 }
@@ -341,6 +344,7 @@ impl LeaseStore for DynamoLeaseStore {
                 None if !created => {
                     return Err(Error::LeaseTableNotFound {
                         table: self.table.clone(),
+                        source: None,
                     });
                 }
                 // Just created: DescribeTable may not show it yet.

@@ -73,7 +73,7 @@ async fn a_deleted_lease_table_ends_the_worker_with_a_typed_error() {
         .expect("the worker ends on its own")
         .expect("worker task");
     assert!(
-        matches!(&outcome, Err(Error::LeaseTableNotFound { table }) if *table == app),
+        matches!(&outcome, Err(Error::LeaseTableNotFound { table, .. }) if *table == app),
         "{outcome:?}"
     );
     assert_eq!(

@@ -2,14 +2,19 @@
 //! shuts down on SIGTERM with exit code 0, and a restart continues after its checkpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kcl_core::{Checkpoint, Lease, LeaseConfig, LeaseStore, WorkerConfig};
+use kcl_dynamo_lease::DynamoLeaseStore;
+use kcl_integration_tests::proxy::{Fault, FaultProxy, Rule};
 use kcl_integration_tests::{
-    PATIENCE, create_stream, example_binary, kinesis, put_records, puts_by_shard, records,
-    sdk_config, unique, wait_for,
+    PATIENCE, create_stream, dynamodb, example_binary, kinesis, lease_owners, put_records,
+    puts_by_shard, records, sdk_config, unique, wait_for,
 };
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
@@ -288,4 +293,311 @@ async fn the_consumer_cli_names_an_output_it_cannot_open() {
         stderr.contains("/nonexistent-dir/records.jsonl"),
         "{stderr}"
     );
+}
+
+// Issue 10, defect 5: `kcl-leases` printed only "lease store Scan failed" (or that the table
+// does not exist), never what DynamoDB said. The cause is printed with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcl_leases_prints_what_dynamodb_said() {
+    sdk_config().await;
+    let leases = |table: String| async move {
+        Command::new(example_binary("kcl-leases"))
+            .args(["--app", &table])
+            .output()
+            .await
+            .unwrap()
+    };
+
+    let missing = unique("no-such-table");
+    let out = leases(missing.clone()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "lease table `{missing}` does not exist: ResourceNotFoundException: "
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("non-existent table"),
+        "DynamoDB's message: {stderr}"
+    );
+
+    // Too short a name: DynamoDB rejects the request itself, and says why.
+    let out = leases("a".to_owned()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("lease store Scan failed: ValidationException: "),
+        "{stderr}"
+    );
+    // DynamoDB Local's wording; DynamoDB says "Value 'a' at 'tableName' failed to satisfy ...".
+    assert!(
+        stderr.contains("Invalid table/index name") || stderr.contains("tableName"),
+        "DynamoDB's message: {stderr}"
+    );
+    assert!(stderr.contains("(request id "), "{stderr}");
+}
+
+// Issue 10, defect 3: signals and deadlines.
+
+/// A FIFO in a fresh directory of its own.
+fn fifo() -> PathBuf {
+    let dir = std::env::temp_dir().join(unique("kcl-cli-fifo"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("records.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "mkfifo {}", path.display());
+    path
+}
+
+/// A running `kcl-consumer` whose log (stderr) is collected line by line; failed assertions
+/// show it.
+struct Logged {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Logged {
+    fn start(mut command: Command) -> Self {
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start kcl-consumer");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let collected = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                collected.lock().unwrap().push(line);
+            }
+        });
+        Logged { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    async fn wait_for_log(&self, text: &str) {
+        wait_for(&format!("`{text}` in the log"), PATIENCE, || async {
+            self.log().contains(text)
+        })
+        .await;
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid}");
+    }
+
+    /// The exit status, which must come within `bound` (an upper bound on a hang, generous).
+    async fn exits_within(&mut self, bound: Duration, what: &str) -> std::process::ExitStatus {
+        let status = tokio::time::timeout(bound, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still running after {bound:?}\n{}", self.log()))
+            .unwrap();
+        // The last lines, once the pipe is closed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        status
+    }
+}
+
+/// Generous room for a process to act on a signal: an upper bound on a hang, not a speed test.
+const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// The records of a batch larger than a pipe holds (64 KiB on Linux), so that writing it to a
+/// FIFO nobody reads blocks.
+fn big_records(prefix: &str) -> Vec<(String, String)> {
+    const RECORDS: usize = 300;
+    const PADDING: usize = 1000;
+    (0..RECORDS)
+        .map(|i| {
+            (
+                "key".to_owned(),
+                format!("{prefix}-{i:04}-{}", "x".repeat(PADDING)),
+            )
+        })
+        .collect()
+}
+
+/// Opens the reading end of `fifo` (which waits for the writer) and reads one line: the
+/// consumer is then in the middle of writing a batch that the pipe cannot hold, and as the
+/// reader reads no more, the write stays blocked while the reader is kept.
+async fn read_one_line(fifo: &Path) -> std::io::BufReader<std::fs::File> {
+    let fifo = fifo.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut reader = std::io::BufReader::new(std::fs::File::open(&fifo).unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("\"shard_id\""), "{line}");
+        reader
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_the_output_open_blocks_ends_the_consumer_at_once() {
+    let kinesis = kinesis().await;
+    let stream = unique("cli-start");
+    create_stream(&kinesis, &stream, 2).await;
+    let (app, worker) = (unique("cli-start-app"), unique("worker"));
+    // A FIFO without a reader: opening it for writing blocks (on a blocking thread) for good.
+    let output = fifo();
+    let mut command = Command::new(example_binary("kcl-consumer"));
+    command
+        .args(["--app", &app, "--stream", &stream, "--worker-id", &worker])
+        .arg("--output")
+        .arg(&output);
+    let mut consumer = Logged::start(command);
+    consumer.wait_for_log("opening the output").await;
+    consumer.signal("TERM");
+    let status = consumer
+        .exits_within(PROMPTLY, "SIGTERM while opening the output")
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", consumer.log());
+    assert!(
+        consumer
+            .log()
+            .contains("shutdown requested during start-up"),
+        "{}",
+        consumer.log()
+    );
+    assert!(!lease_owners(&app).await.contains_key(&worker));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_the_lease_table_hangs_at_start_up_ends_the_consumer_without_a_lease() {
+    let kinesis = kinesis().await;
+    let stream = unique("cli-hang");
+    create_stream(&kinesis, &stream, 2).await;
+    let (app, worker) = (unique("cli-hang-app"), unique("worker"));
+    // The table and its leases exist, free to take, but DescribeTable never answers.
+    let store = DynamoLeaseStore::new(dynamodb().await, &app);
+    store.initialize().await.unwrap();
+    for shard in ["shardId-000000000000", "shardId-000000000001"] {
+        let lease = Lease::new(shard, Checkpoint::TrimHorizon);
+        store.create_lease_if_absent(&lease).await.unwrap();
+    }
+    let dynamodb_url = std::env::var("AWS_ENDPOINT_URL_DYNAMODB").unwrap();
+    let proxy = FaultProxy::start(&dynamodb_url).await;
+    proxy.inject(Rule::on("DescribeTable", Fault::Hang));
+    let dir = std::env::temp_dir().join(unique("kcl-cli"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut command = Command::new(example_binary("kcl-consumer"));
+    command
+        .args(["--app", &app, "--stream", &stream, "--worker-id", &worker])
+        .args(["--initial-position", "trim-horizon"])
+        .arg("--output")
+        .arg(dir.join("records.jsonl"))
+        .env("AWS_ENDPOINT_URL_DYNAMODB", proxy.url());
+    let mut consumer = Logged::start(command);
+    wait_for("DescribeTable to hang", PATIENCE, || async {
+        proxy.faults().get("DescribeTable").copied().unwrap_or(0) > 0
+    })
+    .await;
+    consumer.signal("TERM");
+    let status = consumer
+        .exits_within(PROMPTLY, "SIGTERM while the lease table hangs")
+        .await;
+    assert_eq!(status.code(), Some(0), "{}", consumer.log());
+    assert!(
+        consumer.log().contains("worker stopped before it started"),
+        "{}",
+        consumer.log()
+    );
+    assert_eq!(lease_owners(&app).await, BTreeMap::new(), "no lease taken");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_ends_a_slow_shutdown_at_once() {
+    let kinesis = kinesis().await;
+    let stream = unique("cli-second");
+    create_stream(&kinesis, &stream, 1).await;
+    put_records(&kinesis, &stream, &big_records("second")).await;
+    let output = fifo();
+    let mut command = Command::new(example_binary("kcl-consumer"));
+    command
+        .args(["--app", &unique("cli-second-app"), "--stream", &stream])
+        .args(["--initial-position", "trim-horizon"])
+        // The processor stuck in its write is waited for this long.
+        .args(["--shutdown-timeout", "10m"])
+        .arg("--output")
+        .arg(&output);
+    let mut consumer = Logged::start(command);
+    let _reader = read_one_line(&output).await;
+    consumer.signal("TERM");
+    consumer.wait_for_log("SIGTERM: shutting down").await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), consumer.child.wait())
+            .await
+            .is_err(),
+        "the shutdown waits for the processor stuck in its write"
+    );
+    consumer.signal("INT");
+    let status = consumer.exits_within(PROMPTLY, "a second signal").await;
+    assert_eq!(status.code(), Some(130), "{}", consumer.log());
+    assert!(
+        consumer
+            .log()
+            .contains("second signal (SIGINT): exiting at once"),
+        "{}",
+        consumer.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stuck_on_its_output_ends_at_the_deadline() {
+    let kinesis = kinesis().await;
+    let stream = unique("cli-deadline");
+    create_stream(&kinesis, &stream, 1).await;
+    put_records(&kinesis, &stream, &big_records("deadline")).await;
+    let (app, worker) = (unique("cli-deadline-app"), unique("worker"));
+    let output = fifo();
+    let mut command = Command::new(example_binary("kcl-consumer"));
+    command
+        .args(["--app", &app, "--stream", &stream, "--worker-id", &worker])
+        .args(["--initial-position", "trim-horizon"])
+        .args(["--shutdown-timeout", "2s", "--lease-duration", "4s"])
+        .args(["--renewal-interval", "1s", "--lease-request-timeout", "1s"])
+        .arg("--output")
+        .arg(&output);
+    let deadline = WorkerConfig::new(&app, &stream)
+        .with_shutdown_timeout(Duration::from_secs(2))
+        .with_lease(
+            LeaseConfig::default()
+                .with_lease_duration(Duration::from_secs(4))
+                .with_renewal_interval(Duration::from_secs(1))
+                .with_request_timeout(Duration::from_secs(1)),
+        )
+        .shutdown_deadline();
+    let mut consumer = Logged::start(command);
+    let _reader = read_one_line(&output).await;
+    consumer.signal("TERM");
+    // The processor stuck in its write is aborted after the shutdown timeout and its lease
+    // released; then the final flush of the output waits for that write, which never ends.
+    let status = consumer
+        .exits_within(deadline + PROMPTLY, "a shutdown stuck on its output")
+        .await;
+    let log = consumer.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("the shutdown did not finish within its deadline"),
+        "{log}"
+    );
+    assert!(log.contains("released lease"), "{log}");
+    assert!(!lease_owners(&app).await.contains_key(&worker));
 }

@@ -13,22 +13,31 @@
 //! that is gone for good (a closed pipe, say `kcl-consumer ... | head`) shuts the worker down
 //! the same way, and the process exits non-zero naming the output: retrying a batch into a
 //! closed pipe could never succeed.
+//!
+//! Signals count from the very start. One during start-up (loading the AWS configuration,
+//! opening the output, which blocks until a FIFO has a reader, initializing the lease table)
+//! ends the process at once with exit 0, without taking a lease. A second SIGTERM or SIGINT
+//! exits at once, with 143 or 130 as a shell reports a killed process; the leases not released
+//! yet expire. Once a shutdown has begun, the process is gone within the worker's shutdown
+//! deadline (`WorkerConfig::shutdown_deadline`: 38.2 s with the defaults, less with a shorter
+//! `--shutdown-timeout` or lease settings) plus 2 s for the final flush of the output; a
+//! process still running then (an output that no longer drains, say) logs an error and exits
+//! 1.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, InitialPosition, LeaseConfig, PollingConfig, Record,
-    RecordProcessor, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, ErrorChain, InitialPosition, LeaseConfig, PollingConfig,
+    Record, RecordProcessor, WorkerConfig, async_trait,
 };
 use kcl_dynamo_lease::AwsWorkerBuilder;
 use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
-use tracing::info;
+use tracing::{error, info};
 
 #[derive(Debug, Parser)]
 #[command(about = "Consume a Kinesis stream and print one JSON line per record")]
@@ -159,7 +168,7 @@ impl OutputGone {
         if error.kind() == std::io::ErrorKind::BrokenPipe {
             let mut first = self.error.lock().unwrap_or_else(|e| e.into_inner());
             if first.is_none() {
-                tracing::error!(output = %self.name, error = %error, "the output is closed; shutting down");
+                error!(output = %self.name, error = %ErrorChain(&error), "the output is closed; shutting down");
                 *first = Some(std::io::Error::new(error.kind(), error.to_string()));
                 self.shutdown.cancel();
             }
@@ -222,7 +231,9 @@ async fn open_output(
     path: Option<&PathBuf>,
 ) -> std::io::Result<Box<dyn AsyncWrite + Send + Unpin>> {
     Ok(match path {
-        Some(path) => Box::new(
+        Some(path) => Box::new({
+            // Worth saying: opening a FIFO waits until it has a reader.
+            info!(output = %path.display(), "opening the output");
             tokio::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -233,49 +244,155 @@ async fn open_output(
                         e.kind(),
                         format!("opening the output {}: {e}", path.display()),
                     )
-                })?,
-        ),
+                })?
+        }),
         None => Box::new(tokio::io::stdout()),
     })
 }
 
-/// Cancels `token` on the first SIGTERM or SIGINT.
-fn cancel_on_signal(token: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
+/// A signal that stops the consumer.
+#[derive(Clone, Copy, Debug)]
+enum StopSignal {
+    Term,
+    Int,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Term => "SIGTERM",
+            StopSignal::Int => "SIGINT",
+        }
+    }
+
+    /// The exit status of a process killed by this signal, as shells report it (128 + the
+    /// signal's number): what a second signal ends the process with.
+    fn exit_code(self) -> i32 {
+        const SIGNALLED: i32 = 128;
+        const SIGINT: i32 = 2;
+        const SIGTERM: i32 = 15;
+        SIGNALLED
+            + match self {
+                StopSignal::Term => SIGTERM,
+                StopSignal::Int => SIGINT,
+            }
+    }
+}
+
+/// Exit code of a run that failed, or of a shutdown that overran its deadline.
+const EXIT_FAILURE: i32 = 1;
+
+/// Time allowed beyond the worker's shutdown deadline for the final flush of the output. The
+/// processors flush after each batch, so a healthy final flush has nothing to write; this
+/// only bounds one stuck on an output that no longer drains.
+const FINAL_FLUSH_MARGIN: Duration = Duration::from_secs(2);
+
+/// From now on, the first SIGTERM or SIGINT cancels `shutdown`, and a second one ends the
+/// process at once.
+fn handle_signals(shutdown: CancellationToken) -> std::io::Result<()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn next(term: &mut Signal, int: &mut Signal) -> StopSignal {
+        tokio::select! {
+            _ = term.recv() => StopSignal::Term,
+            _ = int.recv() => StopSignal::Int,
+        }
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = int.recv() => info!("SIGINT: shutting down"),
-        }
-        token.cancel();
+        let first = next(&mut term, &mut int).await;
+        info!(
+            "{}: shutting down (a second SIGTERM or SIGINT exits at once)",
+            first.name()
+        );
+        shutdown.cancel();
+        let second = next(&mut term, &mut int).await;
+        let code = second.exit_code();
+        error!(
+            code,
+            "second signal ({}): exiting at once, without finishing the shutdown; leases not \
+             released will expire",
+            second.name()
+        );
+        exit(code);
     });
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    kcl_examples::init_logging();
-    let args = Args::parse();
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            kcl_examples::log_failure("kcl-consumer", e.as_ref());
-            ExitCode::FAILURE
-        }
+/// Once a shutdown has begun (a signal, the output gone, the worker stopped), ends the process
+/// if it still runs `deadline` later.
+fn enforce_deadline(shutdown: CancellationToken, deadline: Duration) {
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        tokio::time::sleep(deadline).await;
+        error!(
+            ?deadline,
+            "the shutdown did not finish within its deadline (the worker's shutdown deadline and \
+             the final flush); exiting"
+        );
+        exit(EXIT_FAILURE);
+    });
+}
+
+/// Runs a start-up step, unless a shutdown is asked for first: then `None`, and the step is
+/// dropped (an open blocked on its thread stays blocked until the process exits).
+async fn unless_shutdown<T>(
+    shutdown: &CancellationToken,
+    step: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        done = step => Some(done),
     }
 }
 
+/// Ends the process with `code`, never by returning from `main`: dropping the runtime waits
+/// for its blocking threads, and one may be blocked for good (an open of a FIFO that no
+/// process reads, a write to a pipe that no longer drains). `std::process::exit` flushes
+/// stdout unless another thread is writing to it (such a stuck write), so this never hangs;
+/// the logs go to stderr, which is not buffered.
+fn exit(code: i32) -> ! {
+    let _ = std::io::Write::flush(&mut std::io::stderr());
+    std::process::exit(code)
+}
+
+#[tokio::main]
+async fn main() {
+    kcl_examples::init_logging();
+    let args = Args::parse();
+    let code = match run(args).await {
+        Ok(()) => 0,
+        Err(e) => {
+            kcl_examples::log_failure("kcl-consumer", e.as_ref());
+            EXIT_FAILURE
+        }
+    };
+    exit(code)
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // First of all: a signal at any time from here is a shutdown.
+    let shutdown = CancellationToken::new();
+    handle_signals(shutdown.clone())?;
     let config = args.config();
     config.validate()?;
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone())?;
+    let deadline = config.shutdown_deadline() + FINAL_FLUSH_MARGIN;
+    enforce_deadline(shutdown.clone(), deadline);
 
+    // Each start-up step gives way to a shutdown; the worker's own start-up does too.
+    let stopped = || {
+        info!("shutdown requested during start-up; stopping");
+        Ok(())
+    };
     // Region, credentials and endpoints from the environment, for both services.
-    let sdk = aws_config::load_from_env().await;
-    let output: Output = Arc::new(Mutex::new(open_output(args.output.as_ref()).await?));
+    let Some(sdk) = unless_shutdown(&shutdown, aws_config::load_from_env()).await else {
+        return stopped();
+    };
+    let Some(output) = unless_shutdown(&shutdown, open_output(args.output.as_ref())).await else {
+        return stopped();
+    };
+    let output: Output = Arc::new(Mutex::new(output?));
     let gone = OutputGone {
         name: args
             .output
@@ -294,8 +411,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let worker = AwsWorkerBuilder::new(&sdk, config).build(factory)?;
-    info!(worker_id = worker.worker_id(), "starting");
-    worker.run(shutdown).await?;
+    info!(worker_id = worker.worker_id(), shutdown_deadline = ?deadline, "starting");
+    let outcome = worker.run(shutdown.clone()).await;
+    // What is left (the final flush) is bounded by the deadline too, also after a fatal error.
+    shutdown.cancel();
+    outcome?;
     if let Some(error) = gone.take() {
         return Err(format!("the output {} is closed: {error}", gone.name).into());
     }

@@ -10,7 +10,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use kcl_core::LeaseStore;
+use kcl_core::{ErrorChain, LeaseStore};
 use kcl_dynamo_lease::DynamoLeaseStore;
 
 #[derive(Debug, Parser)]
@@ -33,7 +33,7 @@ async fn main() -> ExitCode {
     let scan = match store.list_leases().await {
         Ok(scan) => scan,
         Err(e) => {
-            eprintln!("kcl-leases: {e}");
+            eprintln!("kcl-leases: {}", ErrorChain(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -59,7 +59,7 @@ async fn main() -> ExitCode {
         );
     }
     for invalid in scan.invalid {
-        eprintln!("skipped: {invalid}");
+        eprintln!("skipped: {}", ErrorChain(&invalid));
     }
     ExitCode::SUCCESS
 }

@@ -19,6 +19,7 @@ use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
 use clap::Parser;
+use kcl_core::AwsSdkError;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -100,12 +101,13 @@ async fn ensure_stream(
                         .stream_name(stream)
                         .shard_count(shards)
                         .send()
-                        .await?;
+                        .await
+                        .map_err(AwsSdkError::new)?;
                     info!(stream, shards, "created stream");
                     created = true;
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(AwsSdkError::new(e).into()),
         }
         if Instant::now() > deadline {
             return Err(format!("stream `{stream}` did not become active").into());
@@ -129,7 +131,8 @@ async fn put_batch(
             .stream_name(stream)
             .set_records(Some(request))
             .send()
-            .await?;
+            .await
+            .map_err(AwsSdkError::new)?;
         let mut failed = Vec::new();
         for ((id, entry), result) in entries.into_iter().zip(output.records()) {
             if result.error_code().is_some() {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{ScalingType, StreamStatus};
 use clap::{Parser, Subcommand};
-use kcl_core::{KinesisStreamClient, Shard, StreamClient};
+use kcl_core::{AwsSdkError, KinesisStreamClient, Shard, StreamClient};
 use tokio::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -77,7 +77,8 @@ async fn wait_active(client: &Client, stream: &str) -> Result<(), Failure> {
             .describe_stream_summary()
             .stream_name(stream)
             .send()
-            .await?;
+            .await
+            .map_err(AwsSdkError::new)?;
         if summary
             .stream_description_summary()
             .map(|d| d.stream_status())
@@ -117,7 +118,8 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .shard_to_split(&target.shard_id)
                 .new_starting_hash_key(middle.to_string())
                 .send()
-                .await?;
+                .await
+                .map_err(AwsSdkError::new)?;
             println!("split {}", target.shard_id);
         }
         Action::Merge { shard, adjacent } => {
@@ -140,7 +142,8 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .shard_to_merge(&a)
                 .adjacent_shard_to_merge(&b)
                 .send()
-                .await?;
+                .await
+                .map_err(AwsSdkError::new)?;
             println!("merged {a} and {b}");
         }
         Action::Scale { count } => {
@@ -150,7 +153,8 @@ async fn run(args: Args) -> Result<(), Failure> {
                 .target_shard_count(count)
                 .scaling_type(ScalingType::UniformScaling)
                 .send()
-                .await?;
+                .await
+                .map_err(AwsSdkError::new)?;
             println!("scaled from {} to {count} open shards", open.len());
         }
     }

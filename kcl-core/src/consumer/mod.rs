@@ -44,7 +44,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::backoff::{Backoff, SeedSource};
 use crate::checkpoint::Checkpointer;
 use crate::config::{InitialPosition, WorkerConfig};
-use crate::error::{BoxError, Error};
+use crate::error::{BoxError, Error, ErrorChain};
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLease;
 use crate::metrics::Counters;
@@ -264,7 +264,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     failure,
                 )));
             };
-            warn!(attempts = *attempts, ?delay, error = %failure, "starting the record processor failed; retrying");
+            warn!(attempts = *attempts, ?delay, error = %ErrorChain(&*failure), "starting the record processor failed; retrying");
             *attempts += 1;
             self.pause(delay).await?;
         }
@@ -311,10 +311,10 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     let Some(delay) = backoff.next() else {
                         let e =
                             processor_error(self.lease.lease_key(), callback, attempts, failure);
-                        error!(error = %e, "shard consumer failed");
+                        error!(error = %ErrorChain(&e), "shard consumer failed");
                         return ShardExit::Failed(e);
                     };
-                    warn!(attempts, ?delay, error = %failure, checkpoint = %checkpointer.last_checkpoint(), "the record processor panicked; resuming from the checkpoint with a new processor");
+                    warn!(attempts, ?delay, error = %ErrorChain(&*failure), checkpoint = %checkpointer.last_checkpoint(), "the record processor panicked; resuming from the checkpoint with a new processor");
                     attempts += 1;
                     if let Err(interrupt) = self.pause(delay).await {
                         return match SessionEnd::from(interrupt) {
@@ -442,7 +442,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         drop(rx);
         while let Some(joined) = poller_task.join_next().await {
             if let Err(e) = joined {
-                error!(error = %e, "poller task failed");
+                error!(error = %ErrorChain(&e), "poller task failed");
             }
         }
 
@@ -462,7 +462,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                         .await
                     {
                         let e: BoxError = e.into();
-                        warn!(error = %e, "shutdown_requested failed");
+                        warn!(error = %ErrorChain(&*e), "shutdown_requested failed");
                     }
                 }
                 _ => {}
@@ -472,7 +472,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             match exit {
                 ShardExit::ShardEnded { .. } => info!("shard processed to its end"),
                 ShardExit::ShardGone => warn!("shard is past retention; its lease is deleted"),
-                ShardExit::Failed(e) => error!(error = %e, "shard consumer failed"),
+                ShardExit::Failed(e) => error!(error = %ErrorChain(e), "shard consumer failed"),
                 _ => {}
             }
         }
@@ -551,7 +551,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 .cloned()
                 .collect();
             if remaining.is_empty() {
-                warn!(error = %failure, "process_records failed after checkpointing its whole batch");
+                warn!(error = %ErrorChain(&*failure), "process_records failed after checkpointing its whole batch");
                 return Ok(());
             }
             let Some(delay) = backoff.next() else {
@@ -562,7 +562,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                     failure,
                 )));
             };
-            warn!(attempts, remaining = remaining.len(), ?delay, error = %failure, "process_records failed; delivering the batch again");
+            warn!(attempts, remaining = remaining.len(), ?delay, error = %ErrorChain(&*failure), "process_records failed; delivering the batch again");
             self.pause(delay).await?;
             pending = Cow::Owned(remaining);
             attempts += 1;
@@ -592,7 +592,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             Called::Returned(Err(e)) => {
                 Counters::add(&self.counters.processor_failures, 1);
                 let e: BoxError = e.into();
-                warn!(error = %e, "process_records failed on an empty batch");
+                warn!(error = %ErrorChain(&*e), "process_records failed on an empty batch");
                 Ok(())
             }
             Called::Panicked(message) => {

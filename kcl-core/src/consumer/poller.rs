@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use crate::aggregation::deaggregate;
 use crate::backoff::{Backoff, SeedSource};
 use crate::config::PollingConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorChain, Result};
 use crate::metrics::Counters;
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
 use crate::stream::{ChildShard, HashKeyRange, Record, StartingPosition, StreamClient};
@@ -161,7 +161,7 @@ impl Poller {
                         .get_or_insert_with(|| self.backoff())
                         .next()
                         .unwrap_or(self.config.retry.max_delay);
-                    warn!(shard_id = %self.shard_id, error = %error, ?delay, "GetRecords failed; retrying");
+                    warn!(shard_id = %self.shard_id, error = %ErrorChain(&error), ?delay, "GetRecords failed; retrying");
                     next_call_at = Instant::now() + delay;
                     iterator = Some(current);
                     continue;

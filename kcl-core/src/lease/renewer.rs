@@ -89,7 +89,7 @@ fn renewal_ended(in_flight: &mut HashMap<Id, String>, joined: Result<(Id, ()), J
         Ok((id, ())) => id,
         Err(e) => {
             // A bug, not a lease problem: the next tick renews the lease again.
-            error!(error = %e, lease_key = ?in_flight.get(&e.id()), "lease renewal task failed");
+            error!(error = %crate::ErrorChain(&e), lease_key = ?in_flight.get(&e.id()), "lease renewal task failed");
             e.id()
         }
     };
@@ -134,7 +134,7 @@ async fn renew_one(
             Ok(Err(error)) if error.kind() == ErrorKind::ConditionFailed => return,
             // Any other failure (retryable or not) is retried: a lease is only given up when
             // it runs out or is proven taken.
-            Ok(Err(error)) => error.to_string(),
+            Ok(Err(error)) => crate::ErrorChain(&error).to_string(),
             Err(_elapsed) if attempt_end >= lease_end => {
                 lease.mark_lost("renewal did not answer before the lease ran out");
                 return;

@@ -142,6 +142,7 @@ impl InMemoryLeaseStore {
         } else {
             Err(Error::LeaseTableNotFound {
                 table: self.table.clone(),
+                source: None,
             })
         }
     }

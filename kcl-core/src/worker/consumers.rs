@@ -12,7 +12,7 @@ use tracing::{Instrument, error, info, warn};
 use super::shutdown::release_lease;
 use super::{Coordinator, MAX_SHARD_COOLDOWN, RunningConsumer};
 use crate::consumer::{Progress, ShardConsumer, ShardExit};
-use crate::error::Error;
+use crate::error::{Error, ErrorChain};
 use crate::lease::held::{HeldLease, HeldLeases};
 use crate::metrics::Counters;
 use crate::processor::RecordProcessorFactory;
@@ -130,7 +130,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                             info!(lease_key = %key, "deleted the lease of a shard past retention")
                         }
                         Err(e) => {
-                            warn!(lease_key = %key, error = %e, "deleting the lease of a shard past retention failed")
+                            warn!(lease_key = %key, error = %ErrorChain(&e), "deleting the lease of a shard past retention failed")
                         }
                     }
                 }
@@ -148,7 +148,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             ShardExit::Shutdown => release(&self.held, false),
             ShardExit::Failed(e) => {
                 let failures = self.cooldown.get(&key).map_or(1, |(n, _)| *n);
-                error!(lease_key = %key, error = %e, failures, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
+                error!(lease_key = %key, error = %ErrorChain(&e), failures, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
                 release(&self.held, false)
             }
         }

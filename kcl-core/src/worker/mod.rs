@@ -40,7 +40,7 @@ use crate::backoff::{SeedSource, retry};
 use crate::bounded::{BoundedLeaseStore, BoundedStream};
 use crate::config::WorkerConfig;
 use crate::consumer::{Progress, ShardExit};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorChain, Result};
 use crate::fatal::Fatal;
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLeases;
@@ -167,10 +167,16 @@ impl<F: RecordProcessorFactory> Worker<F> {
     /// every held lease is released to the worker it was offered to (or to anyone, without
     /// other workers), so the shards continue from their checkpoints at once.
     ///
+    /// Once `shutdown` is cancelled no lease is taken any more, and `run` returns within
+    /// [`WorkerConfig::shutdown_deadline`]; cancelled before the worker has started (during
+    /// lease table initialization, or the first shard sync), it returns `Ok` at once, without
+    /// taking any lease.
+    ///
     /// # Errors
     /// Fatal start-up errors (lease table unusable, stream missing) and fatal errors while
     /// running (the stream was deleted, a worker task failed). Failures of single shards are
-    /// handled and logged, not returned.
+    /// handled and logged, not returned. [`Error::TaskFailed`] when a shutdown did not finish
+    /// within its deadline: what was left (processors, releases) was abandoned.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let span = info_span!(
             "worker",
@@ -178,9 +184,10 @@ impl<F: RecordProcessorFactory> Worker<F> {
             application = %self.config.application_name,
             stream = %self.config.stream,
         );
+        let deadline = self.config.shutdown_deadline();
         let coordinator = Coordinator {
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
-            shutdown,
+            shutdown: shutdown.clone(),
             config: self.config,
             stream: self.stream,
             store: self.store,
@@ -207,7 +214,30 @@ impl<F: RecordProcessorFactory> Worker<F> {
             cooldown: HashMap::new(),
             fatal: self.fatal,
         };
-        coordinator.run().instrument(span).await
+        let run = coordinator.run().instrument(span.clone());
+        // The shutdown deadline, enforced: every step of a shutdown is bounded (see
+        // `WorkerConfig::shutdown_deadline`), but a step under way when the token is cancelled
+        // may run long (a release retrying against a failing table), and a processor that
+        // blocks its thread cannot be aborted. Dropping the coordinator aborts its tasks.
+        let backstop = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(deadline).await;
+        };
+        tokio::select! {
+            biased;
+            outcome = run => outcome,
+            () = backstop => {
+                let problem = format!(
+                    "did not stop within its shutdown deadline ({deadline:?}); the leases not \
+                     released yet will expire"
+                );
+                error!(parent: &span, ?deadline, "the worker did not stop within its shutdown deadline; abandoning what is left");
+                Err(Error::TaskFailed {
+                    task: "worker shutdown".into(),
+                    problem,
+                })
+            }
+        }
     }
 }
 
@@ -306,12 +336,23 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .retry
             .with_max_attempts(Some(SETUP_ATTEMPTS));
         let store = self.store.clone();
-        retry(
-            "lease table initialization",
-            setup.backoff(self.seeds.next_seed()),
-            || store.initialize(),
-        )
-        .await?;
+        // Initialization (which may wait minutes for a new table, or hang on a stuck call: it
+        // is not bounded like the other calls) is dropped when the worker is to shut down:
+        // nothing is held yet, and creating the table is idempotent, so a create dropped
+        // halfway is completed by the next worker to start.
+        let initialized = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                info!("worker stopped before it started");
+                return Ok(());
+            }
+            initialized = retry(
+                "lease table initialization",
+                setup.backoff(self.seeds.next_seed()),
+                || store.initialize(),
+            ) => initialized,
+        };
+        initialized?;
         let mut syncer = ShardSyncer {
             stream: self.stream.clone(),
             store: self.store.clone(),
@@ -336,7 +377,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             // ended with a transient PutItem error and the fleet never balanced): the
             // background sync tries again at once, and the taking rounds go on meanwhile.
             Err(e) if e.is_retryable() => {
-                warn!(error = %e, "the first shard sync failed; retrying in the background");
+                warn!(error = %ErrorChain(&e), "the first shard sync failed; retrying in the background");
                 self.sync_trigger.notify_one();
             }
             Err(e) => return Err(e),
@@ -418,7 +459,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             }
         };
         if let Err(e) = &outcome {
-            error!(error = %e, "worker stopping after a fatal error");
+            error!(error = %ErrorChain(e), "worker stopping after a fatal error");
         }
 
         self.stopping = true;
@@ -428,15 +469,15 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             Err(e) if e.voids_every_lease() => self.abandon_leases(e),
             _ => self.offer_leases_before_stopping().await,
         }
-        self.stop_consumers().await;
-        self.release_all().await;
+        let releases_end = self.stop_consumers().await;
+        self.release_all(releases_end).await;
         background_stop.cancel();
         while let Some(joined) = background.join_next().await {
             match joined {
                 Ok((task, Err(e))) => {
-                    warn!(task, error = %e, "background task ended with an error")
+                    warn!(task, error = %ErrorChain(&e), "background task ended with an error")
                 }
-                Err(e) => error!(error = %e, "background task failed"),
+                Err(e) => error!(error = %ErrorChain(&e), "background task failed"),
                 Ok(_) => {}
             }
         }

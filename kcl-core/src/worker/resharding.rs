@@ -7,7 +7,7 @@ use futures::StreamExt;
 use tracing::{debug, info, warn};
 
 use super::{Coordinator, concurrently};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorChain, Result};
 use crate::lease::taker::{TakeDecision, TakeReason};
 use crate::lease::{Lease, LeaseUpdate, lineage};
 use crate::processor::RecordProcessorFactory;
@@ -28,7 +28,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 child_shard_ids: ids.clone(),
             };
             if let Err(e) = lease.write(self.store.as_ref(), &update).await {
-                warn!(lease_key = %key, error = %e, "recording the children failed");
+                warn!(lease_key = %key, error = %ErrorChain(&e), "recording the children failed");
             }
         }
         self.release(key).await;
@@ -64,7 +64,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     }))
                     .collect(),
                 Err(e) => {
-                    warn!(lease_key = %key, error = %e, "reading the other parents failed; a shard sync creates the children");
+                    warn!(lease_key = %key, error = %ErrorChain(&e), "reading the other parents failed; a shard sync creates the children");
                     self.sync_trigger.notify_one();
                     return;
                 }
@@ -116,7 +116,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 // Created by the worker that finished the other parent of a merge.
                 Ok(false) => {}
                 Err(e) => {
-                    warn!(lease_key = %lease.lease_key, error = %e, "creating a child lease failed; a shard sync will");
+                    warn!(lease_key = %lease.lease_key, error = %ErrorChain(&e), "creating a child lease failed; a shard sync will");
                     self.sync_trigger.notify_one();
                 }
             }
@@ -177,7 +177,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     .collect();
                 self.mark_parents_done(done);
             }
-            Err(e) => warn!(error = %e, "reading parent leases failed; retrying"),
+            Err(e) => warn!(error = %ErrorChain(&e), "reading parent leases failed; retrying"),
         }
     }
 

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use super::{Coordinator, MAX_CONCURRENT_LEASE_CALLS, SETUP_ATTEMPTS, concurrently};
 use crate::backoff::{SeedSource, retry};
 use crate::config::WorkerConfig;
-use crate::error::Error;
+use crate::error::{Error, ErrorChain};
 use crate::lease::held::HeldLease;
 use crate::lease::{LeaseStore, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
@@ -55,18 +55,34 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             }
         });
         let mut offered = 0usize;
-        while let Some((lease, to, result)) = sent.next().await {
-            match result {
-                Ok(_) => {
-                    debug!(lease_key = %lease.lease_key(), to = %to, "offered lease");
-                    offered += 1;
+        let answers = async {
+            while let Some((lease, to, result)) = sent.next().await {
+                match result {
+                    Ok(_) => {
+                        debug!(lease_key = %lease.lease_key(), to = %to, "offered lease");
+                        offered += 1;
+                    }
+                    // Already asked for by another worker: the release goes to that one.
+                    Err(e) => {
+                        debug!(lease_key = %lease.lease_key(), error = %ErrorChain(&e), "lease not offered")
+                    }
                 }
-                // Already asked for by another worker: the release goes to that one.
-                Err(e) => debug!(lease_key = %lease.lease_key(), error = %e, "lease not offered"),
             }
+        };
+        // The offers get one call's time together (see `WorkerConfig::shutdown_deadline`); the
+        // rest are given up. Dropping an offer halfway is harmless: an offer does not move the
+        // lease counter, so the release still matches its fence, and one that landed unseen
+        // only reserves the released lease for its receiver.
+        if tokio::time::timeout(self.config.lease.request_timeout, answers)
+            .await
+            .is_err()
+        {
+            debug!(
+                offered,
+                "not every offer was answered in time; those leases are released to any worker"
+            );
         }
-        let wait = (self.config.lease.taker_interval + self.config.lease.handoff_poll_interval)
-            .min(self.config.shutdown_timeout / 2);
+        let wait = self.config.offer_wait();
         info!(
             offered,
             receivers = workers,
@@ -88,7 +104,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// processor told `lease_lost`, and nothing is released.
     pub(super) fn abandon_leases(&mut self, error: &Error) {
         let leases = self.held.all();
-        warn!(leases = leases.len(), error = %error, "dropping every lease without writing");
+        warn!(leases = leases.len(), error = %ErrorChain(error), "dropping every lease without writing");
         for lease in leases {
             lease.mark_lost("the worker stops on an error that voids its leases");
         }
@@ -98,10 +114,14 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// finish in time are aborted (their processors dropped mid-call). Each lease is released
     /// as soon as its consumer stopped, without waiting for the other shards, and the releases
     /// run together: a worker with many leases stops in about one call's time, not one per
-    /// lease. The releases are owned here and awaited before this returns.
-    pub(super) async fn stop_consumers(&mut self) {
+    /// lease. The releases are owned here and awaited before this returns, or given up one
+    /// lease duration after the processors' deadline (see `WorkerConfig::shutdown_deadline`):
+    /// past that, a lease left to expire would have been free sooner than one still being
+    /// released. Returns that instant, the end of the releases.
+    pub(super) async fn stop_consumers(&mut self) -> Instant {
         self.consumers_stop.cancel();
         let deadline = Instant::now() + self.config.shutdown_timeout;
+        let release_deadline = deadline + self.config.lease.lease_duration;
         let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_LEASE_CALLS));
         let mut releases = FuturesUnordered::new();
         let mut aborted = false;
@@ -137,24 +157,45 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     self.consumers.abort_all();
                     aborted = true;
                 }
+                // A consumer still there was aborted but never yields (a processor blocking its
+                // thread): its lease is left to expire, like the releases still retrying.
+                _ = tokio::time::sleep_until(release_deadline), if !releases.is_empty() || !self.consumers.is_empty() => {
+                    warn!(
+                        releases = releases.len(),
+                        consumers = self.consumers.len(),
+                        "leases not released in time; they will expire"
+                    );
+                    break;
+                }
                 else => break,
             }
         }
         self.publish_status(None);
+        release_deadline
     }
 
-    /// Releases every held lease, the releases sent together.
-    pub(super) async fn release_all(&mut self) {
+    /// Releases every held lease, the releases sent together, until `deadline`; the leases
+    /// not released by then are left to expire.
+    pub(super) async fn release_all(&mut self, deadline: Instant) {
         let leases = self.held.all();
         for lease in &leases {
             self.held.remove(lease.lease_key());
         }
+        let (count, mut ended) = (leases.len(), 0usize);
         let (store, config, seeds) = (self.store.as_ref(), &self.config, &self.seeds);
-        concurrently(leases, None, |lease| async move {
+        let releases = concurrently(leases, None, |lease| async move {
             release_lease(&lease, store, config, seeds).await
         })
-        .for_each(|_| std::future::ready(()))
-        .await;
+        .for_each(|_| {
+            ended += 1;
+            std::future::ready(())
+        });
+        if tokio::time::timeout_at(deadline, releases).await.is_err() {
+            warn!(
+                leases = count - ended,
+                "leases not released in time; they will expire"
+            );
+        }
     }
 }
 
@@ -178,7 +219,7 @@ pub(super) async fn release_lease(
             true
         }
         Err(e) => {
-            warn!(lease_key = %lease.lease_key(), error = %e, "could not release lease; it will expire");
+            warn!(lease_key = %lease.lease_key(), error = %ErrorChain(&e), "could not release lease; it will expire");
             false
         }
     }

@@ -25,7 +25,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 other => other.to_string(),
             };
             if self.reported_invalid.insert(key) {
-                warn!(error = %error, "skipping a lease item that does not decode");
+                warn!(error = %crate::ErrorChain(error), "skipping a lease item that does not decode");
             }
         }
     }
@@ -47,7 +47,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let scan = match scan {
             Ok(scan) => scan,
             Err(e) => {
-                warn!(error = %e, "lease scan failed; next round retries");
+                warn!(error = %crate::ErrorChain(&e), "lease scan failed; next round retries");
                 return;
             }
         };
@@ -182,7 +182,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let scan = match scan {
             Ok(scan) => scan,
             Err(e) => {
-                warn!(error = %e, "reading requested leases failed; retrying");
+                warn!(error = %crate::ErrorChain(&e), "reading requested leases failed; retrying");
                 return;
             }
         };
@@ -309,7 +309,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 debug!(lease_key = %decision.lease_key, "lease changed before the take; another worker got it");
             }
             Err(e) => {
-                warn!(lease_key = %decision.lease_key, error = %e, "taking a lease failed");
+                warn!(lease_key = %decision.lease_key, error = %crate::ErrorChain(&e), "taking a lease failed");
             }
         }
     }
@@ -329,7 +329,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 debug!(lease_key = %request.lease_key, "lease changed before the handoff request");
             }
             Err(e) => {
-                warn!(lease_key = %request.lease_key, error = %e, "asking for a lease failed")
+                warn!(lease_key = %request.lease_key, error = %crate::ErrorChain(&e), "asking for a lease failed")
             }
         }
     }
