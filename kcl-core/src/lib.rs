@@ -12,6 +12,7 @@ mod config;
 mod consumer;
 mod error;
 mod fatal;
+mod invalid_items;
 #[cfg(feature = "kinesis")]
 mod kinesis;
 mod lease;

@@ -16,7 +16,6 @@
 //! descendant, which a child created during the scan cannot have. (The worker never takes a
 //! parent missing from a scan for finished: it reads the key.)
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -27,6 +26,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::{SeedSource, retry};
 use crate::config::WorkerConfig;
 use crate::error::{Error, ErrorKind, Result};
+use crate::invalid_items::InvalidItems;
 use crate::lease::{Lease, LeaseStore, lineage};
 use crate::sequence::Checkpoint;
 use crate::stream::StreamClient;
@@ -40,8 +40,9 @@ pub(crate) struct ShardSyncer {
     pub(crate) store: Arc<dyn LeaseStore>,
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) seeds: Arc<SeedSource>,
-    /// Invalid lease items already logged, so each is reported once.
-    pub(crate) reported_invalid: HashSet<String>,
+    /// Lease items that do not decode, reported once per worker: shared with the
+    /// coordinator.
+    pub(crate) invalid_items: Arc<InvalidItems>,
 }
 
 impl ShardSyncer {
@@ -103,10 +104,12 @@ impl ShardSyncer {
         // out of order) and deleted new finished leases as "past retention". The two reads
         // must also be close in time, or a whole shard lifetime could fall between them.
         let mut attempt = 1;
-        let (scan, shards) = loop {
+        let (ticket, scan, shards) = loop {
             let began = Instant::now();
-            let scan = retry("lease scan", setup.backoff(self.seeds.next_seed()), || {
-                store.list_leases()
+            let invalid_items = &self.invalid_items;
+            let (ticket, scan) = retry("lease scan", setup.backoff(self.seeds.next_seed()), || {
+                let (ticket, scan) = (invalid_items.ticket(), store.list_leases());
+                async move { scan.await.map(|scan| (ticket, scan)) }
             })
             .await?;
             let shards = retry("ListShards", setup.backoff(self.seeds.next_seed()), || {
@@ -115,7 +118,7 @@ impl ShardSyncer {
             .await?;
             let took = began.elapsed();
             if took <= self.config.lease.lease_duration {
-                break (scan, shards);
+                break (ticket, scan, shards);
             }
             if attempt == SYNC_ATTEMPTS {
                 warn!(
@@ -133,13 +136,11 @@ impl ShardSyncer {
         // A table whose leases name another stream is not this worker's: creating leases of
         // this stream's shards there would mix two streams' checkpoints under one key.
         crate::lease::check_stream(store.table_name(), &scan.leases, &self.config.stream)?;
+        self.invalid_items.scanned(ticket, &scan.invalid);
         // An item that does not decode still occupies its key: never create over it.
         let mut leases = scan.leases;
         for invalid in &scan.invalid {
             if let Error::InvalidLeaseItem { lease_key, .. } = invalid {
-                if self.reported_invalid.insert(lease_key.clone()) {
-                    warn!(error = %crate::ErrorChain(invalid), "skipping a lease item that does not decode");
-                }
                 leases.push(Lease::new(lease_key, Checkpoint::TrimHorizon));
             }
         }

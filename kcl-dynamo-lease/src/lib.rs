@@ -3,8 +3,10 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod repair;
 pub mod schema;
 mod store;
 
 pub use builder::AwsWorkerBuilder;
+pub use repair::{Change, Repair, RepairError};
 pub use store::DynamoLeaseStore;

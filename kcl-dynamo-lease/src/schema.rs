@@ -130,27 +130,9 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
         lease_key: &lease_key,
         item,
     };
-    let owner = match item.get(LEASE_OWNER) {
-        None | Some(AttributeValue::Null(true)) => None,
-        Some(AttributeValue::S(owner)) if !owner.is_empty() => Some(owner.clone()),
-        other => {
-            return Err(decoder.invalid(LEASE_OWNER, describe_wrong("a non-empty string", other)));
-        }
-    };
-    let handoff_to = match item.get(HANDOFF_TO) {
-        None | Some(AttributeValue::Null(true)) => None,
-        Some(AttributeValue::S(to)) if !to.is_empty() => Some(to.clone()),
-        other => {
-            return Err(decoder.invalid(HANDOFF_TO, describe_wrong("a non-empty string", other)));
-        }
-    };
-    let stream_name = match item.get(STREAM_NAME) {
-        None | Some(AttributeValue::Null(true)) => None,
-        Some(AttributeValue::S(name)) if !name.is_empty() => Some(name.clone()),
-        other => {
-            return Err(decoder.invalid(STREAM_NAME, describe_wrong("a non-empty string", other)));
-        }
-    };
+    let owner = decoder.optional_string(LEASE_OWNER)?;
+    let handoff_to = decoder.optional_string(HANDOFF_TO)?;
+    let stream_name = decoder.optional_string(STREAM_NAME)?;
     let counter = decoder.required_number(LEASE_COUNTER)?;
     let sub_sequence_number = decoder
         .optional_number(CHECKPOINT_SUB_SEQUENCE_NUMBER)?
@@ -171,31 +153,7 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
         .unwrap_or(0);
     let parents = decoder.string_set(PARENT_SHARD_ID)?;
     let children = decoder.string_set(CHILD_SHARD_IDS)?;
-    let hash_key_range = match (
-        decoder.hash_key(STARTING_HASH_KEY)?,
-        decoder.hash_key(ENDING_HASH_KEY)?,
-    ) {
-        (Some(start), Some(end)) if start <= end => Some(HashKeyRange {
-            starting_hash_key: start,
-            ending_hash_key: end,
-        }),
-        (None, None) => None,
-        (Some(_), Some(_)) => {
-            return Err(decoder.invalid(ENDING_HASH_KEY, format!("is below {STARTING_HASH_KEY}")));
-        }
-        (Some(_), None) => {
-            return Err(decoder.invalid(
-                ENDING_HASH_KEY,
-                format!("is missing while {STARTING_HASH_KEY} is set"),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(decoder.invalid(
-                STARTING_HASH_KEY,
-                format!("is missing while {ENDING_HASH_KEY} is set"),
-            ));
-        }
-    };
+    let hash_key_range = decoder.hash_key_range()?;
     let mut lease = Lease::new(lease_key, checkpoint).with_parents(parents);
     lease.owner = owner;
     lease.counter = counter;
@@ -207,14 +165,15 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
     Ok(lease)
 }
 
-struct Decoder<'a> {
-    table: &'a str,
-    lease_key: &'a str,
-    item: &'a HashMap<String, AttributeValue>,
+/// Decodes the attributes of one item, each on its own (a repair keeps those that decode).
+pub(crate) struct Decoder<'a> {
+    pub(crate) table: &'a str,
+    pub(crate) lease_key: &'a str,
+    pub(crate) item: &'a HashMap<String, AttributeValue>,
 }
 
 impl Decoder<'_> {
-    fn invalid(&self, attribute: &'static str, problem: String) -> Error {
+    pub(crate) fn invalid(&self, attribute: &'static str, problem: String) -> Error {
         Error::InvalidLeaseItem {
             table: self.table.to_owned(),
             lease_key: self.lease_key.to_owned(),
@@ -223,7 +182,7 @@ impl Decoder<'_> {
         }
     }
 
-    fn optional_number(&self, attribute: &'static str) -> Result<Option<u64>> {
+    pub(crate) fn optional_number(&self, attribute: &'static str) -> Result<Option<u64>> {
         match self.item.get(attribute) {
             None => Ok(None),
             Some(AttributeValue::N(text)) => text.parse::<u64>().map(Some).map_err(|_| {
@@ -236,12 +195,46 @@ impl Decoder<'_> {
         }
     }
 
+    /// A non-empty string, absent or null for none.
+    pub(crate) fn optional_string(&self, attribute: &'static str) -> Result<Option<String>> {
+        match self.item.get(attribute) {
+            None | Some(AttributeValue::Null(true)) => Ok(None),
+            Some(AttributeValue::S(text)) if !text.is_empty() => Ok(Some(text.clone())),
+            other => Err(self.invalid(attribute, describe_wrong("a non-empty string", other))),
+        }
+    }
+
+    /// The hash key range: both ends or neither.
+    pub(crate) fn hash_key_range(&self) -> Result<Option<HashKeyRange>> {
+        match (
+            self.hash_key(STARTING_HASH_KEY)?,
+            self.hash_key(ENDING_HASH_KEY)?,
+        ) {
+            (Some(start), Some(end)) if start <= end => Ok(Some(HashKeyRange {
+                starting_hash_key: start,
+                ending_hash_key: end,
+            })),
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => {
+                Err(self.invalid(ENDING_HASH_KEY, format!("is below {STARTING_HASH_KEY}")))
+            }
+            (Some(_), None) => Err(self.invalid(
+                ENDING_HASH_KEY,
+                format!("is missing while {STARTING_HASH_KEY} is set"),
+            )),
+            (None, Some(_)) => Err(self.invalid(
+                STARTING_HASH_KEY,
+                format!("is missing while {ENDING_HASH_KEY} is set"),
+            )),
+        }
+    }
+
     fn required_number(&self, attribute: &'static str) -> Result<u64> {
         self.optional_number(attribute)?
             .ok_or_else(|| self.invalid(attribute, "is missing".to_owned()))
     }
 
-    fn string_set(&self, attribute: &'static str) -> Result<BTreeSet<String>> {
+    pub(crate) fn string_set(&self, attribute: &'static str) -> Result<BTreeSet<String>> {
         match self.item.get(attribute) {
             None => Ok(BTreeSet::new()),
             Some(AttributeValue::Ss(values)) => Ok(values.iter().cloned().collect()),
@@ -264,7 +257,7 @@ impl Decoder<'_> {
 }
 
 /// "is missing" or "is a number, not a string".
-fn describe_wrong(expected: &str, found: Option<&AttributeValue>) -> String {
+pub(crate) fn describe_wrong(expected: &str, found: Option<&AttributeValue>) -> String {
     let Some(value) = found else {
         return "is missing".to_owned();
     };

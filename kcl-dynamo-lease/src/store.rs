@@ -30,7 +30,7 @@ use crate::schema::{
 /// on-demand billing when this store creates it. Every write is conditional.
 #[derive(Debug, Clone)]
 pub struct DynamoLeaseStore {
-    client: Client,
+    pub(crate) client: Client,
     table: String,
     create_if_missing: bool,
     table_active_timeout: Duration,
@@ -71,7 +71,7 @@ impl DynamoLeaseStore {
         self
     }
 
-    fn error<E>(&self, operation: &'static str, err: SdkError<E>) -> Error
+    pub(crate) fn error<E>(&self, operation: &'static str, err: SdkError<E>) -> Error
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {

@@ -25,7 +25,7 @@ mod shutdown;
 mod status;
 mod taking;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use crate::config::WorkerConfig;
 use crate::consumer::{Progress, ShardExit};
 use crate::error::{Error, ErrorChain, Result};
 use crate::fatal::Fatal;
+use crate::invalid_items::InvalidItems;
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLeases;
 use crate::lease::renewer::run_renewer;
@@ -185,6 +186,10 @@ impl<F: RecordProcessorFactory> Worker<F> {
             stream = %self.config.stream,
         );
         let deadline = self.config.shutdown_deadline();
+        let invalid_items = Arc::new(InvalidItems::new(
+            &self.config.application_name,
+            self.store.table_name(),
+        ));
         let coordinator = Coordinator {
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
             shutdown: shutdown.clone(),
@@ -198,7 +203,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             consumer_leases: HashMap::new(),
             running: BTreeMap::new(),
             consumers_stop: CancellationToken::new(),
-            reported_invalid: HashSet::new(),
+            invalid_items,
             incoming: BTreeMap::new(),
             worker_loads: BTreeMap::new(),
             expiry_check: None,
@@ -256,8 +261,9 @@ struct Coordinator<F> {
     /// Lease key → the running consumer.
     running: BTreeMap<String, RunningConsumer>,
     consumers_stop: CancellationToken,
-    /// Invalid lease items already logged, so each is reported once.
-    reported_invalid: HashSet<String>,
+    /// Lease items that do not decode, reported once per worker: shared with the shard
+    /// syncer.
+    invalid_items: Arc<InvalidItems>,
     /// Leases this worker asked for, and when it asked (its own clock).
     incoming: BTreeMap<String, Pending>,
     /// Load of each worker at the last taking round: where to offer leases at shutdown.
@@ -358,7 +364,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             store: self.store.clone(),
             config: self.config.clone(),
             seeds: self.seeds.clone(),
-            reported_invalid: HashSet::new(),
+            invalid_items: self.invalid_items.clone(),
         };
         // The first sync runs before anything else: a missing stream stops the worker here.
         // Nothing is held yet, and a sync may be dropped at any point (see `ShardSyncer::run`),

@@ -47,6 +47,10 @@ pub struct WorkerStatus {
     /// Shard ends where the processor's checkpoint did not cover every record delivered:
     /// `SHARD_END` was not written and the shard restarts from its checkpoint.
     pub shard_end_not_checkpointed: u64,
+    /// Lease items that did not decode at the last scan of the table. Their shards are
+    /// processed by no worker until they are repaired (`kcl-leases repair`); each is logged
+    /// once as an error.
+    pub invalid_lease_items: usize,
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -69,6 +73,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .collect();
         let pending = self.incoming.keys().cloned().collect();
         let (counters, metrics) = (&self.counters, &self.metrics);
+        let invalid_lease_items = self.invalid_items.count();
         self.status.send_modify(|status| {
             if let Some((workers, active, spillover)) = round {
                 status.workers = workers;
@@ -89,6 +94,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             status.aggregation_errors = Counters::get(&metrics.aggregation_errors);
             status.records_out_of_range = Counters::get(&metrics.records_out_of_range);
             status.shard_end_not_checkpointed = Counters::get(&metrics.shard_end_not_checkpointed);
+            status.invalid_lease_items = invalid_lease_items;
         });
     }
 }

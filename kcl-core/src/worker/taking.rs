@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{Coordinator, Pending, concurrently};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::lease::held::HeldLease;
 use crate::lease::lineage;
 use crate::lease::taker::{HandoffRequest, TakeDecision, TakeInput, TakeReason, plan};
@@ -18,18 +18,6 @@ use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
-    pub(super) fn report_invalid(&mut self, invalid: &[Error]) {
-        for error in invalid {
-            let key = match error {
-                Error::InvalidLeaseItem { lease_key, .. } => lease_key.clone(),
-                other => other.to_string(),
-            };
-            if self.reported_invalid.insert(key) {
-                warn!(error = %crate::ErrorChain(error), "skipping a lease item that does not decode");
-            }
-        }
-    }
-
     /// One taking round: read the table, update the observations, pass on requests for held
     /// leases, then take and ask for what the planner says.
     pub(super) async fn take_leases(&mut self) {
@@ -38,6 +26,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         // lease table while DynamoDB fails fast; found by the simulation). The regular taker
         // tick retries.
         self.expiry_check = None;
+        let ticket = self.invalid_items.ticket();
         // A read can be dropped at any point: a shutdown does not wait for it.
         let scan = tokio::select! {
             biased;
@@ -60,7 +49,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             return;
         }
         let now = Instant::now();
-        self.report_invalid(&scan.invalid);
+        self.invalid_items.scanned(ticket, &scan.invalid);
         self.observations.observe(&scan.leases, now);
         self.forget_lost_leases();
         let me = self.config.worker_id.clone();
