@@ -203,6 +203,22 @@ fn standing<'a>(lease: &'a Lease, input: &TakeInput<'a>) -> Standing<'a> {
         return Standing::Finished;
     }
     let me = input.worker_id;
+    // A lease this worker holds, or whose consumer is still winding down, is never free for
+    // it: taking it again would start a second consumer of the shard in this worker, its two
+    // held leases writing over each other (found by the simulation, seed 12271: a lease
+    // taken from a paused worker and released at once was taken back by it while its old
+    // consumer was still stopping).
+    if input.held.contains(&lease.lease_key) {
+        return match free_standing(lease, input) {
+            Standing::Free(_) => Standing::CountsFor(lease.owner.as_deref().unwrap_or(me)),
+            other => other,
+        };
+    }
+    free_standing(lease, input)
+}
+
+fn free_standing<'a>(lease: &'a Lease, input: &TakeInput<'a>) -> Standing<'a> {
+    let me = input.worker_id;
     let expired = || {
         input
             .observations

@@ -130,7 +130,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                             info!(lease_key = %key, "deleted the lease of a shard past retention")
                         }
                         Err(e) => {
-                            warn!(lease_key = %key, error = %ErrorChain(&e), "deleting the lease of a shard past retention failed")
+                            warn!(lease_key = %key, error = %ErrorChain(&e), "deleting the lease of a shard past retention failed");
+                            // No longer held: nothing may write it any more (see `release_lease`).
+                            lease.mark_lost("its deletion failed");
                         }
                     }
                 }

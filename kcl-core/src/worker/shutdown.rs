@@ -220,6 +220,10 @@ pub(super) async fn release_lease(
         }
         Err(e) => {
             warn!(lease_key = %lease.lease_key(), error = %ErrorChain(&e), "could not release lease; it will expire");
+            // No longer held, so nothing may write it any more: a renewal still retrying
+            // would keep it alive, and would meet this worker's own next take of it as a
+            // counter moved by another process.
+            lease.mark_lost("could not be released; left to expire");
             false
         }
     }

@@ -265,6 +265,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         if self.stopping || self.shutdown.is_cancelled() || self.fatal.is_raised() {
             return false;
         }
+
         if let Some((failures, until)) = self.cooldown.get(&decision.lease_key) {
             if *until > Instant::now() {
                 debug!(lease_key = %decision.lease_key, failures, "shard cooling down after failures; not taking it yet");

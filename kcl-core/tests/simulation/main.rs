@@ -23,7 +23,7 @@
 //! printed. `SIM_SHAPES` fixes the shapes instead of drawing them per seed: `classic` (none:
 //! the simulation as it was before the shapes, seed for seed), or a comma-separated list of
 //! `buffering`, `scans`, `hangs` (exactly those). A run is a pure function of its seed and
-//! shapes.
+//! shapes. `SIM_LOG=1` prints the workers' debug logs (with `SIM_SEED`, for a replay).
 
 // The replayed trace and the coverage summary are the output a developer asks for.
 #![allow(clippy::print_stderr)]
@@ -468,6 +468,13 @@ struct SeedRun {
 }
 
 fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
+    if std::env::var_os("SIM_LOG").is_some() {
+        // The workers' own logs, for a replay (`SIM_SEED=S SIM_LOG=1`).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("kcl_core=debug")
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)

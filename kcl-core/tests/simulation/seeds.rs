@@ -144,7 +144,11 @@ const SHAPE_BUG_SEEDS: [(u64, Shapes); 22] = [
 /// never balanced (5591, 13385; found by a 20,000-seed soak after issue 9's fixes). A worker
 /// whose resend on an adopted fence was throttled kept its old fence with a reset count of
 /// unanswered writes, and took its own late write for another process using its worker id
-/// (1013, 455, 555; found by a 6,000-seed soak while adding that detection in issue 10).
-const DRAWN_BUG_SEEDS: [u64; 5] = [455, 555, 1013, 5591, 13385];
+/// (1013, 455, 555; found by a 6,000-seed soak while adding that detection in issue 10). A
+/// lease whose release failed stayed renewable after the worker let go of it, and its stray
+/// renewal met the worker's own next take of it as another process's write (6447). A worker
+/// took back a lease whose old consumer was still stopping, two consumers of one shard in one
+/// worker (12271; found by a 20,000-seed soak).
+const DRAWN_BUG_SEEDS: [u64; 7] = [455, 555, 1013, 5591, 6447, 12271, 13385];
 /// Seeds per CI run: about half a minute on two threads of an unoptimized build.
 pub(crate) const DEFAULT_SEEDS: u64 = 3_000;
