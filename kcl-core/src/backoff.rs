@@ -151,7 +151,10 @@ mod tests {
         calls.store(0, Ordering::SeqCst);
         let result: Result<()> = retry("op", config.backoff(1), || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err(Error::StreamNotFound { stream: "s".into() })
+            Err(Error::StreamNotFound {
+                stream: "s".into(),
+                source: None,
+            })
         })
         .await;
         assert!(matches!(result, Err(Error::StreamNotFound { .. })));

@@ -70,6 +70,9 @@ pub enum Error {
     StreamNotFound {
         /// Stream name or ARN, as configured.
         stream: String,
+        /// What the service answered, when it said so (Kinesis `ResourceNotFoundException`).
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A shard does not exist (any more): it was trimmed after the retention period, or the id
@@ -80,6 +83,9 @@ pub enum Error {
         stream: String,
         /// The shard.
         shard_id: String,
+        /// What the service answered, when it said so.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A shard iterator expired (they live five minutes); get a new one and retry.
@@ -87,6 +93,9 @@ pub enum Error {
     ExpiredIterator {
         /// The shard the iterator belonged to.
         shard_id: String,
+        /// What the service answered, when it said so.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// The service throttled the request (Kinesis `ProvisionedThroughputExceeded` or
@@ -447,6 +456,7 @@ mod tests {
         assert!(!ccf.is_retryable());
         let missing = Error::StreamNotFound {
             stream: "orders".into(),
+            source: None,
         };
         assert_eq!(missing.kind(), ErrorKind::Fatal);
         assert_eq!(missing.to_string(), "stream `orders` does not exist");

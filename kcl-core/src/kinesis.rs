@@ -87,13 +87,16 @@ where
             Some(shard_id) if operation == "GetShardIterator" => Error::ShardNotFound {
                 stream: stream.to_owned(),
                 shard_id: shard_id.to_owned(),
+                source: Some(AwsSdkError::new(err).into()),
             },
             _ => Error::StreamNotFound {
                 stream: stream.to_owned(),
+                source: Some(AwsSdkError::new(err).into()),
             },
         },
         (_, Some("ExpiredIteratorException")) => Error::ExpiredIterator {
             shard_id: shard_id.unwrap_or_default().to_owned(),
+            source: Some(AwsSdkError::new(err).into()),
         },
         (
             _,

@@ -389,7 +389,7 @@ async fn a_missing_stream_is_a_typed_error() {
     );
     let err = worker.task.await.unwrap().unwrap_err();
     assert!(
-        matches!(&err, Error::StreamNotFound { stream } if stream == "nope"),
+        matches!(&err, Error::StreamNotFound { stream, .. } if stream == "nope"),
         "{err:?}"
     );
 }

@@ -705,9 +705,12 @@ async fn a_missing_stream_is_a_typed_error() {
     let worker = start_worker(config(&unique("app"), &stream, "w1"), &recorder).await;
     let err = worker.task.await.unwrap().unwrap_err();
     assert!(
-        matches!(&err, Error::StreamNotFound { stream: s } if *s == stream),
+        matches!(&err, Error::StreamNotFound { stream: s, .. } if *s == stream),
         "{err:?}"
     );
+    // The service's own answer is kept as the cause (issue 10, defect 5).
+    let chain = kcl_core::ErrorChain(&err).to_string();
+    assert!(chain.contains("ResourceNotFoundException"), "{chain}");
 }
 
 /// Processes records one by one, checkpointing each, and fails on the record `poison`.

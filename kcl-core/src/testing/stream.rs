@@ -53,6 +53,7 @@ impl StreamState {
             .ok_or_else(|| Error::ShardNotFound {
                 stream: String::new(),
                 shard_id: shard_id.to_owned(),
+                source: None,
             })
     }
 
@@ -383,6 +384,7 @@ impl InMemoryStream {
         } else {
             Err(Error::StreamNotFound {
                 stream: self.name.clone(),
+                source: None,
             })
         }
     }
@@ -474,6 +476,7 @@ impl StreamClient for InMemoryStream {
         if iterator.issued_at + ITERATOR_LIFETIME <= Instant::now() {
             return Err(Error::ExpiredIterator {
                 shard_id: shard_id.to_owned(),
+                source: None,
             });
         }
         let (shard_id, next_index) = (iterator.shard_id.clone(), iterator.next_index);
