@@ -258,9 +258,12 @@ impl HeldLease {
     ) -> Result<Lease> {
         self.unanswered().push(update.clone());
         let result = store.update_lease(&self.lease_key, fence, update).await;
-        // A transient failure or a timeout may have been applied; any other answer says
-        // whether it was. (Writes are one at a time, so this one is the last pushed.)
-        let unknown = matches!(&result, Err(e) if e.kind() == ErrorKind::Transient);
+        // A transient failure or a timeout may have been applied. So may a failed condition:
+        // the SDK retries a call whose answer was lost, and the retry of a write that landed
+        // finds the counter it moved. Any other answer says whether it was applied. (Writes
+        // are one at a time, so this one is the last pushed.)
+        let unknown = matches!(&result, Err(e) if e.kind() == ErrorKind::Transient)
+            || matches!(&result, Err(Error::LeaseConditionFailed { .. }));
         if !unknown {
             self.unanswered().pop();
         }

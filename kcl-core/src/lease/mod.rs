@@ -15,10 +15,14 @@
 //!   held, and a pending request is passed on to its consumer;
 //! - the update is allowed, so the counter moved under this worker's name: one of its own
 //!   writes landed but its answer was lost (a timeout, a dropped future). The held lease's
-//!   write adopts the stored fence and sends the update again. Each unanswered write can
-//!   move the counter by one at most, so a move larger than the writes left unanswered since
-//!   the last adopted fence is another process running with this worker id: the lease is
-//!   dropped without a write and the worker ends with [`Error::DuplicateWorkerId`].
+//!   write adopts the stored fence and sends the update again. A write is unanswered until
+//!   an answer says whether it landed: a timeout, a transient error or a dropped future leave
+//!   it unknown, and so does a failed condition, since the SDK retries a call whose answer
+//!   was lost. Each unanswered write moves the counter by one at most, and changes only what
+//!   its update sets; a stored lease those writes cannot explain (a larger move, an owner
+//!   switch, a checkpoint none of them carried) is another process running with this worker
+//!   id: the lease is dropped without a write and the worker ends with
+//!   [`Error::DuplicateWorkerId`].
 //!
 //! And a request never looks like a renewal to a worker watching a dead owner's counter.
 //!
