@@ -376,6 +376,39 @@ async fn get_records_calls_are_paced() {
     }
 }
 
+// Issue 11: the pace counts from the start of a call. Counting from its end, a shard whose
+// GetRecords took 150 ms (a page of 10,000 records) was read 3 times a second instead of 5,
+// and the worker moved 0.65 of a paced raw loop's records in the throughput bench.
+#[tokio::test(start_paused = true)]
+async fn slow_get_records_calls_still_start_five_times_a_second() {
+    let stream = Arc::new(InMemoryStream::new("test-stream", 1));
+    let store = Arc::new(InMemoryLeaseStore::new("test-app"));
+    put(&stream, 0, 100);
+    let latency = Duration::from_millis(150);
+    stream.set_get_records_latency(latency);
+    let log = Log::default();
+    let polling = PollingConfig::default().with_max_records(5);
+    let worker = start(
+        config("w1").with_polling(polling.clone()),
+        &stream,
+        &store,
+        &log,
+        &Faults::default(),
+    );
+    wait_until("all", Duration::from_secs(60), || log.count() == 100).await;
+    worker.stop().await.unwrap();
+    let calls = stream.get_records_calls("shardId-000000000000");
+    // The 20 calls that returned records, after the first.
+    let busy = &calls[1..20];
+    for pair in busy.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= polling.min_time_between_reads && gap < polling.min_time_between_reads + latency,
+            "calls {gap:?} apart with {latency:?} calls"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_missing_stream_is_a_typed_error() {
     let stream = Arc::new(InMemoryStream::missing("nope"));

@@ -125,6 +125,8 @@ pub struct InMemoryStream {
     state: Mutex<StreamState>,
     exists: std::sync::atomic::AtomicBool,
     puts: AtomicU64,
+    /// How long each `GetRecords` takes to answer (Tokio time).
+    get_records_latency: Mutex<std::time::Duration>,
 }
 
 impl InMemoryStream {
@@ -138,6 +140,7 @@ impl InMemoryStream {
             }),
             exists: std::sync::atomic::AtomicBool::new(true),
             puts: AtomicU64::new(0),
+            get_records_latency: Mutex::new(std::time::Duration::ZERO),
         };
         let width = u128::MAX / u128::from(shard_count.max(1));
         {
@@ -250,7 +253,13 @@ impl InMemoryStream {
         self.put_hashed(hash_key, partition_key, data.into())
     }
 
-    /// When each `GetRecords` call on `shard_id` was answered (Tokio time).
+    /// Makes every `GetRecords` from now on take `latency` to answer (a big page over a real
+    /// network). Calls are recorded when they start.
+    pub fn set_get_records_latency(&self, latency: std::time::Duration) {
+        *lock(&self.get_records_latency) = latency;
+    }
+
+    /// When each `GetRecords` call on the shard started.
     pub fn get_records_calls(&self, shard_id: &str) -> Vec<Instant> {
         lock(&self.state)
             .get_records_calls
@@ -438,12 +447,16 @@ impl StreamClient for InMemoryStream {
         limit: u32,
     ) -> Result<RecordsPage> {
         self.check_exists()?;
-        let mut state = lock(&self.state);
-        state
+        lock(&self.state)
             .get_records_calls
             .entry(shard_id.to_owned())
             .or_default()
             .push(Instant::now());
+        let latency = *lock(&self.get_records_latency);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let mut state = lock(&self.state);
         if let Some(error) = state.failing_get_records.pop_front() {
             return Err(error);
         }
