@@ -361,8 +361,9 @@ pub struct PollingConfig {
     /// Pause after a read that returned no records.
     /// Default 1,500 ms: the Java KCL's `idleTimeBetweenReadsInMillis`.
     pub idle_time_between_empty_reads: Duration,
-    /// Least time between two `GetRecords` calls on one shard. Default and minimum 200 ms:
-    /// Kinesis allows 5 calls per second per shard, shared by all consumers of the stream.
+    /// Least time between the starts of two `GetRecords` calls on one shard. Default and
+    /// minimum 200 ms: Kinesis allows 5 calls per second per shard, shared by all consumers
+    /// of the stream.
     pub min_time_between_reads: Duration,
     /// Batches fetched ahead of the processor, so fetching overlaps processing.
     /// Default 3: the Java KCL's `maxPendingProcessRecordsInput`.
