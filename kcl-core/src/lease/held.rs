@@ -17,6 +17,11 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::fatal::Fatal;
 use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
 
+/// How many times one write may adopt a counter moved by this worker's own unanswered
+/// writes. A resend can itself land without an answer and meet its own move on the SDK's
+/// retry; a counter that keeps moving beyond that is another process.
+const MAX_ADOPTIONS_PER_WRITE: usize = 3;
+
 /// A lease this worker took, and the state of its last successful write.
 #[derive(Debug)]
 pub(crate) struct HeldLease {
@@ -135,7 +140,7 @@ impl HeldLease {
     /// # Cancel safety
     /// Dropping the future may leave a write applied whose answer was never read; it stays
     /// counted as unanswered. The next write then fails its condition on a lease that still
-    /// names this worker, and is resent once on the stored fence (see the invariant in
+    /// names this worker, and is resent on the stored fence (see the invariant in
     /// [`crate::lease`]).
     pub(crate) async fn write(
         &self,
@@ -148,7 +153,7 @@ impl HeldLease {
         }
         let sent_at = Instant::now();
         let mut fence = state.fence();
-        let mut resent = false;
+        let mut adoptions = 0;
         let result = loop {
             let result = self.send(store, &fence, update).await;
             // Still ours and the update is allowed, yet the fence did not match: the counter
@@ -166,7 +171,9 @@ impl HeldLease {
                 _ => break result,
             };
             let unanswered = self.unanswered().len();
-            if resent || !self.explained_by_unanswered(&state, &current) {
+            if adoptions == MAX_ADOPTIONS_PER_WRITE
+                || !self.explained_by_unanswered(&state, &current)
+            {
                 // Our own writes cannot explain it: another process writes as this worker.
                 return Err(self.duplicate_worker(fence.counter, current.counter));
             }
@@ -184,7 +191,7 @@ impl HeldLease {
             self.unanswered().clear();
             *state = (*current).clone();
             fence = state.fence();
-            resent = true;
+            adoptions += 1;
         };
         match result {
             Ok(lease) => {

@@ -209,8 +209,9 @@ fn standing<'a>(lease: &'a Lease, input: &TakeInput<'a>) -> Standing<'a> {
     // taken from a paused worker and released at once was taken back by it while its old
     // consumer was still stopping).
     if input.held.contains(&lease.lease_key) {
+        // It counts for this worker, whose consumer still has it, and is never asked for.
         return match free_standing(lease, input) {
-            Standing::Free(_) => Standing::CountsFor(lease.owner.as_deref().unwrap_or(me)),
+            Standing::Free(_) => Standing::CountsFor(me),
             other => other,
         };
     }
