@@ -415,12 +415,22 @@ mod tests {
     const DURATION: Duration = Duration::from_secs(10);
 
     fn taken(store: &InMemoryLeaseStore, key: &str, worker: &str) -> Arc<HeldLease> {
+        taken_reporting_to(store, key, worker, Arc::default())
+    }
+
+    /// A lease taken now, whose duplicate-id reports go to `fatal`.
+    fn taken_reporting_to(
+        store: &InMemoryLeaseStore,
+        key: &str,
+        worker: &str,
+        fatal: Arc<Fatal>,
+    ) -> Arc<HeldLease> {
         HeldLease::new(
             store.take_as(key, worker),
             worker,
             DURATION,
             Instant::now(),
-            Arc::default(),
+            fatal,
         )
     }
 
@@ -485,13 +495,7 @@ mod tests {
     async fn a_counter_moved_by_another_process_with_our_id_is_reported() {
         let store = Arc::new(InMemoryLeaseStore::new("t"));
         let fatal = Arc::new(Fatal::default());
-        let held = HeldLease::new(
-            store.take_as("s-0", "w1"),
-            "w1",
-            DURATION,
-            Instant::now(),
-            fatal.clone(),
-        );
+        let held = taken_reporting_to(&store, "s-0", "w1", fatal.clone());
         // The other process takes the lease it believes orphaned, under the same name.
         store.take_as("s-0", "w1");
         let calls = store.update_calls();
@@ -518,13 +522,7 @@ mod tests {
     async fn a_move_larger_than_the_unanswered_writes_is_another_process() {
         let store = Arc::new(InMemoryLeaseStore::new("t"));
         let fatal = Arc::new(Fatal::default());
-        let held = HeldLease::new(
-            store.take_as("s-0", "w1"),
-            "w1",
-            DURATION,
-            Instant::now(),
-            fatal.clone(),
-        );
+        let held = taken_reporting_to(&store, "s-0", "w1", fatal.clone());
         renew_unanswered(&held, &store).await;
         store.take_as("s-0", "w1");
         let err = held
@@ -542,13 +540,7 @@ mod tests {
     async fn a_take_under_our_name_is_told_from_our_own_unanswered_write() {
         let store = Arc::new(InMemoryLeaseStore::new("t"));
         let fatal = Arc::new(Fatal::default());
-        let held = HeldLease::new(
-            store.take_as("s-0", "w1"),
-            "w1",
-            DURATION,
-            Instant::now(),
-            fatal.clone(),
-        );
+        let held = taken_reporting_to(&store, "s-0", "w1", fatal.clone());
         let faulty = Faulty::new(store.clone());
         faulty.hang_next(LeaseCall::Update("renew"), Hang::Lost);
         let attempt = tokio::time::timeout(
