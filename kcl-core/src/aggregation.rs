@@ -64,12 +64,10 @@ pub(crate) enum AggregationProblem {
     IndexOutOfRange,
 }
 
-/// What de-aggregating one Kinesis record gave.
+/// What de-aggregating one Kinesis record found besides its records.
 #[derive(Debug, Default)]
 #[non_exhaustive]
-pub(crate) struct Deaggregated {
-    /// The user records (or the record itself when it is not aggregated, or corrupt).
-    pub(crate) records: Vec<Record>,
+pub(crate) struct Outcome {
     /// Set when the record looked aggregated but was delivered as a plain record.
     pub(crate) problem: Option<AggregationProblem>,
     /// User records dropped because their hash key is outside the shard's range.
@@ -82,12 +80,20 @@ pub(crate) fn partition_key_hash(partition_key: &str) -> u128 {
     u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
 }
 
-/// De-aggregates `record`. `shard_range`, when known, drops user records that hash outside it.
-pub(crate) fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> Deaggregated {
-    let plain = |record: Record, problem: Option<AggregationProblem>| Deaggregated {
-        records: vec![record],
-        problem,
-        dropped_out_of_range: 0,
+/// De-aggregates `record` onto the end of `out`: its user records, or the record itself when
+/// it is not aggregated or is corrupt. `shard_range`, when known, drops user records that
+/// hash outside it.
+pub(crate) fn deaggregate(
+    record: Record,
+    shard_range: Option<HashKeyRange>,
+    out: &mut Vec<Record>,
+) -> Outcome {
+    let mut plain = |record: Record, problem: Option<AggregationProblem>| {
+        out.push(record);
+        Outcome {
+            problem,
+            dropped_out_of_range: 0,
+        }
     };
     let Some(body) = record.data.strip_prefix(&KPL_MAGIC) else {
         return plain(record, None);
@@ -106,46 +112,62 @@ pub(crate) fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> 
         Ok(aggregated) => aggregated,
         Err(e) => return plain(record, Some(AggregationProblem::Undecodable(e.to_string()))),
     };
-    // Resolve every user record before delivering any: a bad index makes the whole record
-    // suspect, and then it is delivered as it came.
-    let mut resolved = Vec::with_capacity(aggregated.records.len());
-    for user in &aggregated.records {
+    let AggregatedRecord {
+        partition_key_table,
+        explicit_hash_key_table,
+        records: users,
+    } = aggregated;
+    // Resolve every user record's table indexes before delivering any: a bad index makes the
+    // whole record suspect, and then it is delivered as it came.
+    let mut resolved = Vec::with_capacity(users.len());
+    for user in &users {
         let key = usize::try_from(user.partition_key_index)
             .ok()
-            .and_then(|i| aggregated.partition_key_table.get(i));
+            .filter(|&i| i < partition_key_table.len());
         let explicit = match user.explicit_hash_key_index {
             None => Some(None),
             Some(index) => usize::try_from(index)
                 .ok()
-                .and_then(|i| aggregated.explicit_hash_key_table.get(i))
+                .filter(|&i| i < explicit_hash_key_table.len())
                 .map(Some),
         };
         match (key, explicit) {
-            (Some(key), Some(explicit)) => resolved.push((key, explicit, user)),
+            (Some(key), Some(explicit)) => resolved.push((key, explicit)),
             _ => return plain(record, Some(AggregationProblem::IndexOutOfRange)),
         }
     }
-    let mut out = Deaggregated::default();
-    for (index, (key, explicit, user)) in resolved.into_iter().enumerate() {
-        let hash = explicit
-            .and_then(|e| e.parse::<u128>().ok())
-            .unwrap_or_else(|| partition_key_hash(key));
-        if shard_range.is_some_and(|r| !(r.starting_hash_key..=r.ending_hash_key).contains(&hash)) {
-            out.dropped_out_of_range += 1;
-            continue;
+    let mut outcome = Outcome::default();
+    out.reserve(users.len());
+    // The MD5 of each partition key, computed once per entry of the table (user records of
+    // an aggregate often share keys) and only when there is a range to check.
+    let mut key_hashes: Vec<Option<u128>> =
+        vec![None; shard_range.map_or(0, |_| partition_key_table.len())];
+    for (index, (user, (key, explicit))) in users.into_iter().zip(resolved).enumerate() {
+        let explicit = explicit.map(|i| &explicit_hash_key_table[i]);
+        if let Some(range) = shard_range {
+            let hash = explicit
+                .and_then(|e| e.parse::<u128>().ok())
+                .unwrap_or_else(|| {
+                    *key_hashes[key]
+                        .get_or_insert_with(|| partition_key_hash(&partition_key_table[key]))
+                });
+            if !(range.starting_hash_key..=range.ending_hash_key).contains(&hash) {
+                outcome.dropped_out_of_range += 1;
+                continue;
+            }
         }
         let mut user_record = Record::new(
             record.sequence_number.clone(),
-            key.clone(),
-            user.data.clone(),
+            partition_key_table[key].clone(),
+            user.data,
         );
         user_record.sub_sequence_number = index as u64;
         user_record.approximate_arrival_timestamp = record.approximate_arrival_timestamp;
         user_record.explicit_hash_key = explicit.cloned();
         user_record.aggregated = true;
-        out.records.push(user_record);
+        out.push(user_record);
     }
-    out
+    outcome
 }
 
 #[cfg(test)]

@@ -6,6 +6,24 @@ use proptest::prelude::*;
 use super::*;
 use crate::sequence::SequenceNumber;
 
+/// What de-aggregating one record gave, in a vector of its own.
+#[derive(Debug)]
+struct Deaggregated {
+    records: Vec<Record>,
+    problem: Option<AggregationProblem>,
+    dropped_out_of_range: usize,
+}
+
+fn deaggregate(record: Record, shard_range: Option<HashKeyRange>) -> Deaggregated {
+    let mut records = Vec::new();
+    let outcome = super::deaggregate(record, shard_range, &mut records);
+    Deaggregated {
+        records,
+        problem: outcome.problem,
+        dropped_out_of_range: outcome.dropped_out_of_range,
+    }
+}
+
 fn record(data: Vec<u8>) -> Record {
     Record::new(
         SequenceNumber::new("49590338271490256608559692538361571095921575989136588898").unwrap(),
