@@ -6,6 +6,7 @@
 //! integration test never passes by skipping.
 
 pub mod buffering;
+pub mod kpl;
 pub mod proxy;
 
 use std::collections::{BTreeMap, HashMap};
