@@ -6,16 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::ShardIteratorType;
 use kcl_core::{
-    CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, LeaseStore,
-    PollingConfig, Record, RecordProcessor, StreamClient, Worker, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, PollingConfig, Record,
+    RecordProcessor, StreamClient, WorkerConfig, async_trait,
 };
-use kcl_dynamo_lease::DynamoLeaseStore;
-use kcl_integration_tests::{dynamodb, unique};
+use kcl_integration_tests::unique;
 use tokio::time::Instant;
 
-use crate::throughput::SHARDS;
+use crate::throughput::{SHARDS, local_worker, trim_horizon};
 
 /// Records put per second, over all shards: low enough that most reads of a caught-up
 /// shard find nothing, so the idle time after an empty read shows.
@@ -174,16 +172,7 @@ async fn worker(
     let config = WorkerConfig::new(unique("latency-app"), stream)
         .with_initial_position(InitialPosition::TrimHorizon)
         .with_polling(polling);
-    let stream_client: Arc<dyn StreamClient> =
-        Arc::new(KinesisStreamClient::new(client.clone(), stream));
-    let store: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(
-        dynamodb().await,
-        config.lease_table(),
-    ));
-    let worker = Worker::new(config, stream_client, store, move |_shard: &str| {
-        Noting(samples.clone())
-    })
-    .expect("valid config");
+    let worker = local_worker(client, config, move |_shard: &str| Noting(samples.clone())).await;
     tokio::spawn(async move { worker.run(stop).await.expect("worker ran") })
 }
 
@@ -201,16 +190,7 @@ async fn raw_loop(
     for shard in shards {
         let (client, stream, samples) = (client.clone(), stream.to_owned(), samples.clone());
         tasks.spawn(async move {
-            let mut iterator = client
-                .get_shard_iterator()
-                .stream_name(&stream)
-                .shard_id(&shard.shard_id)
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("GetShardIterator")
-                .shard_iterator
-                .expect("an iterator");
+            let mut iterator = trim_horizon(&client, &stream, &shard.shard_id).await;
             let mut next_call = Instant::now();
             loop {
                 tokio::time::sleep_until(next_call).await;

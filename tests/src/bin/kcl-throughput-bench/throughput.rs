@@ -10,7 +10,8 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
 use kcl_core::{
     CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, LeaseStore,
-    PollingConfig, Record, RecordProcessor, StreamClient, Worker, WorkerConfig, async_trait,
+    PollingConfig, Record, RecordProcessor, RecordProcessorFactory, StreamClient, Worker,
+    WorkerConfig, async_trait,
 };
 use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::{dynamodb, kpl, unique};
@@ -221,16 +222,7 @@ pub(crate) async fn raw_loop(
     for shard in shards {
         let (client, stream, progress) = (client.clone(), stream.to_owned(), progress.clone());
         tasks.spawn(async move {
-            let mut iterator = client
-                .get_shard_iterator()
-                .stream_name(&stream)
-                .shard_id(&shard.shard_id)
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .expect("GetShardIterator")
-                .shard_iterator
-                .expect("an iterator");
+            let mut iterator = trim_horizon(&client, &stream, &shard.shard_id).await;
             let mut last_call: Option<Instant> = None;
             loop {
                 if let (Some(pace), Some(last)) = (pace, last_call) {
@@ -280,6 +272,39 @@ pub(crate) async fn raw_loop(
     figure
 }
 
+/// A `TRIM_HORIZON` iterator of `shard_id`, where the raw loops start.
+pub(crate) async fn trim_horizon(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard_id: &str,
+) -> String {
+    client
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(shard_id)
+        .shard_iterator_type(ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .expect("GetShardIterator")
+        .shard_iterator
+        .expect("an iterator")
+}
+
+/// A worker of `config` reading through `client`, its leases on DynamoDB Local.
+pub(crate) async fn local_worker<F: RecordProcessorFactory>(
+    client: &aws_sdk_kinesis::Client,
+    config: WorkerConfig,
+    factory: F,
+) -> Worker<F> {
+    let stream: Arc<dyn StreamClient> =
+        Arc::new(KinesisStreamClient::new(client.clone(), &config.stream));
+    let store: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(
+        dynamodb().await,
+        config.lease_table(),
+    ));
+    Worker::new(config, stream, store, factory).expect("valid config")
+}
+
 /// Counts records and checkpoints after every batch.
 struct Counting(Arc<Progress>);
 
@@ -315,17 +340,11 @@ pub(crate) async fn workers(
             .with_worker_id(format!("w{w}"))
             .with_initial_position(InitialPosition::TrimHorizon)
             .with_polling(PollingConfig::default().with_max_records(shape.per_call));
-        let stream_client: Arc<dyn StreamClient> =
-            Arc::new(KinesisStreamClient::new(client.clone(), stream));
-        let store: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(
-            dynamodb().await,
-            config.lease_table(),
-        ));
         let progress = progress.clone();
-        let worker = Worker::new(config, stream_client, store, move |_shard: &str| {
+        let worker = local_worker(client, config, move |_shard: &str| {
             Counting(progress.clone())
         })
-        .expect("valid config");
+        .await;
         let shutdown = CancellationToken::new();
         running.push((shutdown.clone(), tokio::spawn(worker.run(shutdown))));
     }
