@@ -167,7 +167,7 @@ pub(crate) struct TakeInput<'a> {
     /// Most handoffs to ask for in one round.
     pub(crate) max_leases_to_steal: usize,
     /// Orders equally good candidates, so that workers starting together pick different
-    /// leases instead of all racing for the same ones.
+    /// leases instead of all racing for the same ones. Mixed with `worker_id`.
     pub(crate) seed: u64,
 }
 
@@ -251,6 +251,12 @@ fn free_standing<'a>(lease: &'a Lease, input: &TakeInput<'a>) -> Standing<'a> {
 /// Decides one taking round; see the module documentation for the rules.
 pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
     let me = input.worker_id;
+    // Mixed with the worker id: workers given one seed (the same `rng_seed` in every
+    // process's configuration) must still order candidates differently, or all of them race
+    // for the same free leases round after round (the proptest
+    // `deciding_at_once_converges_without_oscillating` found 6 workers still unbalanced after
+    // 8 rounds that way).
+    let seed = shuffle_key(input.seed, me);
     let mut counts: BTreeMap<&str, usize> = BTreeMap::from([(me, 0)]);
     let mut free: Vec<(TakeReason, u64, &Lease)> = Vec::new();
     // Leases each other worker owns and could be asked for (no handoff pending).
@@ -266,7 +272,7 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
                 }
             }
             Standing::Free(reason) => {
-                free.push((reason, shuffle_key(input.seed, &lease.lease_key), lease))
+                free.push((reason, shuffle_key(seed, &lease.lease_key), lease))
             }
         }
         active += 1;
@@ -316,10 +322,10 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
     let mut loads: Vec<(usize, u64, &str)> = counts
         .iter()
         .filter(|(w, _)| **w != me)
-        .map(|(w, c)| (*c, shuffle_key(input.seed, w), *w))
+        .map(|(w, c)| (*c, shuffle_key(seed, w), *w))
         .collect();
     for lease_list in requestable.values_mut() {
-        lease_list.sort_by_key(|l| (shuffle_key(input.seed, &l.lease_key), l.lease_key.as_str()));
+        lease_list.sort_by_key(|l| (shuffle_key(seed, &l.lease_key), l.lease_key.as_str()));
     }
     while plan.request_handoff.len() < goal {
         // The most loaded worker that can give one and stay at or above what it keeps.
