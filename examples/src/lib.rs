@@ -6,6 +6,9 @@ use base64::Engine;
 use kcl_core::{ErrorChain, InitialPosition, Record};
 use serde::Serialize;
 
+pub mod health;
+pub mod summary;
+
 /// The workspace README, compiled as a doctest so its example cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]

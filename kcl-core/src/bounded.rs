@@ -12,7 +12,7 @@
 //! [`Error::LeaseTableNotFound`] to the worker ([`Fatal`]), which stops delivering and ends.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -90,15 +90,53 @@ impl StreamClient for BoundedStream {
     }
 }
 
+/// When the worker last heard from the lease table: any answer, a refused condition or a
+/// throttle included, shows the table is reachable; a timeout or a failed connection does not.
+/// Readiness checks (`kcl-consumer`'s `/readyz`) compare it with the lease duration.
+#[derive(Debug, Default)]
+pub(crate) struct LeaseTableContact {
+    last: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl LeaseTableContact {
+    fn reached(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    pub(crate) fn last_reached(&self) -> Option<tokio::time::Instant> {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How a lease-table call ended, for [`metrics::LEASE_TABLE_CALLS`](crate::metrics) and
+/// [`LeaseTableContact`]: `(outcome label, the table answered)`.
+fn call_outcome<T>(result: &Result<T>) -> (&'static str, bool) {
+    match result {
+        Ok(_) => ("ok", true),
+        Err(Error::Timeout { .. }) => ("timeout", false),
+        Err(e) => match e.kind() {
+            crate::ErrorKind::ConditionFailed => ("condition_failed", true),
+            crate::ErrorKind::Throttled => ("throttled", true),
+            crate::ErrorKind::Transient => ("error", false),
+            // A refused update or an item that does not decode: the table answered.
+            crate::ErrorKind::Fatal => (
+                "error",
+                !matches!(e, Error::LeaseTableNotFound { .. } | Error::Service { .. }),
+            ),
+        },
+    }
+}
+
 /// A [`LeaseStore`] whose calls fail with [`Error::Timeout`] after `timeout`, reads of many
 /// leases after `scan_timeout` (table set-up, which may wait minutes for a new table,
-/// excepted), and which raises a missing table to `fatal`.
+/// excepted), which raises a missing table to `fatal`, and counts every call.
 #[derive(Debug)]
 pub(crate) struct BoundedLeaseStore {
     pub(crate) inner: Arc<dyn LeaseStore>,
     pub(crate) timeout: Duration,
     pub(crate) scan_timeout: Duration,
     pub(crate) fatal: Arc<Fatal>,
+    pub(crate) contact: Arc<LeaseTableContact>,
 }
 
 impl BoundedLeaseStore {
@@ -109,6 +147,11 @@ impl BoundedLeaseStore {
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let result = bounded(Service::LeaseStore, operation, timeout, call).await;
+        let (outcome, answered) = call_outcome(&result);
+        if answered {
+            self.contact.reached();
+        }
+        crate::metrics::lease_table_call(operation, outcome);
         if let Err(Error::LeaseTableNotFound { table, source }) = &result {
             // The caller keeps the error; the worker gets a copy, its cause as text.
             let source = source.as_deref().map(|cause| -> crate::error::BoxError {

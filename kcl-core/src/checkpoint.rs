@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tracing::debug;
 
 use crate::backoff::{Backoff, retry};
+use crate::consumer::ShardStats;
 use crate::error::{Error, Result};
 use crate::lease::held::HeldLease;
 use crate::lease::{LeaseStore, LeaseUpdate};
@@ -28,6 +29,7 @@ pub struct Checkpointer {
     last: Checkpoint,
     highest_delivered: Option<ExtendedSequenceNumber>,
     at_shard_end: bool,
+    stats: Arc<ShardStats>,
 }
 
 impl fmt::Debug for Checkpointer {
@@ -47,6 +49,7 @@ impl Checkpointer {
         store: Arc<dyn LeaseStore>,
         last: Checkpoint,
         retry: Box<dyn Fn() -> Backoff + Send + Sync>,
+        stats: Arc<ShardStats>,
     ) -> Self {
         Checkpointer {
             shard_id: lease.lease_key().to_owned(),
@@ -56,6 +59,7 @@ impl Checkpointer {
             last,
             highest_delivered: None,
             at_shard_end: false,
+            stats,
         }
     }
 
@@ -154,11 +158,15 @@ impl Checkpointer {
         // Once the lease is lost (taken, or run out while writes failed or hung), the
         // checkpoint fails at once: the processor learns it must stop before a new owner can
         // start. A write dropped here is cancel-safe (see `HeldLease::write`).
-        tokio::select! {
+        let written = tokio::select! {
             biased;
-            _ = lease.lost_token().cancelled() => return Err(Error::LeaseLost { lease_key: self.shard_id.clone() }),
-            written = retry("checkpoint", (self.retry)(), || lease.write(store, &update)) => written?,
+            _ = lease.lost_token().cancelled() => Err(Error::LeaseLost { lease_key: self.shard_id.clone() }),
+            written = retry("checkpoint", (self.retry)(), || lease.write(store, &update)) => written.map(drop),
         };
+        if let Err(e) = written {
+            self.stats.checkpoint_failed();
+            return Err(e);
+        }
         debug!(shard_id = %self.shard_id, %checkpoint, "checkpointed");
         self.last = checkpoint;
         Ok(())
@@ -236,6 +244,12 @@ mod tests {
             store.clone(),
             Checkpoint::TrimHorizon,
             Box::new(move || retry.backoff(0)),
+            Arc::new(ShardStats::new(
+                Arc::default(),
+                &Default::default(),
+                "stream",
+                "s-0",
+            )),
         )
     }
 

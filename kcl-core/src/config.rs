@@ -7,6 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
+use crate::metrics::MetricsConfig;
 
 /// Where a worker starts reading a shard that has no checkpoint yet.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -595,6 +596,8 @@ pub struct WorkerConfig {
     pub polling: PollingConfig,
     /// Processor failure policy.
     pub processing: ProcessingConfig,
+    /// What the worker reports through the metrics facade (see [`crate::metrics`]).
+    pub metrics: MetricsConfig,
     /// How long a graceful shutdown waits for processors to finish their batch and
     /// `shutdown_requested` before it abandons them. Default 20 s: inside the 30 s that
     /// Kubernetes and ECS grant between SIGTERM and SIGKILL.
@@ -616,6 +619,7 @@ impl WorkerConfig {
             lease: LeaseConfig::default(),
             polling: PollingConfig::default(),
             processing: ProcessingConfig::default(),
+            metrics: MetricsConfig::default(),
             shutdown_timeout: Duration::from_secs(20),
             rng_seed: None,
         }
@@ -655,6 +659,12 @@ impl WorkerConfig {
     #[must_use]
     pub fn with_processing(mut self, processing: ProcessingConfig) -> Self {
         self.processing = processing;
+        self
+    }
+    /// Sets [`WorkerConfig::metrics`].
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: MetricsConfig) -> Self {
+        self.metrics = metrics;
         self
     }
     /// Sets [`WorkerConfig::shutdown_timeout`].

@@ -10,13 +10,14 @@ mod bounded;
 mod checkpoint;
 mod config;
 mod consumer;
+mod counters;
 mod error;
 mod fatal;
 mod invalid_items;
 #[cfg(feature = "kinesis")]
 mod kinesis;
 mod lease;
-mod metrics;
+pub mod metrics;
 mod processor;
 mod published;
 mod sequence;
@@ -37,6 +38,7 @@ pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]
 pub use kinesis::KinesisStreamClient;
 pub use lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+pub use metrics::MetricsConfig;
 pub use processor::{RecordProcessor, RecordProcessorFactory};
 pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
 pub use stream::{

@@ -9,8 +9,9 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
-    ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus,
+    AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, KeySchemaElement, KeyType,
+    KeysAndAttributes, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    ScalarAttributeType, TableStatus,
 };
 use kcl_core::{
     AwsSdkError, Error, Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, Result, Service,
@@ -377,10 +378,12 @@ impl LeaseStore for DynamoLeaseStore {
                 .scan()
                 .table_name(&self.table)
                 .consistent_read(true)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
                 .set_exclusive_start_key(start_key)
                 .send()
                 .await
                 .map_err(|e| self.error("Scan", e))?;
+            record_capacity("Scan", output.consumed_capacity());
             for item in output.items() {
                 match lease_from_item(&self.table, item) {
                     Ok(lease) => scan.leases.push(lease),
@@ -401,9 +404,11 @@ impl LeaseStore for DynamoLeaseStore {
             .table_name(&self.table)
             .key(LEASE_KEY, AttributeValue::S(lease_key.to_owned()))
             .consistent_read(true)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
             .map_err(|e| self.error("GetItem", e))?;
+        record_capacity("GetItem", output.consumed_capacity());
         output
             .item
             .as_ref()
@@ -431,9 +436,13 @@ impl LeaseStore for DynamoLeaseStore {
                     .client
                     .batch_get_item()
                     .request_items(&self.table, keys)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Total)
                     .send()
                     .await
                     .map_err(|e| self.error("BatchGetItem", e))?;
+                for consumed in output.consumed_capacity() {
+                    record_capacity("BatchGetItem", Some(consumed));
+                }
                 for item in output
                     .responses
                     .unwrap_or_default()
@@ -467,10 +476,14 @@ impl LeaseStore for DynamoLeaseStore {
             .set_item(Some(lease_to_item(lease)))
             .condition_expression("attribute_not_exists(#key)")
             .expression_attribute_names("#key", LEASE_KEY)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
         match result {
-            Ok(_) => Ok(true),
+            Ok(output) => {
+                record_capacity("PutItem", output.consumed_capacity());
+                Ok(true)
+            }
             Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
             Err(e) => Err(self.error("PutItem", e)),
         }
@@ -494,10 +507,12 @@ impl LeaseStore for DynamoLeaseStore {
             .set_expression_attribute_values(Some(values))
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
         match result {
             Ok(output) => {
+                record_capacity("UpdateItem", output.consumed_capacity());
                 let item = output.attributes.unwrap_or_default();
                 lease_from_item(&self.table, &item)
             }
@@ -549,10 +564,14 @@ impl LeaseStore for DynamoLeaseStore {
             .expression_attribute_names("#counter", LEASE_COUNTER)
             .set_expression_attribute_values(Some(values))
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await;
         match result {
-            Ok(_) => Ok(()),
+            Ok(output) => {
+                record_capacity("DeleteItem", output.consumed_capacity());
+                Ok(())
+            }
             Err(SdkError::ServiceError(e))
                 if matches!(e.err(), DeleteItemError::ConditionalCheckFailedException(_)) =>
             {
@@ -573,4 +592,20 @@ impl LeaseStore for DynamoLeaseStore {
             Err(e) => Err(self.error("DeleteItem", e)),
         }
     }
+}
+
+/// Reports what a call consumed ([`kcl_core::metrics::record_consumed_capacity`]). With
+/// `ReturnConsumedCapacity=TOTAL` DynamoDB reports the operation's `CapacityUnits`, and on
+/// some endpoints its read and write split as well; a read operation's units are read units,
+/// a write's are write units.
+fn record_capacity(operation: &'static str, consumed: Option<&ConsumedCapacity>) {
+    let Some(consumed) = consumed else { return };
+    let total = consumed.capacity_units().unwrap_or(0.0);
+    let (read, write) = match operation {
+        "Scan" | "GetItem" | "BatchGetItem" => {
+            (consumed.read_capacity_units().unwrap_or(total), 0.0)
+        }
+        _ => (0.0, consumed.write_capacity_units().unwrap_or(total)),
+    };
+    kcl_core::metrics::record_consumed_capacity(operation, read, write);
 }

@@ -3,8 +3,15 @@
 //!
 //! ```text
 //! kcl-consumer --app NAME --stream NAME [--initial-position trim-horizon|latest|at-timestamp=RFC3339]
-//!              [--worker-id ID] [--output PATH] [lease and polling settings]
+//!              [--worker-id ID] [--output PATH] [--metrics-addr HOST:PORT] [--per-shard-metrics]
+//!              [--summary-interval 30s] [lease and polling settings]
 //! ```
+//!
+//! With `--metrics-addr`, an HTTP server on that address serves the worker's metrics in
+//! Prometheus text format on `/metrics`, `/healthz` (200 while the process runs) and `/readyz`
+//! (200 once the worker has reached the lease table and run a taking round; 503 before, during
+//! a shutdown, and once the lease table has not answered for a lease duration). Every
+//! `--summary-interval` (0: never) one line at info level says records/s, lag and leases.
 //!
 //! Endpoints, region and credentials come from the standard AWS environment and config files.
 //! Each batch is written and flushed to the output, then checkpointed, so a record is
@@ -24,16 +31,19 @@
 //! process still running then (an output that no longer drains, say) logs an error and exits
 //! 1.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, ErrorChain, InitialPosition, LeaseConfig, PollingConfig,
-    Record, RecordProcessor, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, ErrorChain, InitialPosition, LeaseConfig, MetricsConfig,
+    PollingConfig, Record, RecordProcessor, WorkerConfig, async_trait,
 };
 use kcl_dynamo_lease::AwsWorkerBuilder;
+use kcl_examples::health::{HealthServer, install_prometheus};
+use kcl_examples::summary::log_summaries;
 use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -97,6 +107,25 @@ struct Args {
     /// How long a graceful shutdown waits for processors, e.g. 20s.
     #[arg(long, value_parser = parse_duration)]
     shutdown_timeout: Option<Duration>,
+    /// Serve /metrics (Prometheus text), /healthz and /readyz on this address, e.g.
+    /// 0.0.0.0:9090.
+    #[arg(long, value_parser = parse_socket_addr)]
+    metrics_addr: Option<SocketAddr>,
+    /// Label per-shard metrics with the shard id, and report each shard's lag.
+    #[arg(long)]
+    per_shard_metrics: bool,
+    /// Interval of the progress line logged at info level (0: none).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    summary_interval: Duration,
+}
+
+/// `HOST:PORT`, the host a name or an address.
+fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs()
+        .map_err(|e| format!("`{text}` is not HOST:PORT: {e}"))?
+        .next()
+        .ok_or_else(|| format!("`{text}` resolves to no address"))
 }
 
 impl Args {
@@ -147,7 +176,7 @@ impl Args {
         if let Some(timeout) = self.shutdown_timeout {
             config = config.with_shutdown_timeout(timeout);
         }
-        config
+        config.with_metrics(MetricsConfig::default().with_per_shard(self.per_shard_metrics))
     }
 }
 
@@ -410,11 +439,70 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             gone: gone.clone(),
         }
     };
+    // Bound before the worker starts, so a taken port fails the start-up. The recorder is
+    // installed before the worker exists: instruments are registered as it creates them.
+    let health = match args.metrics_addr {
+        Some(addr) => {
+            let prometheus = install_prometheus(&[("application", &args.app)])
+                .map_err(|e| format!("installing the Prometheus recorder: {e}"))?;
+            Some((HealthServer::bind(addr).await?, prometheus))
+        }
+        None => None,
+    };
+    let lease_duration = config.lease.lease_duration;
     let worker = AwsWorkerBuilder::new(&sdk, config).build(factory)?;
     info!(worker_id = worker.worker_id(), shutdown_deadline = ?deadline, "starting");
-    let outcome = worker.run(shutdown.clone()).await;
+    // The helpers run until the worker has stopped, and are awaited: a failure is reported.
+    let helpers_stop = CancellationToken::new();
+    let mut helpers = tokio::task::JoinSet::new();
+    if let Some((server, prometheus)) = health {
+        info!(address = %server.local_addr()?, "serving /metrics, /healthz and /readyz");
+        let serve = server.serve(
+            prometheus,
+            worker.status(),
+            lease_duration,
+            shutdown.clone(),
+            helpers_stop.clone(),
+        );
+        helpers.spawn(async move { serve.await.map_err(|e| format!("metrics server: {e}")) });
+    }
+    if !args.summary_interval.is_zero() {
+        let summaries = log_summaries(worker.status(), args.summary_interval, helpers_stop.clone());
+        helpers.spawn(async move {
+            summaries.await;
+            Ok(())
+        });
+    }
+    // A helper that fails (the metrics server) shuts the worker down gracefully; the worker's
+    // future is never dropped midway, which would abandon its leases.
+    let run = worker.run(shutdown.clone());
+    tokio::pin!(run);
+    let mut helper_failure: Option<String> = None;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut run => break outcome,
+            Some(joined) = helpers.join_next(), if helper_failure.is_none() => {
+                let failure = match joined {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => e,
+                    Err(e) => format!("a helper task failed: {}", ErrorChain(&e)),
+                };
+                error!(error = %failure, "shutting down");
+                helper_failure = Some(failure);
+                shutdown.cancel();
+            }
+        }
+    };
     // What is left (the final flush) is bounded by the deadline too, also after a fatal error.
     shutdown.cancel();
+    helpers_stop.cancel();
+    while let Some(joined) = helpers.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "a helper task failed"),
+            Err(e) => error!(error = %ErrorChain(&e), "a helper task failed"),
+        }
+    }
     outcome?;
     if let Some(error) = gone.take() {
         return Err(format!("the output {} is closed: {error}", gone.name).into());
@@ -425,5 +513,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .flush()
         .await
         .map_err(|e| format!("flushing {}: {e}", gone.name))?;
-    Ok(())
+    match helper_failure {
+        Some(failure) => Err(failure.into()),
+        None => Ok(()),
+    }
 }

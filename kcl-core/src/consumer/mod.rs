@@ -24,6 +24,7 @@
 
 pub(crate) mod poller;
 mod progress;
+mod stats;
 
 pub(crate) use progress::Progress;
 
@@ -44,15 +45,16 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::backoff::{Backoff, SeedSource};
 use crate::checkpoint::Checkpointer;
 use crate::config::{InitialPosition, WorkerConfig};
+use crate::counters::Counters;
 use crate::error::{BoxError, Error, ErrorChain};
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLease;
-use crate::metrics::Counters;
 use crate::processor::{RecordProcessor, RecordProcessorFactory};
 use crate::published::Published;
 use crate::sequence::Checkpoint;
 use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
 use poller::{FetchedBatch, Poller};
+pub(crate) use stats::ShardStats;
 
 /// How a shard consumer ended.
 #[derive(Debug)]
@@ -137,7 +139,7 @@ pub(crate) struct ShardConsumer<F: RecordProcessorFactory> {
     pub(crate) shutdown: CancellationToken,
     /// Parent shards known to be finished (or gone), published by the worker.
     pub(crate) parents_done: Arc<Published<BTreeSet<String>>>,
-    pub(crate) counters: Arc<Counters>,
+    pub(crate) stats: Arc<ShardStats>,
     pub(crate) progress: Arc<Progress>,
 }
 
@@ -204,8 +206,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             Err(payload) => {
                 let message = panic_message(payload);
                 error!(callback, panic = %message, "record processor panicked");
-                Counters::add(&self.counters.processor_failures, 1);
-                Counters::add(&self.counters.processor_panics, 1);
+                Counters::add(&self.stats.counters().processor_failures, 1);
+                Counters::add(&self.stats.counters().processor_panics, 1);
                 Called::Panicked(message)
             }
         }
@@ -240,8 +242,8 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             }));
             let failure: BoxError = match created {
                 Err(payload) => {
-                    Counters::add(&self.counters.processor_failures, 1);
-                    Counters::add(&self.counters.processor_panics, 1);
+                    Counters::add(&self.stats.counters().processor_failures, 1);
+                    Counters::add(&self.stats.counters().processor_panics, 1);
                     format!("the processor factory panicked: {}", panic_message(payload)).into()
                 }
                 Ok(mut processor) => match self
@@ -250,7 +252,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 {
                     Called::Returned(Ok(())) => return Ok(processor),
                     Called::Returned(Err(e)) => {
-                        Counters::add(&self.counters.processor_failures, 1);
+                        Counters::add(&self.stats.counters().processor_failures, 1);
                         e.into()
                     }
                     Called::Panicked(message) => format!("initialize panicked: {message}").into(),
@@ -292,6 +294,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             self.store.clone(),
             lease.checkpoint.clone(),
             Box::new(move || retry.backoff(seeds.next_seed())),
+            self.stats.clone(),
         );
         // Sessions end in a restart only after a processor panic. Attempts count panics (and
         // failed starts) since the checkpoint last moved: a processor that panics on the same
@@ -370,7 +373,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 .call_process_records_even_for_empty_list,
             budget: Arc::new(Semaphore::new(budget)),
             budget_bytes: budget,
-            counters: self.counters.clone(),
+            stats: self.stats.clone(),
             progress: self.progress.clone(),
         };
         // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
@@ -489,6 +492,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         processor: &mut Option<F::Processor>,
         checkpointer: &mut Checkpointer,
     ) -> Result<(), Interrupt> {
+        if let Some(lag) = batch.millis_behind_latest {
+            self.stats.lag(lag);
+        }
         let Some(last) = batch.records.last() else {
             if batch.shard_end.is_none() {
                 return self.deliver_empty(batch, processor, checkpointer).await;
@@ -514,19 +520,23 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 }));
             };
             checkpointer.set_highest_delivered(last.position());
-            let failure: BoxError = match self
+            let started = tokio::time::Instant::now();
+            let called = self
                 .call(
                     "process_records",
                     current.process_records(&pending, checkpointer, batch.millis_behind_latest),
                 )
-                .await
-            {
+                .await;
+            self.stats.process_records_took(started.elapsed());
+            let failure: BoxError = match called {
                 Called::Returned(Ok(())) => {
                     debug!(records = pending.len(), "batch processed");
+                    let bytes = pending.iter().map(|r| r.data.len() as u64).sum();
+                    self.stats.processed(pending.len() as u64, bytes);
                     return Ok(());
                 }
                 Called::Returned(Err(e)) => {
-                    Counters::add(&self.counters.processor_failures, 1);
+                    Counters::add(&self.stats.counters().processor_failures, 1);
                     e.into()
                 }
                 Called::Panicked(message) => {
@@ -590,7 +600,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         {
             Called::Returned(Ok(())) => Ok(()),
             Called::Returned(Err(e)) => {
-                Counters::add(&self.counters.processor_failures, 1);
+                Counters::add(&self.stats.counters().processor_failures, 1);
                 let e: BoxError = e.into();
                 warn!(error = %ErrorChain(&*e), "process_records failed on an empty batch");
                 Ok(())
@@ -627,7 +637,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             {
                 Called::Returned(Ok(())) => None,
                 Called::Returned(Err(e)) => {
-                    Counters::add(&self.counters.processor_failures, 1);
+                    Counters::add(&self.stats.counters().processor_failures, 1);
                     Some(e.into())
                 }
                 Called::Panicked(message) => {
@@ -649,7 +659,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         }
         if !checkpointer.last_checkpoint().is_shard_end() {
             if !checkpointer.covers_delivered() {
-                Counters::add(&self.counters.shard_end_not_checkpointed, 1);
+                Counters::add(&self.stats.counters().shard_end_not_checkpointed, 1);
                 return SessionEnd::Exit(ShardExit::Failed(Error::ShardEndNotCheckpointed {
                     shard_id,
                     last_checkpoint: checkpointer.last_checkpoint().clone(),

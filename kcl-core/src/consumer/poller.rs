@@ -14,11 +14,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::ShardStats;
 use crate::aggregation::{KPL_MAGIC, deaggregate};
 use crate::backoff::{Backoff, SeedSource};
 use crate::config::PollingConfig;
+use crate::counters::Counters;
 use crate::error::{Error, ErrorChain, Result};
-use crate::metrics::Counters;
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
 use crate::stream::{ChildShard, HashKeyRange, Record, StartingPosition, StreamClient};
 
@@ -59,7 +60,7 @@ pub(crate) struct Poller {
     /// The shard's prefetch byte budget: `budget_bytes` permits, one per byte.
     pub(crate) budget: Arc<Semaphore>,
     pub(crate) budget_bytes: usize,
-    pub(crate) counters: Arc<Counters>,
+    pub(crate) stats: Arc<ShardStats>,
     pub(crate) progress: Arc<super::Progress>,
 }
 
@@ -80,10 +81,10 @@ impl Poller {
             let result = deaggregate(record, self.shard_range, &mut out);
             if let Some(problem) = &result.problem {
                 warn!(shard_id = %self.shard_id, sequence_number = %position, ?problem, "record looks KPL-aggregated but is not; delivered as it came");
-                Counters::add(&self.counters.aggregation_errors, 1);
+                Counters::add(&self.stats.counters().aggregation_errors, 1);
             }
             Counters::add(
-                &self.counters.records_out_of_range,
+                &self.stats.counters().records_out_of_range,
                 result.dropped_out_of_range as u64,
             );
         }
@@ -166,12 +167,13 @@ impl Poller {
             let page = match answer {
                 Ok(page) => page,
                 Err(Error::ExpiredIterator { .. }) => {
+                    self.stats.iterator_expired();
                     warn!(shard_id = %self.shard_id, "shard iterator expired; getting a new one");
                     continue;
                 }
                 Err(error) if error.is_retryable() => {
                     if error.kind() == crate::error::ErrorKind::Throttled {
-                        Counters::add(&self.counters.throttled_reads, 1);
+                        self.stats.throttled();
                     }
                     let delay = failures
                         .get_or_insert_with(|| self.backoff())

@@ -122,6 +122,20 @@ pub(crate) enum TakeReason {
     HandoffTimedOut,
 }
 
+impl TakeReason {
+    /// The reason as a metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            TakeReason::Reserved => "reserved",
+            TakeReason::Orphaned => "orphaned",
+            TakeReason::Unowned => "unowned",
+            TakeReason::Expired => "expired",
+            TakeReason::LapsedReservation => "lapsed_reservation",
+            TakeReason::HandoffTimedOut => "handoff_timed_out",
+        }
+    }
+}
+
 /// A lease to take, with the fence the take must match.
 #[derive(Clone, PartialEq, Eq, Debug)]
 #[non_exhaustive]

@@ -11,10 +11,10 @@ use tracing::{Instrument, error, info, warn};
 
 use super::shutdown::release_lease;
 use super::{Coordinator, MAX_SHARD_COOLDOWN, RunningConsumer};
-use crate::consumer::{Progress, ShardConsumer, ShardExit};
+use crate::consumer::{Progress, ShardConsumer, ShardExit, ShardStats};
+use crate::counters::Counters;
 use crate::error::{Error, ErrorChain};
 use crate::lease::held::{HeldLease, HeldLeases};
-use crate::metrics::Counters;
 use crate::processor::RecordProcessorFactory;
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -34,7 +34,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             factory: self.factory.clone(),
             shutdown: stop.clone(),
             parents_done: self.parents_done.clone(),
-            counters: self.metrics.clone(),
+            stats: Arc::new(ShardStats::new(
+                self.metrics.clone(),
+                &self.config.metrics,
+                &self.config.stream,
+                &key,
+            )),
             progress: progress.clone(),
         };
         let abort = self.consumers.spawn(consumer.run().in_current_span());

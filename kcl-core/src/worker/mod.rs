@@ -37,9 +37,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::backoff::{SeedSource, retry};
-use crate::bounded::{BoundedLeaseStore, BoundedStream};
+use crate::bounded::{BoundedLeaseStore, BoundedStream, LeaseTableContact};
 use crate::config::WorkerConfig;
 use crate::consumer::{Progress, ShardExit};
+use crate::counters::Counters;
 use crate::error::{Error, ErrorChain, Result};
 use crate::fatal::Fatal;
 use crate::invalid_items::InvalidItems;
@@ -47,7 +48,7 @@ use crate::lease::LeaseStore;
 use crate::lease::held::HeldLeases;
 use crate::lease::renewer::run_renewer;
 use crate::lease::taker::LeaseObservations;
-use crate::metrics::Counters;
+use crate::metrics::WorkerMetrics;
 use crate::processor::RecordProcessorFactory;
 use crate::published::Published;
 use crate::shard_sync::ShardSyncer;
@@ -104,6 +105,7 @@ pub struct Worker<F> {
     factory: Arc<F>,
     status: watch::Sender<WorkerStatus>,
     fatal: Arc<Fatal>,
+    contact: Arc<LeaseTableContact>,
 }
 
 impl<F> std::fmt::Debug for Worker<F> {
@@ -136,11 +138,13 @@ impl<F: RecordProcessorFactory> Worker<F> {
             inner: stream,
             timeout: config.polling.request_timeout,
         });
+        let contact = Arc::new(LeaseTableContact::default());
         let lease_store: Arc<dyn LeaseStore> = Arc::new(BoundedLeaseStore {
             inner: lease_store,
             timeout: config.lease.request_timeout,
             scan_timeout: config.lease.scan_timeout,
             fatal: fatal.clone(),
+            contact: contact.clone(),
         });
         Ok(Worker {
             config: Arc::new(config),
@@ -149,6 +153,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             factory: Arc::new(factory),
             status: watch::Sender::new(WorkerStatus::default()),
             fatal,
+            contact,
         })
     }
 
@@ -190,6 +195,8 @@ impl<F: RecordProcessorFactory> Worker<F> {
             &self.config.application_name,
             self.store.table_name(),
         ));
+        crate::metrics::describe();
+        let stream_name = self.config.stream.clone();
         let coordinator = Coordinator {
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
             shutdown: shutdown.clone(),
@@ -218,6 +225,8 @@ impl<F: RecordProcessorFactory> Worker<F> {
             metrics: Arc::new(Counters::default()),
             cooldown: HashMap::new(),
             fatal: self.fatal,
+            contact: self.contact,
+            published: WorkerMetrics::new(&stream_name),
         };
         let run = coordinator.run().instrument(span.clone());
         // The shutdown deadline, enforced: every step of a shutdown is bounded (see
@@ -298,6 +307,10 @@ struct Coordinator<F> {
     cooldown: HashMap<String, (u32, Instant)>,
     /// Errors that end the worker, raised by whichever task finds them.
     fatal: Arc<Fatal>,
+    /// When a lease-table call last got an answer.
+    contact: Arc<LeaseTableContact>,
+    /// The worker-wide metrics, published from each status.
+    published: WorkerMetrics,
 }
 
 /// A shard consumer task and its handles.

@@ -1,9 +1,11 @@
 //! What a running worker reports about itself.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio::time::Instant;
 
 use super::Coordinator;
-use crate::metrics::Counters;
+use crate::counters::Counters;
 use crate::processor::RecordProcessorFactory;
 use tracing::debug;
 
@@ -51,6 +53,32 @@ pub struct WorkerStatus {
     /// processed by no worker until they are repaired (`kcl-leases repair`); each is logged
     /// once as an error.
     pub invalid_lease_items: usize,
+    /// Leases this worker took (any reason, handoffs received included).
+    pub leases_taken: u64,
+    /// Of those, leases taken because their owner stopped renewing them (failovers).
+    pub leases_taken_expired: u64,
+    /// Leases this worker lost: taken by another worker, or run out while renewals failed.
+    pub leases_lost: u64,
+    /// Records `process_records` processed without error.
+    pub records_processed: u64,
+    /// Data bytes of those records.
+    pub bytes_processed: u64,
+    /// Checkpoint writes that failed (the store kept failing, or the lease was lost).
+    pub checkpoint_failures: u64,
+    /// Shard iterators that expired and were renewed.
+    pub expired_iterators: u64,
+    /// Each running shard consumer's lag (`millis_behind_latest`) at its last read.
+    pub millis_behind_latest: BTreeMap<String, u64>,
+    /// When a lease-table call last got an answer (a refused condition or a throttle counts:
+    /// the table is reachable). `None` until the first.
+    pub lease_table_reached_at: Option<Instant>,
+}
+
+impl WorkerStatus {
+    /// The largest lag among this worker's shards; `None` before any read.
+    pub fn max_millis_behind_latest(&self) -> Option<u64> {
+        self.millis_behind_latest.values().copied().max()
+    }
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -59,6 +87,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     pub(super) fn forget_lost_leases(&mut self) {
         for lease in self.held.remove_lost() {
             debug!(lease_key = %lease.lease_key(), "forgetting lost lease");
+            self.counters.leases_lost += 1;
         }
     }
 
@@ -74,6 +103,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let pending = self.incoming.keys().cloned().collect();
         let (counters, metrics) = (&self.counters, &self.metrics);
         let invalid_lease_items = self.invalid_items.count();
+        let lags = metrics.lags();
+        let reached = self.contact.last_reached();
         self.status.send_modify(|status| {
             if let Some((workers, active, spillover)) = round {
                 status.workers = workers;
@@ -95,6 +126,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             status.records_out_of_range = Counters::get(&metrics.records_out_of_range);
             status.shard_end_not_checkpointed = Counters::get(&metrics.shard_end_not_checkpointed);
             status.invalid_lease_items = invalid_lease_items;
+            status.leases_taken = counters.leases_taken;
+            status.leases_taken_expired = counters.leases_taken_expired;
+            status.leases_lost = counters.leases_lost;
+            status.records_processed = Counters::get(&metrics.records_processed);
+            status.bytes_processed = Counters::get(&metrics.bytes_processed);
+            status.checkpoint_failures = Counters::get(&metrics.checkpoint_failures);
+            status.expired_iterators = Counters::get(&metrics.expired_iterators);
+            status.millis_behind_latest = lags;
+            status.lease_table_reached_at = reached;
         });
+        self.published.publish(&self.status.borrow());
     }
 }

@@ -284,6 +284,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 if decision.reason == TakeReason::Reserved {
                     self.counters.received += 1;
                 }
+                self.counters.leases_taken += 1;
+                if decision.reason == TakeReason::Expired {
+                    self.counters.leases_taken_expired += 1;
+                }
+                crate::metrics::lease_taken(&self.config.stream, decision.reason.label());
                 let parents = lease.parent_shard_ids.clone();
                 let held = HeldLease::new(
                     lease,
