@@ -25,7 +25,7 @@ pub enum InitialPosition {
 /// A retry schedule: exponential backoff with full jitter, as data.
 ///
 /// The delay before retry *n* is drawn from `min_delay · factorⁿ` capped at `max_delay`, plus
-/// a random jitter of up to the same amount (see [`crate::backoff`]).
+/// a random jitter of up to the same amount.
 #[derive(Clone, Copy, PartialEq, Debug)]
 #[non_exhaustive]
 pub struct RetryConfig {

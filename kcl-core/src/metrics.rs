@@ -12,7 +12,7 @@
 //! make 1,000 series of each). The application-wide maximum lag is always reported, whatever
 //! the setting.
 //!
-//! [`WorkerStatus`](crate::WorkerStatus) stays the dependency-free snapshot of the same
+//! [`WorkerStatus`] stays the dependency-free snapshot of the same
 //! counts; the worker-wide metrics are published from it after every taking round, the
 //! per-shard ones as each batch is processed.
 

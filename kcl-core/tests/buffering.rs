@@ -105,7 +105,7 @@ impl RecordProcessor for Buffering {
         {
             panic!("injected panic with {} records buffered", self.buffer.len());
         }
-        if batches % self.behaviour.flush_every == 0 {
+        if batches.is_multiple_of(self.behaviour.flush_every) {
             self.flush(checkpointer).await?;
         }
         Ok(())

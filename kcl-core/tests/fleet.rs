@@ -51,10 +51,10 @@ fn handoff_gaps(log: &Log) -> Vec<Duration> {
     let mut last: BTreeMap<String, (String, Instant)> = BTreeMap::new();
     let mut gaps = Vec::new();
     for d in log.delivered() {
-        if let Some((worker, at)) = last.get(&d.shard) {
-            if *worker != d.worker {
-                gaps.push(d.at - *at);
-            }
+        if let Some((worker, at)) = last.get(&d.shard)
+            && *worker != d.worker
+        {
+            gaps.push(d.at - *at);
         }
         last.insert(d.shard.clone(), (d.worker.clone(), d.at));
     }

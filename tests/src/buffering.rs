@@ -120,7 +120,7 @@ impl RecordProcessor for BufferingProcessor {
         {
             panic!("injected panic with {} records buffered", self.buffer.len());
         }
-        if batches % self.behaviour.flush_every.max(1) == 0 {
+        if batches.is_multiple_of(self.behaviour.flush_every.max(1)) {
             self.flush(checkpointer).await?;
         }
         Ok(())

@@ -183,11 +183,10 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
             } else if let Some(running) =
                 consumer.progress.in_callback_for().filter(|r| *r >= limit)
+                && !consumer.warned_slow
             {
-                if !consumer.warned_slow {
-                    warn!(lease_key = %key, ?running, "a record processor callback has been running for a long time");
-                    consumer.warned_slow = true;
-                }
+                warn!(lease_key = %key, ?running, "a record processor callback has been running for a long time");
+                consumer.warned_slow = true;
             }
         }
     }

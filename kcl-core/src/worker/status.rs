@@ -10,7 +10,7 @@ use crate::processor::RecordProcessorFactory;
 use tracing::debug;
 
 /// What a running worker reports about itself after each taking round; see
-/// [`Worker::status`].
+/// [`Worker::status`](crate::Worker::status).
 #[derive(Clone, PartialEq, Eq, Debug, Default)]
 #[non_exhaustive]
 pub struct WorkerStatus {

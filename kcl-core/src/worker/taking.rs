@@ -266,11 +266,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             return false;
         }
 
-        if let Some((failures, until)) = self.cooldown.get(&decision.lease_key) {
-            if *until > Instant::now() {
-                debug!(lease_key = %decision.lease_key, failures, "shard cooling down after failures; not taking it yet");
-                return false;
-            }
+        if let Some((failures, until)) = self.cooldown.get(&decision.lease_key)
+            && *until > Instant::now()
+        {
+            debug!(lease_key = %decision.lease_key, failures, "shard cooling down after failures; not taking it yet");
+            return false;
         }
         true
     }

@@ -176,16 +176,16 @@ impl LeaseStore for Monitored {
                         ),
                     );
                 }
-                if let Some(before) = before {
-                    if checkpoint_rank(checkpoint) < checkpoint_rank(&before.checkpoint) {
-                        violation(
-                            &self.observed,
-                            format!(
-                                "{key}: checkpoint moved back from {} to {checkpoint}",
-                                before.checkpoint
-                            ),
-                        );
-                    }
+                if let Some(before) = before
+                    && checkpoint_rank(checkpoint) < checkpoint_rank(&before.checkpoint)
+                {
+                    violation(
+                        &self.observed,
+                        format!(
+                            "{key}: checkpoint moved back from {} to {checkpoint}",
+                            before.checkpoint
+                        ),
+                    );
                 }
                 let by = fence.owner.as_deref().unwrap_or("nobody");
                 self.observed

@@ -82,16 +82,15 @@ impl SimProcessor {
                 .leases()
                 .into_iter()
                 .find(|l| l.lease_key == *parent)
+                && !lease.is_finished()
             {
-                if !lease.is_finished() {
-                    violation(
-                        &self.observed,
-                        format!(
-                            "{} {when} while its parent {parent} is at {}",
-                            self.shard, lease.checkpoint
-                        ),
-                    );
-                }
+                violation(
+                    &self.observed,
+                    format!(
+                        "{} {when} while its parent {parent} is at {}",
+                        self.shard, lease.checkpoint
+                    ),
+                );
             }
         }
     }

@@ -354,12 +354,11 @@ proptest! {
                 Some("me") | None => {}
                 Some(_) => prop_assert!(obs.is_expired(l, now, DURATION), "took a live lease"),
             }
-            if l.owner.is_none() {
-                if let Some(to) = l.handoff_to.as_deref() {
+            if l.owner.is_none()
+                && let Some(to) = l.handoff_to.as_deref() {
                     prop_assert!(to == "me" || obs.unchanged_for(l, now).unwrap() >= HANDOFF,
                         "took a lease reserved for another worker");
                 }
-            }
         }
         prop_assert!(plan.request_handoff.len() <= steal);
         for r in &plan.request_handoff {
