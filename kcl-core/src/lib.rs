@@ -28,6 +28,7 @@ mod worker;
 
 #[cfg(feature = "kinesis")]
 pub use aws::AwsSdkError;
+pub use aggregation::user_records;
 pub use checkpoint::Checkpointer;
 pub use config::{
     InitialPosition, LeaseConfig, MAX_SETTING_DURATION, PollingConfig, ProcessingConfig,
