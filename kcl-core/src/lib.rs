@@ -26,9 +26,9 @@ mod stream;
 pub mod testing;
 mod worker;
 
+pub use aggregation::user_records;
 #[cfg(feature = "kinesis")]
 pub use aws::AwsSdkError;
-pub use aggregation::user_records;
 pub use checkpoint::Checkpointer;
 pub use config::{
     InitialPosition, LeaseConfig, MAX_SETTING_DURATION, PollingConfig, ProcessingConfig,
