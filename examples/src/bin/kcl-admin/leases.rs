@@ -61,6 +61,11 @@ struct InvalidItem {
 }
 
 pub(crate) async fn run(admin: &Admin, args: &Args) -> Result<()> {
+    if let Some(stream) = admin.stream_if_given() {
+        // A missing stream is said as such (and before the watch), not as every shard
+        // missing.
+        stream.retention().await?;
+    }
     let view = watch_table(admin, args.watch.window()).await?;
     admin.check_stream(view.leases.iter().map(|o| &o.lease))?;
     let lags = match admin.stream_if_given() {
