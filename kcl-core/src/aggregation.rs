@@ -80,6 +80,20 @@ pub(crate) fn partition_key_hash(partition_key: &str) -> u128 {
     u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into())
 }
 
+/// The records a worker delivers for one Kinesis record, as `GetRecords` returned it: the
+/// user records of a KPL aggregate, each with its sub-sequence number, or the record itself
+/// (a plain record, or a corrupt aggregate). `shard_range`, when known, drops user records
+/// hashing outside it, as the worker does.
+///
+/// The last one is where a checkpoint covering the whole Kinesis record stands: a checkpoint
+/// at the record's sequence number with a smaller sub-sequence number leaves the rest of the
+/// aggregate to be delivered.
+pub fn user_records(record: Record, shard_range: Option<HashKeyRange>) -> Vec<Record> {
+    let mut out = Vec::new();
+    deaggregate(record, shard_range, &mut out);
+    out
+}
+
 /// De-aggregates `record` onto the end of `out`: its user records, or the record itself when
 /// it is not aggregated or is corrupt. `shard_range`, when known, drops user records that
 /// hash outside it.

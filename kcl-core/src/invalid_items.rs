@@ -114,12 +114,12 @@ impl InvalidItems {
     }
 }
 
-/// The `kcl-leases` command that repairs the item of `lease_key`.
+/// The `kcl-admin` command that repairs the item of `lease_key`.
 pub(crate) fn repair_command(application: &str, table: &str, lease_key: &str) -> String {
     if table == application {
-        format!("kcl-leases --app {application} repair {lease_key}")
+        format!("kcl-admin --app {application} repair {lease_key}")
     } else {
-        format!("kcl-leases --app {application} --lease-table {table} repair {lease_key}")
+        format!("kcl-admin --app {application} --lease-table {table} repair {lease_key}")
     }
 }
 
@@ -179,11 +179,11 @@ mod tests {
     fn the_repair_command_names_the_table_only_when_it_is_not_the_application() {
         assert_eq!(
             repair_command("orders", "orders", "shardId-000000000001"),
-            "kcl-leases --app orders repair shardId-000000000001"
+            "kcl-admin --app orders repair shardId-000000000001"
         );
         assert_eq!(
             repair_command("orders", "orders-leases", "shardId-000000000001"),
-            "kcl-leases --app orders --lease-table orders-leases repair shardId-000000000001"
+            "kcl-admin --app orders --lease-table orders-leases repair shardId-000000000001"
         );
     }
 }

@@ -27,6 +27,7 @@ mod stream;
 pub mod testing;
 mod worker;
 
+pub use aggregation::user_records;
 #[cfg(feature = "kinesis")]
 pub use aws::AwsSdkError;
 pub use checkpoint::Checkpointer;

@@ -203,7 +203,7 @@ async fn a_corrupt_lease_is_reported_once_as_an_error_and_the_shard_sync_does_no
         "table=test-app",
         "attribute=\"leaseCounter\"",
         PROBLEM,
-        "kcl-leases --app test-app repair shardId-000000000001",
+        "kcl-admin --app test-app repair shardId-000000000001",
     ] {
         assert!(report.contains(part), "`{part}` missing from: {report}");
     }
@@ -230,7 +230,7 @@ async fn a_repaired_lease_is_taken_and_processed_and_a_new_break_reported_again(
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(delivered_from(&log, CORRUPT), 0);
 
-    // What `kcl-leases repair` writes: the lease as it was, without an owner, at a counter
+    // What `kcl-admin repair` writes: the lease as it was, without an owner, at a counter
     // above any it had.
     let mut repaired = before.clone();
     repaired.counter = before.counter + 1_000;

@@ -1,5 +1,5 @@
 //! Repairing a lease item that does not decode (a `leaseCounter` rewritten as text by hand,
-//! say): [`DynamoLeaseStore::repair_lease`], behind `kcl-leases repair`.
+//! say): [`DynamoLeaseStore::repair_lease`], behind `kcl-admin repair`.
 //!
 //! Workers skip such an item, so its shard is processed by nobody until it is repaired. The
 //! repair rewrites it as a well-formed lease without an owner, which the next taking round of
@@ -99,7 +99,7 @@ pub enum RepairError {
     #[error(
         "lease `{lease_key}` in table `{table}`: attribute `checkpoint` {problem}; the repair \
          does not guess where the shard's processing stands: give the checkpoint to resume from \
-         (`kcl-leases repair --checkpoint TRIM_HORIZON|LATEST|SEQUENCE_NUMBER`: TRIM_HORIZON \
+         (`kcl-admin repair KEY --checkpoint TRIM_HORIZON|LATEST|SEQUENCE_NUMBER`: TRIM_HORIZON \
          delivers every record still in the shard again, LATEST skips to new records)"
     )]
     CheckpointNeeded {

@@ -1,7 +1,7 @@
 //! A corrupt lease of a live shard against the real servers (issue 10, defect 9): a lease item
 //! whose `leaseCounter` was rewritten as text is skipped by the worker (its shard is not
-//! processed) and counted in `WorkerStatus::invalid_lease_items`; `kcl-leases` lists it as
-//! `INVALID`, and `kcl-leases repair` rewrites it so the worker takes the shard and processes
+//! processed) and counted in `WorkerStatus::invalid_lease_items`; `kcl-admin leases` lists it
+//! as `INVALID`, and `kcl-admin repair` rewrites it so the worker takes the shard and processes
 //! it from its checkpoint. The repair never guesses a checkpoint.
 
 use std::collections::BTreeSet;
@@ -29,16 +29,16 @@ fn config(app: &str, stream: &str, worker: &str) -> WorkerConfig {
         .with_initial_position(InitialPosition::TrimHorizon)
 }
 
-/// Runs `kcl-leases --app APP ARGS...` against the local DynamoDB.
-async fn kcl_leases(app: &str, args: &[&str]) -> Output {
+/// Runs `kcl-admin --app APP ARGS...` against the local DynamoDB.
+async fn kcl_admin(app: &str, args: &[&str]) -> Output {
     sdk_config().await; // fails loudly without the local servers
-    Command::new(example_binary("kcl-leases"))
+    Command::new(example_binary("kcl-admin"))
         .args(["--app", app])
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
-        .expect("run kcl-leases")
+        .expect("run kcl-admin")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -62,7 +62,7 @@ async fn overwrite_with_text(table: &str, lease_key: &str, attribute: &str, valu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_lease_is_skipped_counted_listed_and_processed_again_after_kcl_leases_repair() {
+async fn a_corrupt_lease_is_skipped_counted_listed_and_processed_again_after_kcl_admin_repair() {
     let kinesis = kinesis().await;
     let stream = unique("corrupt");
     create_stream(&kinesis, &stream, 2).await;
@@ -85,7 +85,7 @@ async fn a_corrupt_lease_is_skipped_counted_listed_and_processed_again_after_kcl
     w1.stop().await.unwrap();
 
     overwrite_with_text(&app, &corrupt, "leaseCounter", "7").await;
-    let listed = kcl_leases(&app, &[]).await;
+    let listed = kcl_admin(&app, &["leases", "--observe", "0"]).await;
     assert!(listed.status.success(), "{}", text(&listed.stderr));
     let stdout = text(&listed.stdout);
     assert!(
@@ -135,7 +135,7 @@ async fn a_corrupt_lease_is_skipped_counted_listed_and_processed_again_after_kcl
     assert_eq!(status.invalid_lease_items, 1);
 
     // The repair: the counter replaced, the owner cleared, the checkpoint kept.
-    let repaired = kcl_leases(&app, &["repair", &corrupt]).await;
+    let repaired = kcl_admin(&app, &["repair", &corrupt]).await;
     assert!(repaired.status.success(), "{}", text(&repaired.stderr));
     let stdout = text(&repaired.stdout);
     assert!(stdout.contains("leaseCounter: \"7\" -> "), "{stdout}");
@@ -162,7 +162,7 @@ async fn a_corrupt_lease_is_skipped_counted_listed_and_processed_again_after_kcl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kcl_leases_repair_never_guesses_a_checkpoint() {
+async fn kcl_admin_repair_never_guesses_a_checkpoint() {
     let app = unique("repair-app");
     let store = DynamoLeaseStore::new(dynamodb().await, &app);
     store.initialize().await.unwrap();
@@ -171,8 +171,8 @@ async fn kcl_leases_repair_never_guesses_a_checkpoint() {
     assert!(store.create_lease_if_absent(&lease).await.unwrap());
     overwrite_with_text(&app, key, "checkpoint", "somewhere in the middle").await;
 
-    let refused = kcl_leases(&app, &["repair", key]).await;
-    assert!(!refused.status.success());
+    let refused = kcl_admin(&app, &["repair", key]).await;
+    assert_eq!(refused.status.code(), Some(3), "refused");
     let stderr = text(&refused.stderr);
     assert!(
         stderr.contains("does not guess") && stderr.contains("--checkpoint"),
@@ -189,7 +189,7 @@ async fn kcl_leases_repair_never_guesses_a_checkpoint() {
         "nothing written"
     );
 
-    let repaired = kcl_leases(&app, &["repair", key, "--checkpoint", "TRIM_HORIZON"]).await;
+    let repaired = kcl_admin(&app, &["repair", key, "--checkpoint", "TRIM_HORIZON"]).await;
     assert!(repaired.status.success(), "{}", text(&repaired.stderr));
     let stdout = text(&repaired.stdout);
     assert!(
@@ -202,10 +202,10 @@ async fn kcl_leases_repair_never_guesses_a_checkpoint() {
     assert_eq!(stored.stream_name.as_deref(), Some("orders"), "kept");
     assert!(stored.counter > lease.counter);
 
-    let again = kcl_leases(&app, &["repair", key]).await;
+    let again = kcl_admin(&app, &["repair", key]).await;
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert!(text(&again.stdout).contains("nothing to repair"));
-    let missing = kcl_leases(&app, &["repair", "shardId-000000000099"]).await;
-    assert!(!missing.status.success());
+    let missing = kcl_admin(&app, &["repair", "shardId-000000000099"]).await;
+    assert_eq!(missing.status.code(), Some(4), "not found");
     assert!(text(&missing.stderr).contains("has no item with key"));
 }

@@ -91,6 +91,26 @@ fn a_plain_record_passes_through() {
     assert_eq!(out.problem, None);
 }
 
+// The public form the admin tool uses to tell where a checkpoint covering a whole Kinesis
+// record stands.
+#[test]
+fn user_records_ends_at_the_last_user_record_or_is_the_plain_record() {
+    for (name, (bytes, expected)) in fixtures() {
+        let users = super::user_records(record(bytes), None);
+        let count = expected["records"].as_array().unwrap().len();
+        assert_eq!(users.len(), count, "{name}");
+        assert_eq!(
+            users.last().map(|r| r.sub_sequence_number),
+            Some(count as u64 - 1),
+            "{name}"
+        );
+    }
+    let plain = super::user_records(record(b"just data".to_vec()), None);
+    assert_eq!(plain.len(), 1);
+    assert_eq!(plain[0].sub_sequence_number, 0);
+    assert_eq!(plain[0].data, b"just data".as_slice());
+}
+
 #[test]
 fn a_bad_digest_is_delivered_as_a_plain_record() {
     let (mut bytes, _) = fixtures().remove("five_keys").unwrap();

@@ -50,7 +50,7 @@ pub struct WorkerStatus {
     /// `SHARD_END` was not written and the shard restarts from its checkpoint.
     pub shard_end_not_checkpointed: u64,
     /// Lease items that did not decode at the last scan of the table. Their shards are
-    /// processed by no worker until they are repaired (`kcl-leases repair`); each is logged
+    /// processed by no worker until they are repaired (`kcl-admin repair`); each is logged
     /// once as an error.
     pub invalid_lease_items: usize,
     /// Leases this worker took (any reason, handoffs received included).
