@@ -7,6 +7,7 @@
 
 pub mod buffering;
 pub mod kpl;
+pub mod process;
 pub mod proxy;
 
 use std::collections::{BTreeMap, HashMap};

@@ -4,17 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcl_core::{Checkpoint, Lease, LeaseConfig, LeaseStore, WorkerConfig};
 use kcl_dynamo_lease::DynamoLeaseStore;
+use kcl_integration_tests::process::{Logged, sigterm};
 use kcl_integration_tests::proxy::{Fault, FaultProxy, Rule};
 use kcl_integration_tests::{
     PATIENCE, create_stream, dynamodb, example_binary, kinesis, lease_owners, put_records,
     puts_by_shard, records, sdk_config, unique, wait_for,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
@@ -45,19 +44,6 @@ async fn consumer(app: &str, stream: &str, output: &Path) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("start kcl-consumer")
-}
-
-async fn sigterm(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,65 +339,6 @@ fn fifo() -> PathBuf {
         .expect("run mkfifo");
     assert!(made.success(), "mkfifo {}", path.display());
     path
-}
-
-/// A running `kcl-consumer` whose log (stderr) is collected line by line; failed assertions
-/// show it.
-struct Logged {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Logged {
-    fn start(mut command: Command) -> Self {
-        let mut child = command
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start kcl-consumer");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let collected = log.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                collected.lock().unwrap().push(line);
-            }
-        });
-        Logged { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    async fn wait_for_log(&self, text: &str) {
-        wait_for(&format!("`{text}` in the log"), PATIENCE, || async {
-            self.log().contains(text)
-        })
-        .await;
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let sent = std::process::Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .unwrap();
-        assert!(sent.success(), "kill -{signal} {pid}");
-    }
-
-    /// The exit status, which must come within `bound` (an upper bound on a hang, generous).
-    async fn exits_within(&mut self, bound: Duration, what: &str) -> std::process::ExitStatus {
-        let status = tokio::time::timeout(bound, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{what}: still running after {bound:?}\n{}", self.log()))
-            .unwrap();
-        // The last lines, once the pipe is closed.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        status
-    }
 }
 
 /// Generous room for a process to act on a signal: an upper bound on a hang, not a speed test.

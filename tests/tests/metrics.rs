@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,13 +12,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use kcl_integration_tests::process::{Logged, sigterm};
 use kcl_integration_tests::proxy::{Fault, FaultProxy, Rule};
 use kcl_integration_tests::{
     PATIENCE, create_stream, example_binary, kinesis, put_records, records, sdk_config, unique,
     wait_for,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// `GET http://ADDR/PATH`: status and body, or `None` when nothing answers.
 async fn get(addr: &str, path: &str) -> Option<(u16, String)> {
@@ -72,44 +71,18 @@ async fn consumer(
     output: &Path,
     extra: &[&str],
     env: &[(&str, String)],
-) -> (Child, Arc<Mutex<Vec<String>>>) {
+) -> Logged {
     sdk_config().await; // fails loudly without the local servers
-    let mut child = Command::new(example_binary("kcl-consumer"))
+    let mut command = Command::new(example_binary("kcl-consumer"));
+    command
         .args(["--app", app, "--stream", stream])
         .args(["--initial-position", "trim-horizon"])
         .args(["--metrics-addr", addr])
         .args(extra)
         .arg("--output")
         .arg(output)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start kcl-consumer");
-    let logged = Arc::new(Mutex::new(Vec::new()));
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let sink = logged.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    (child, logged)
-}
-
-async fn sigterm(mut child: Child) -> std::process::ExitStatus {
-    let pid = child.id().expect("running").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    Logged::start(command)
 }
 
 /// What one scrape showed of the per-shard lag, by shard.
@@ -136,7 +109,7 @@ async fn prometheus_endpoint_reports_progress_while_records_flow() {
     let app = unique("metrics-app");
     let addr = free_address();
     let dir = std::env::temp_dir().join(unique("metrics-out"));
-    let (child, logged) = consumer(
+    let consumer = consumer(
         &app,
         &stream,
         &addr,
@@ -253,10 +226,10 @@ async fn prometheus_endpoint_reports_progress_while_records_flow() {
         "{last}"
     );
 
-    let status = sigterm(child).await;
+    let log = consumer.log();
+    let status = sigterm(consumer.child).await;
     assert!(status.success(), "{status:?}");
-    let logged = logged.lock().unwrap().clone();
-    let progress: Vec<&String> = logged.iter().filter(|l| l.contains("progress:")).collect();
+    let progress: Vec<&str> = log.lines().filter(|l| l.contains("progress:")).collect();
     assert!(
         progress.iter().any(|l| l.contains("records/s")
             && l.contains("max lag 0 ms")
@@ -277,7 +250,7 @@ async fn readyz_fails_while_the_lease_table_is_unreachable_and_recovers() {
     let app = unique("ready-app");
     let addr = free_address();
     let dir = std::env::temp_dir().join(unique("ready-out"));
-    let (child, _logged) = consumer(
+    let consumer = consumer(
         &app,
         &stream,
         &addr,
@@ -329,7 +302,7 @@ async fn readyz_fails_while_the_lease_table_is_unreachable_and_recovers() {
         get(&addr, "/readyz").await.is_some_and(|(s, _)| s == 200)
     })
     .await;
-    let status = sigterm(child).await;
+    let status = sigterm(consumer.child).await;
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_file(&dir);
 }
