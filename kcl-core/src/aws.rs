@@ -3,7 +3,7 @@
 use std::fmt;
 
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_kinesis::operation::RequestId;
+use aws_sdk_kinesis::operation::RequestId as _;
 
 use crate::error::BoxError;
 
@@ -28,16 +28,54 @@ pub struct AwsSdkError {
     sdk: BoxError,
 }
 
+/// What an SDK error's raw answer says of its HTTP status: a response has one, an event
+/// stream's message (an exception frame inside `SubscribeToShard`) has none.
+pub trait RawAnswer: fmt::Debug + Send + Sync + 'static {
+    /// The HTTP status, when there is one.
+    fn http_status(&self) -> Option<u16>;
+    /// The request id from the response headers, when there are headers.
+    fn request_id(&self) -> Option<&str>;
+}
+
+impl RawAnswer for aws_sdk_kinesis::config::http::HttpResponse {
+    fn http_status(&self) -> Option<u16> {
+        Some(self.status().as_u16())
+    }
+
+    fn request_id(&self) -> Option<&str> {
+        let headers = self.headers();
+        headers
+            .get("x-amzn-requestid")
+            .or_else(|| headers.get("x-amz-request-id"))
+    }
+}
+
+impl RawAnswer for aws_smithy_types::event_stream::RawMessage {
+    fn http_status(&self) -> Option<u16> {
+        None
+    }
+
+    fn request_id(&self) -> Option<&str> {
+        None
+    }
+}
+
 impl AwsSdkError {
-    /// Wraps an error returned by an AWS SDK operation.
-    pub fn new<E>(err: SdkError<E>) -> Self
+    /// Wraps an error returned by an AWS SDK operation (or an event stream of one).
+    pub fn new<E, R>(err: SdkError<E, R>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: RawAnswer,
     {
         // The request id is in the response headers; a modelled error also has it in its
         // metadata.
-        let request_id = err
-            .request_id()
+        let raw = match &err {
+            SdkError::ServiceError(context) => Some(context.raw()),
+            SdkError::ResponseError(context) => Some(context.raw()),
+            _ => None,
+        };
+        let request_id = raw
+            .and_then(RawAnswer::request_id)
             .or_else(|| err.meta().request_id())
             .map(str::to_owned);
         let code = err.code().map(str::to_owned);
@@ -48,8 +86,11 @@ impl AwsSdkError {
                     (Some(code), None) => code.clone(),
                     // No code to go by: the HTTP status is all there is.
                     (None, message) => format!(
-                        "service error (HTTP {}){}",
-                        context.raw().status().as_u16(),
+                        "service error{}{}",
+                        context
+                            .raw()
+                            .http_status()
+                            .map_or_else(String::new, |s| format!(" (HTTP {s})")),
                         message.map_or_else(String::new, |m| format!(": {m}"))
                     ),
                 };

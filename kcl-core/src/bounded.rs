@@ -21,6 +21,7 @@ use crate::error::{Error, Result, Service};
 use crate::fatal::Fatal;
 use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
 use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
+use crate::subscription::{ShardSubscription, StreamConsumer};
 
 async fn bounded<T>(
     service: Service,
@@ -85,6 +86,43 @@ impl StreamClient for BoundedStream {
             "GetRecords",
             self.timeout,
             self.inner.get_records(shard_id, shard_iterator, limit),
+        )
+        .await
+    }
+
+    async fn describe_stream_consumer(&self, consumer: &str) -> Result<Option<StreamConsumer>> {
+        bounded(
+            Service::Kinesis,
+            "DescribeStreamConsumer",
+            self.timeout,
+            self.inner.describe_stream_consumer(consumer),
+        )
+        .await
+    }
+
+    async fn register_stream_consumer(&self, name: &str) -> Result<StreamConsumer> {
+        bounded(
+            Service::Kinesis,
+            "RegisterStreamConsumer",
+            self.timeout,
+            self.inner.register_stream_consumer(name),
+        )
+        .await
+    }
+
+    /// Bounds the subscribe call; the events that follow are bounded by the reader.
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<Box<dyn ShardSubscription>> {
+        bounded(
+            Service::Kinesis,
+            "SubscribeToShard",
+            self.timeout,
+            self.inner
+                .subscribe_to_shard(consumer_arn, shard_id, position),
         )
         .await
     }

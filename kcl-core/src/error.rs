@@ -112,6 +112,28 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The resource is busy (Kinesis `ResourceInUseException`): a consumer being registered
+    /// by another worker, or a shard subscription still open for this consumer (just after a
+    /// handoff the old one lingers up to 5 s). Retry after a backoff of at least a second.
+    #[error("{service} {operation}: the resource is in use")]
+    ResourceInUse {
+        /// Which service answered.
+        service: Service,
+        /// The API operation, e.g. `SubscribeToShard`.
+        operation: &'static str,
+        /// The error the SDK returned.
+        #[source]
+        source: BoxError,
+    },
+
+    /// The stream client does not implement an operation (say, enhanced fan-out on a client
+    /// that only polls).
+    #[error("this stream client does not support {operation}")]
+    Unsupported {
+        /// The API operation.
+        operation: &'static str,
+    },
+
     /// A failure that may go away when retried: network error, timeout, 5xx answer.
     #[error("{service} {operation} failed (transient)")]
     Transient {
@@ -339,6 +361,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Throttled { .. } => ErrorKind::Throttled,
+            Error::ResourceInUse { .. } => ErrorKind::Transient,
             Error::Transient { .. } | Error::Timeout { .. } | Error::ExpiredIterator { .. } => {
                 ErrorKind::Transient
             }
@@ -346,6 +369,7 @@ impl Error {
                 ErrorKind::ConditionFailed
             }
             Error::InvalidConfig { .. }
+            | Error::Unsupported { .. }
             | Error::StreamNotFound { .. }
             | Error::ShardNotFound { .. }
             | Error::Processor { .. }

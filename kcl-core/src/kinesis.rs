@@ -1,5 +1,8 @@
 //! [`KinesisStreamClient`]: the [`StreamClient`] for Amazon Kinesis, on the AWS SDK for Rust.
 
+mod subscription;
+
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -8,12 +11,13 @@ use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::types::ShardIteratorType;
 use aws_smithy_types::DateTime;
 
-use crate::aws::AwsSdkError;
+use crate::aws::{AwsSdkError, RawAnswer};
 use crate::error::{Error, Result, Service};
 use crate::sequence::SequenceNumber;
 use crate::stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
+use crate::subscription::{ShardSubscription, StreamConsumer};
 
 /// Reads one Kinesis data stream through the AWS SDK.
 ///
@@ -24,6 +28,8 @@ pub struct KinesisStreamClient {
     client: Client,
     stream: String,
     list_shards_page_size: Option<i32>,
+    /// The stream's ARN, looked up once when the stream is given by name (fan-out needs it).
+    stream_arn: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl KinesisStreamClient {
@@ -33,6 +39,7 @@ impl KinesisStreamClient {
             client,
             stream: stream.into(),
             list_shards_page_size: None,
+            stream_arn: Arc::default(),
         }
     }
 
@@ -55,22 +62,21 @@ impl KinesisStreamClient {
     }
 }
 
-/// The one place where Kinesis SDK errors are mapped onto [`Error`] variants.
-fn classify<E>(
+/// The one place where Kinesis SDK errors (of calls, and of `SubscribeToShard`'s event
+/// stream) are mapped onto [`Error`] variants.
+fn classify<E, R>(
     stream: &str,
     operation: &'static str,
     shard_id: Option<&str>,
-    err: SdkError<E>,
+    err: SdkError<E, R>,
 ) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: RawAnswer,
 {
     let service = Service::Kinesis;
     let (code, status) = match &err {
-        SdkError::ServiceError(e) => (
-            e.err().code().map(str::to_owned),
-            Some(e.raw().status().as_u16()),
-        ),
+        SdkError::ServiceError(e) => (e.err().code().map(str::to_owned), e.raw().http_status()),
         _ => (None, None),
     };
     match (&err, code.as_deref()) {
@@ -93,6 +99,11 @@ where
                 stream: stream.to_owned(),
                 source: Some(AwsSdkError::new(err).into()),
             },
+        },
+        (_, Some("ResourceInUseException")) => Error::ResourceInUse {
+            service,
+            operation,
+            source: AwsSdkError::new(err).into(),
         },
         (_, Some("ExpiredIteratorException")) => Error::ExpiredIterator {
             shard_id: shard_id.unwrap_or_default().to_owned(),
@@ -289,5 +300,22 @@ impl StreamClient for KinesisStreamClient {
             .millis_behind_latest
             .and_then(|m| u64::try_from(m).ok());
         Ok(page)
+    }
+
+    async fn describe_stream_consumer(&self, consumer: &str) -> Result<Option<StreamConsumer>> {
+        self.describe_consumer(consumer).await
+    }
+
+    async fn register_stream_consumer(&self, name: &str) -> Result<StreamConsumer> {
+        self.register_consumer(name).await
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<Box<dyn ShardSubscription>> {
+        self.subscribe(consumer_arn, shard_id, position).await
     }
 }

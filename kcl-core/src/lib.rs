@@ -23,6 +23,7 @@ mod published;
 mod sequence;
 mod shard_sync;
 mod stream;
+mod subscription;
 #[cfg(feature = "test-util")]
 pub mod testing;
 mod worker;
@@ -45,6 +46,7 @@ pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
 pub use stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
+pub use subscription::{ConsumerStatus, ShardSubscription, StreamConsumer, SubscriptionEvent};
 pub use worker::{Worker, WorkerStatus};
 
 /// Re-exported so processors need no direct dependency to implement the trait.

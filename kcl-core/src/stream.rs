@@ -10,8 +10,9 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
+use crate::subscription::{ShardSubscription, StreamConsumer};
 
 /// A data record as delivered to a [`RecordProcessor`](crate::RecordProcessor).
 #[derive(Clone, PartialEq, Eq)]
@@ -250,4 +251,43 @@ pub trait StreamClient: Send + Sync + fmt::Debug + 'static {
         shard_iterator: &str,
         limit: u32,
     ) -> Result<RecordsPage>;
+
+    /// The enhanced fan-out consumer named `consumer` (a name on this stream, or a consumer
+    /// ARN), or `None` when there is none. Clients that only poll keep the default, which
+    /// answers [`Error::Unsupported`].
+    async fn describe_stream_consumer(&self, consumer: &str) -> Result<Option<StreamConsumer>> {
+        let _ = consumer;
+        Err(Error::Unsupported {
+            operation: "DescribeStreamConsumer",
+        })
+    }
+
+    /// Registers an enhanced fan-out consumer named `name` on this stream.
+    ///
+    /// # Errors
+    /// [`Error::ResourceInUse`] when a consumer of that name exists or is being registered
+    /// (by another worker, say): describe it instead.
+    async fn register_stream_consumer(&self, name: &str) -> Result<StreamConsumer> {
+        let _ = name;
+        Err(Error::Unsupported {
+            operation: "RegisterStreamConsumer",
+        })
+    }
+
+    /// Subscribes the consumer `consumer_arn` to `shard_id` from `position`.
+    ///
+    /// # Errors
+    /// [`Error::ResourceInUse`] while another subscription of this consumer to this shard is
+    /// open; [`Error::Throttled`] beyond one subscribe a second per shard and consumer.
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<Box<dyn ShardSubscription>> {
+        let _ = (consumer_arn, shard_id, position);
+        Err(Error::Unsupported {
+            operation: "SubscribeToShard",
+        })
+    }
 }

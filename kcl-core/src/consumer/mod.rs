@@ -22,6 +22,7 @@
 //! consumer fails loudly with [`Error::ShardEndNotCheckpointed`] and the shard restarts from
 //! its checkpoint, so records a processor buffered are delivered again, never skipped.
 
+mod batch;
 pub(crate) mod poller;
 mod progress;
 mod stats;
@@ -53,7 +54,8 @@ use crate::processor::{RecordProcessor, RecordProcessorFactory};
 use crate::published::Published;
 use crate::sequence::Checkpoint;
 use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
-use poller::{FetchedBatch, Poller};
+use batch::{Batches, FetchedBatch};
+use poller::Poller;
 pub(crate) use stats::ShardStats;
 
 /// How a shard consumer ended.
@@ -365,15 +367,18 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             config: self.config.polling.clone(),
             seeds: self.seeds.clone(),
             start: start.clone(),
-            skip_through: checkpoint.position().cloned(),
-            shard_range: self.lease.snapshot().await.hash_key_range,
-            deliver_empty: self
-                .config
-                .processing
-                .call_process_records_even_for_empty_list,
-            budget: Arc::new(Semaphore::new(budget)),
-            budget_bytes: budget,
-            stats: self.stats.clone(),
+            batches: Batches {
+                shard_id: shard_id.clone(),
+                skip_through: checkpoint.position().cloned(),
+                shard_range: self.lease.snapshot().await.hash_key_range,
+                deliver_empty: self
+                    .config
+                    .processing
+                    .call_process_records_even_for_empty_list,
+                budget: Arc::new(Semaphore::new(budget)),
+                budget_bytes: budget,
+                stats: self.stats.clone(),
+            },
             progress: self.progress.clone(),
         };
         // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
