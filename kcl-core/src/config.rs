@@ -6,6 +6,10 @@
 
 use std::time::{Duration, SystemTime};
 
+mod retrieval;
+
+pub use retrieval::{ConsumerRef, FanOutConfig, MIN_SUBSCRIBE_BACKOFF, Retrieval};
+
 use crate::error::{Error, Result};
 use crate::metrics::MetricsConfig;
 
@@ -64,7 +68,7 @@ impl RetryConfig {
         self
     }
 
-    fn validate(&self, field: &'static str) -> Result<()> {
+    pub(crate) fn validate(&self, field: &'static str) -> Result<()> {
         within_bound(field, self.min_delay)?;
         within_bound(field, self.max_delay)?;
         if self.min_delay.is_zero() {
@@ -592,7 +596,10 @@ pub struct WorkerConfig {
     pub initial_position: InitialPosition,
     /// Lease timing and limits.
     pub lease: LeaseConfig,
-    /// Polling settings.
+    /// How shard consumers read: polling (the default) or enhanced fan-out.
+    pub retrieval: Retrieval,
+    /// Polling settings. `max_prefetched_batches` and `max_prefetched_bytes` bound what a
+    /// shard reads ahead in fan-out mode too.
     pub polling: PollingConfig,
     /// Processor failure policy.
     pub processing: ProcessingConfig,
@@ -617,6 +624,7 @@ impl WorkerConfig {
             lease_table_name: None,
             initial_position: InitialPosition::default(),
             lease: LeaseConfig::default(),
+            retrieval: Retrieval::default(),
             polling: PollingConfig::default(),
             processing: ProcessingConfig::default(),
             metrics: MetricsConfig::default(),
@@ -647,6 +655,12 @@ impl WorkerConfig {
     #[must_use]
     pub fn with_lease(mut self, lease: LeaseConfig) -> Self {
         self.lease = lease;
+        self
+    }
+    /// Sets [`WorkerConfig::retrieval`].
+    #[must_use]
+    pub fn with_retrieval(mut self, retrieval: Retrieval) -> Self {
+        self.retrieval = retrieval;
         self
     }
     /// Sets [`WorkerConfig::polling`].
@@ -755,6 +769,9 @@ impl WorkerConfig {
         self.lease.validate()?;
         self.polling.validate()?;
         self.processing.validate()?;
+        if let Retrieval::FanOut(fan_out) = &self.retrieval {
+            fan_out.validate(&self.application_name)?;
+        }
         nonzero("shutdown_timeout", self.shutdown_timeout)?;
         // A healthy consumer hears from Kinesis at least every idle interval, or after a
         // timed-out call: the watchdog must not fire before either.

@@ -30,6 +30,12 @@ pub(crate) struct Counters {
     pub(crate) checkpoint_failures: AtomicU64,
     /// Shard iterators that expired.
     pub(crate) expired_iterators: AtomicU64,
+    /// Fan-out subscriptions opened.
+    pub(crate) subscriptions: AtomicU64,
+    /// Subscribes refused or failed.
+    pub(crate) subscribe_refusals: AtomicU64,
+    /// Open subscriptions that failed or went silent.
+    pub(crate) subscription_failures: AtomicU64,
     /// Each running consumer's lag at its last read, by shard.
     lags: Mutex<BTreeMap<String, u64>>,
 }

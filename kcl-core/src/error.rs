@@ -126,6 +126,18 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The enhanced fan-out consumer did not become `ACTIVE` in time, or the ARN configured
+    /// names no consumer.
+    #[error("enhanced fan-out consumer `{consumer}` is not active ({status}) after {waited:?}")]
+    ConsumerNotActive {
+        /// The consumer's name or ARN, as configured.
+        consumer: String,
+        /// Its status when last described (`not found` for an ARN that names nothing).
+        status: String,
+        /// How long the worker waited (`retrieval.registration_timeout`).
+        waited: std::time::Duration,
+    },
+
     /// The stream client does not implement an operation (say, enhanced fan-out on a client
     /// that only polls).
     #[error("this stream client does not support {operation}")]
@@ -370,6 +382,7 @@ impl Error {
             }
             Error::InvalidConfig { .. }
             | Error::Unsupported { .. }
+            | Error::ConsumerNotActive { .. }
             | Error::StreamNotFound { .. }
             | Error::ShardNotFound { .. }
             | Error::Processor { .. }

@@ -33,8 +33,8 @@ pub use aggregation::user_records;
 pub use aws::AwsSdkError;
 pub use checkpoint::Checkpointer;
 pub use config::{
-    InitialPosition, LeaseConfig, MAX_SETTING_DURATION, PollingConfig, ProcessingConfig,
-    RetryConfig, WorkerConfig,
+    ConsumerRef, FanOutConfig, InitialPosition, LeaseConfig, MAX_SETTING_DURATION,
+    MIN_SUBSCRIBE_BACKOFF, PollingConfig, ProcessingConfig, Retrieval, RetryConfig, WorkerConfig,
 };
 pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]

@@ -57,6 +57,14 @@ pub const THROTTLED_READS: &str = "aws.kinesis.client.get_records.throttled";
 /// Counter, per shard: shard iterators that expired and were renewed (Java KCL
 /// `ExpiredIterator`).
 pub const EXPIRED_ITERATORS: &str = "aws.kinesis.client.expired_iterator";
+/// Counter, per shard: enhanced fan-out subscriptions opened (one every five minutes per
+/// shard when all is well).
+pub const SUBSCRIPTIONS: &str = "aws.kinesis.client.subscribe_to_shard.subscriptions";
+/// Counter, per shard: subscribes refused (another subscription still open, one a second per
+/// shard) or failed.
+pub const SUBSCRIBE_REFUSALS: &str = "aws.kinesis.client.subscribe_to_shard.refusals";
+/// Counter, per shard: open subscriptions that failed or sent nothing for `event_timeout`.
+pub const SUBSCRIPTION_FAILURES: &str = "aws.kinesis.client.subscribe_to_shard.failures";
 
 /// Gauge: leases this worker holds (Java KCL `CurrentLeases`).
 pub const CURRENT_LEASES: &str = "aws.kinesis.client.current_leases";
@@ -236,6 +244,9 @@ pub(crate) struct ShardMetrics {
     checkpoint_failures: instrument::Counter,
     throttled_reads: instrument::Counter,
     expired_iterators: instrument::Counter,
+    subscriptions: instrument::Counter,
+    subscribe_refusals: instrument::Counter,
+    subscription_failures: instrument::Counter,
 }
 
 impl ShardMetrics {
@@ -254,6 +265,9 @@ impl ShardMetrics {
             checkpoint_failures: instrument::Counter::new(CHECKPOINT_FAILURES, &labels),
             throttled_reads: instrument::Counter::new(THROTTLED_READS, &labels),
             expired_iterators: instrument::Counter::new(EXPIRED_ITERATORS, &labels),
+            subscriptions: instrument::Counter::new(SUBSCRIPTIONS, &labels),
+            subscribe_refusals: instrument::Counter::new(SUBSCRIBE_REFUSALS, &labels),
+            subscription_failures: instrument::Counter::new(SUBSCRIPTION_FAILURES, &labels),
         }
     }
 
@@ -282,6 +296,18 @@ impl ShardMetrics {
 
     pub(crate) fn iterator_expired(&self) {
         self.expired_iterators.add(1);
+    }
+
+    pub(crate) fn subscribed(&self) {
+        self.subscriptions.add(1);
+    }
+
+    pub(crate) fn subscribe_refused(&self) {
+        self.subscribe_refusals.add(1);
+    }
+
+    pub(crate) fn subscription_failed(&self) {
+        self.subscription_failures.add(1);
     }
 }
 

@@ -4,7 +4,8 @@
 //! ```text
 //! kcl-consumer --app NAME --stream NAME [--initial-position trim-horizon|latest|at-timestamp=RFC3339]
 //!              [--worker-id ID] [--output PATH] [--metrics-addr HOST:PORT] [--per-shard-metrics]
-//!              [--summary-interval 30s] [lease and polling settings]
+//!              [--summary-interval 30s] [--fan-out [--consumer-name NAME | --consumer-arn ARN]]
+//!              [lease and polling settings]
 //! ```
 //!
 //! With `--metrics-addr`, an HTTP server on that address serves the worker's metrics in
@@ -38,8 +39,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, ErrorChain, InitialPosition, LeaseConfig, MetricsConfig,
-    PollingConfig, Record, RecordProcessor, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, ErrorChain, FanOutConfig, InitialPosition, LeaseConfig,
+    MetricsConfig, PollingConfig, Record, RecordProcessor, Retrieval, WorkerConfig, async_trait,
 };
 use kcl_dynamo_lease::AwsWorkerBuilder;
 use kcl_examples::health::{HealthServer, install_prometheus};
@@ -114,6 +115,16 @@ struct Args {
     /// Label per-shard metrics with the shard id, and report each shard's lag.
     #[arg(long)]
     per_shard_metrics: bool,
+    /// Read with enhanced fan-out (SubscribeToShard) instead of polling GetRecords: the
+    /// consumer (default: named after --app) is registered at start if missing.
+    #[arg(long)]
+    fan_out: bool,
+    /// With --fan-out: the consumer's name.
+    #[arg(long, requires = "fan_out", conflicts_with = "consumer_arn")]
+    consumer_name: Option<String>,
+    /// With --fan-out: a consumer registered beforehand, by ARN (never registered here).
+    #[arg(long, requires = "fan_out")]
+    consumer_arn: Option<String>,
     /// Interval of the progress line logged at info level (0: none).
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     summary_interval: Duration,
@@ -175,6 +186,16 @@ impl Args {
         }
         if let Some(timeout) = self.shutdown_timeout {
             config = config.with_shutdown_timeout(timeout);
+        }
+        if self.fan_out {
+            let mut fan_out = FanOutConfig::default();
+            if let Some(name) = &self.consumer_name {
+                fan_out = fan_out.with_consumer_name(name);
+            }
+            if let Some(arn) = &self.consumer_arn {
+                fan_out = fan_out.with_consumer_arn(arn);
+            }
+            config = config.with_retrieval(Retrieval::FanOut(fan_out));
         }
         config.with_metrics(MetricsConfig::default().with_per_shard(self.per_shard_metrics))
     }

@@ -23,6 +23,7 @@
 //! its checkpoint, so records a processor buffered are delivered again, never skipped.
 
 mod batch;
+mod fan_out;
 pub(crate) mod poller;
 mod progress;
 mod stats;
@@ -45,7 +46,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::backoff::{Backoff, SeedSource};
 use crate::checkpoint::Checkpointer;
-use crate::config::{InitialPosition, WorkerConfig};
+use crate::config::{InitialPosition, Retrieval, WorkerConfig};
 use crate::counters::Counters;
 use crate::error::{BoxError, Error, ErrorChain};
 use crate::lease::LeaseStore;
@@ -55,6 +56,7 @@ use crate::published::Published;
 use crate::sequence::Checkpoint;
 use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
 use batch::{Batches, FetchedBatch};
+use fan_out::FanOutReader;
 use poller::Poller;
 pub(crate) use stats::ShardStats;
 
@@ -143,6 +145,15 @@ pub(crate) struct ShardConsumer<F: RecordProcessorFactory> {
     pub(crate) parents_done: Arc<Published<BTreeSet<String>>>,
     pub(crate) stats: Arc<ShardStats>,
     pub(crate) progress: Arc<Progress>,
+    /// In fan-out mode: the registered consumer the shard is read as.
+    pub(crate) consumer_arn: Option<Arc<str>>,
+}
+
+/// What reads a session's records ahead of the processor.
+enum Reader {
+    /// The poller, with the shard iterator it starts from.
+    Polling(Poller, String),
+    FanOut(FanOutReader),
 }
 
 /// Where a shard resumes, given its lease's checkpoint.
@@ -361,39 +372,56 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         let handoff = self.lease.handoff_token().clone();
         let start = starting_position(&checkpoint, &self.config.initial_position, &shard_id);
         let budget = self.config.polling.max_prefetched_bytes;
-        let poller = Poller {
-            stream: self.stream.clone(),
+        let batches = Batches {
             shard_id: shard_id.clone(),
-            config: self.config.polling.clone(),
-            seeds: self.seeds.clone(),
-            start: start.clone(),
-            batches: Batches {
+            skip_through: checkpoint.position().cloned(),
+            shard_range: self.lease.snapshot().await.hash_key_range,
+            deliver_empty: self
+                .config
+                .processing
+                .call_process_records_even_for_empty_list,
+            budget: Arc::new(Semaphore::new(budget)),
+            budget_bytes: budget,
+            stats: self.stats.clone(),
+        };
+        let reader = match (&self.config.retrieval, &self.consumer_arn) {
+            (Retrieval::FanOut(fan_out), Some(consumer_arn)) => Reader::FanOut(FanOutReader {
+                stream: self.stream.clone(),
                 shard_id: shard_id.clone(),
-                skip_through: checkpoint.position().cloned(),
-                shard_range: self.lease.snapshot().await.hash_key_range,
-                deliver_empty: self
-                    .config
-                    .processing
-                    .call_process_records_even_for_empty_list,
-                budget: Arc::new(Semaphore::new(budget)),
-                budget_bytes: budget,
-                stats: self.stats.clone(),
-            },
-            progress: self.progress.clone(),
-        };
-        // The iterator comes before `initialize`, as in the Java KCL: a shard starting at
-        // LATEST reads everything put after `initialize` was called.
-        let iterator = tokio::select! {
-            biased;
-            _ = lost.cancelled() => return SessionEnd::Exit(ShardExit::LeaseLost),
-            _ = self.shutdown.cancelled() => return SessionEnd::Exit(ShardExit::Shutdown),
-            _ = handoff.cancelled() => return SessionEnd::Exit(ShardExit::HandedOff),
-            it = poller.iterator_at(&start) => it,
-        };
-        let iterator = match iterator {
-            Ok(it) => it,
-            Err(Error::ShardNotFound { .. }) => return SessionEnd::Exit(ShardExit::ShardGone),
-            Err(e) => return SessionEnd::Exit(ShardExit::Failed(e)),
+                consumer_arn: consumer_arn.clone(),
+                config: fan_out.clone(),
+                seeds: self.seeds.clone(),
+                start: start.clone(),
+                batches,
+                progress: self.progress.clone(),
+            }),
+            _ => {
+                let poller = Poller {
+                    stream: self.stream.clone(),
+                    shard_id: shard_id.clone(),
+                    config: self.config.polling.clone(),
+                    seeds: self.seeds.clone(),
+                    start: start.clone(),
+                    batches,
+                    progress: self.progress.clone(),
+                };
+                // The iterator comes before `initialize`, as in the Java KCL: a shard
+                // starting at LATEST reads everything put after `initialize` was called.
+                let iterator = tokio::select! {
+                    biased;
+                    _ = lost.cancelled() => return SessionEnd::Exit(ShardExit::LeaseLost),
+                    _ = self.shutdown.cancelled() => return SessionEnd::Exit(ShardExit::Shutdown),
+                    _ = handoff.cancelled() => return SessionEnd::Exit(ShardExit::HandedOff),
+                    it = poller.iterator_at(&start) => it,
+                };
+                match iterator {
+                    Ok(it) => Reader::Polling(poller, it),
+                    Err(Error::ShardNotFound { .. }) => {
+                        return SessionEnd::Exit(ShardExit::ShardGone);
+                    }
+                    Err(e) => return SessionEnd::Exit(ShardExit::Failed(e)),
+                }
+            }
         };
         let processor = match self
             .start_processor(&checkpoint, &mut self.backoff(), attempts)
@@ -408,11 +436,18 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         let (tx, mut rx) = mpsc::channel(self.config.polling.max_prefetched_batches);
         let stop_poller = CancellationToken::new();
         let mut poller_task = JoinSet::new();
-        poller_task.spawn(
-            poller
-                .run(iterator, tx, stop_poller.clone())
-                .instrument(tracing::Span::current()),
-        );
+        match reader {
+            Reader::Polling(poller, iterator) => poller_task.spawn(
+                poller
+                    .run(iterator, tx, stop_poller.clone())
+                    .instrument(tracing::Span::current()),
+            ),
+            Reader::FanOut(reader) => poller_task.spawn(
+                reader
+                    .run(tx, stop_poller.clone())
+                    .instrument(tracing::Span::current()),
+            ),
+        };
 
         let end = loop {
             // Pick the next event; delivery happens outside the select, so a batch being

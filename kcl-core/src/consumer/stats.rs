@@ -60,6 +60,24 @@ impl ShardStats {
         self.metrics.throttled();
     }
 
+    /// A fan-out subscription was opened.
+    pub(crate) fn subscribed(&self) {
+        Counters::add(&self.counters.subscriptions, 1);
+        self.metrics.subscribed();
+    }
+
+    /// A subscribe was refused: another subscription still open, or the rate limit.
+    pub(crate) fn subscribe_refused(&self) {
+        Counters::add(&self.counters.subscribe_refusals, 1);
+        self.metrics.subscribe_refused();
+    }
+
+    /// An open subscription failed or went silent.
+    pub(crate) fn subscription_failed(&self) {
+        Counters::add(&self.counters.subscription_failures, 1);
+        self.metrics.subscription_failed();
+    }
+
     pub(crate) fn iterator_expired(&self) {
         Counters::add(&self.counters.expired_iterators, 1);
         self.metrics.iterator_expired();

@@ -64,14 +64,13 @@ impl std::fmt::Debug for AwsShardSubscription {
 #[async_trait]
 impl ShardSubscription for AwsShardSubscription {
     async fn next_event(&mut self) -> Result<Option<SubscriptionEvent>> {
-        const OPERATION: &str = "SubscribeToShard";
         loop {
             // An exception frame inside the stream, or the connection failing.
             let received = self
                 .events
                 .recv()
                 .await
-                .map_err(|e| classify(&self.stream, OPERATION, Some(&self.shard_id), e))?;
+                .map_err(|e| stream_error(&self.stream, &self.shard_id, e))?;
             match received {
                 None => return Ok(None),
                 Some(SubscribeToShardEventStream::SubscribeToShardEvent(event)) => {
@@ -81,6 +80,48 @@ impl ShardSubscription for AwsShardSubscription {
                 Some(_) => continue,
             }
         }
+    }
+}
+
+/// An error of the event stream. Its exception frames carry no error code in the SDK's
+/// metadata (only the typed variant says which), so they are told apart here; the rest is
+/// classified like any call's error. A `ResourceNotFound` frame (the consumer deregistered,
+/// say) fails the shard's consumer, which releases the lease: it never counts as the shard's
+/// end or its deletion, which would drop the checkpoint.
+fn stream_error(
+    stream: &str,
+    shard_id: &str,
+    err: aws_sdk_kinesis::error::SdkError<
+        SubscribeToShardEventStreamError,
+        aws_smithy_types::event_stream::RawMessage,
+    >,
+) -> Error {
+    use crate::aws::AwsSdkError;
+    use crate::error::Service;
+    use aws_sdk_kinesis::error::SdkError;
+    const OPERATION: &str = "SubscribeToShard";
+    let service = Service::Kinesis;
+    let variant = match &err {
+        SdkError::ServiceError(context) => Some(context.err()),
+        _ => None,
+    };
+    match variant {
+        Some(SubscribeToShardEventStreamError::ResourceInUseException(_)) => Error::ResourceInUse {
+            service,
+            operation: OPERATION,
+            source: AwsSdkError::new(err).into(),
+        },
+        Some(SubscribeToShardEventStreamError::KmsThrottlingException(_)) => Error::Throttled {
+            service,
+            operation: OPERATION,
+            source: AwsSdkError::new(err).into(),
+        },
+        Some(SubscribeToShardEventStreamError::InternalFailureException(_)) => Error::Transient {
+            service,
+            operation: OPERATION,
+            source: AwsSdkError::new(err).into(),
+        },
+        _ => classify(stream, OPERATION, Some(shard_id), err),
     }
 }
 

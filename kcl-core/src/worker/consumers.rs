@@ -41,6 +41,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 &key,
             )),
             progress: progress.clone(),
+            consumer_arn: self.consumer_arn.clone(),
         };
         let abort = self.consumers.spawn(consumer.run().in_current_span());
         self.consumer_leases.insert(abort.id(), key.clone());

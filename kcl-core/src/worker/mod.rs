@@ -20,6 +20,7 @@
 //! stopping consumers, releases) and `status` (what a running worker reports).
 
 mod consumers;
+mod fan_out;
 mod resharding;
 mod shutdown;
 mod status;
@@ -38,6 +39,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::backoff::{SeedSource, retry};
 use crate::bounded::{BoundedLeaseStore, BoundedStream, LeaseTableContact};
+use crate::config::Retrieval;
 use crate::config::WorkerConfig;
 use crate::consumer::{Progress, ShardExit};
 use crate::counters::Counters;
@@ -226,6 +228,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             cooldown: HashMap::new(),
             fatal: self.fatal,
             contact: self.contact,
+            consumer_arn: None,
             published: WorkerMetrics::new(&stream_name),
         };
         let run = coordinator.run().instrument(span.clone());
@@ -309,6 +312,8 @@ struct Coordinator<F> {
     fatal: Arc<Fatal>,
     /// When a lease-table call last got an answer.
     contact: Arc<LeaseTableContact>,
+    /// In fan-out mode, once registered: the consumer the shards are read as.
+    consumer_arn: Option<Arc<str>>,
     /// The worker-wide metrics, published from each status.
     published: WorkerMetrics,
 }
@@ -401,6 +406,23 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             }
             Err(e) => return Err(e),
             Ok(()) => {}
+        }
+        if let Retrieval::FanOut(fan_out) = &self.config.retrieval {
+            // Before any lease is taken: shards are read as this consumer.
+            let active = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    info!("worker stopped before it started");
+                    return Ok(());
+                }
+                active = fan_out::active_consumer(
+                    self.stream.as_ref(),
+                    fan_out,
+                    &self.config.application_name,
+                    &self.seeds,
+                ) => active,
+            };
+            self.consumer_arn = Some(active?.into());
         }
         info!(lease_table = %self.store.table_name(), "worker started");
 

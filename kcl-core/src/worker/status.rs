@@ -67,6 +67,13 @@ pub struct WorkerStatus {
     pub checkpoint_failures: u64,
     /// Shard iterators that expired and were renewed.
     pub expired_iterators: u64,
+    /// Enhanced fan-out subscriptions opened.
+    pub subscriptions: u64,
+    /// `SubscribeToShard` calls refused (another subscription still open, the rate limit) or
+    /// failed.
+    pub subscribe_refusals: u64,
+    /// Open subscriptions that failed or sent nothing for `event_timeout`.
+    pub subscription_failures: u64,
     /// Each running shard consumer's lag (`millis_behind_latest`) at its last read.
     pub millis_behind_latest: BTreeMap<String, u64>,
     /// When a lease-table call last got an answer (a refused condition or a throttle counts:
@@ -133,6 +140,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             status.bytes_processed = Counters::get(&metrics.bytes_processed);
             status.checkpoint_failures = Counters::get(&metrics.checkpoint_failures);
             status.expired_iterators = Counters::get(&metrics.expired_iterators);
+            status.subscriptions = Counters::get(&metrics.subscriptions);
+            status.subscribe_refusals = Counters::get(&metrics.subscribe_refusals);
+            status.subscription_failures = Counters::get(&metrics.subscription_failures);
             status.millis_behind_latest = lags;
             status.lease_table_reached_at = reached;
         });

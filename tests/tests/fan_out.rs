@@ -1,0 +1,119 @@
+//! Enhanced fan-out against kinesis-mock (SubscribeToShard over plain HTTP/1.1) and DynamoDB
+//! Local: the consumer registered at start, a 4-shard stream consumed fully by two workers
+//! with order kept and nothing delivered twice, and a subscription refused while another one
+//! for the same consumer and shard is open.
+//!
+//! kinesis-mock never ends a closed shard through fan-out (no child shards, never a null
+//! continuation): shard end through fan-out is covered by the in-memory stream and the
+//! simulation.
+
+use std::time::Duration;
+
+use kcl_core::{
+    FanOutConfig, InitialPosition, LeaseConfig, PollingConfig, Retrieval, StartingPosition,
+    WorkerConfig,
+};
+use kcl_integration_tests::{
+    PATIENCE, Recorder, by_shard, clients, create_stream, evenly_owned, kinesis, put_records,
+    puts_by_shard, records, sdk_config, start_worker, unique, wait_for,
+};
+
+fn config(app: &str, stream: &str, worker: &str) -> WorkerConfig {
+    WorkerConfig::new(app, stream)
+        .with_worker_id(worker)
+        .with_initial_position(InitialPosition::TrimHorizon)
+        .with_lease(
+            LeaseConfig::default()
+                .with_lease_duration(Duration::from_secs(6))
+                .with_renewal_interval(Duration::from_secs(2))
+                .with_taker_interval(Duration::from_secs(1))
+                .with_handoff_timeout(Duration::from_secs(6)),
+        )
+        .with_polling(PollingConfig::default())
+        .with_retrieval(Retrieval::FanOut(FanOutConfig::default()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_fan_out_workers_consume_a_four_shard_stream_fully_and_in_order() {
+    sdk_config().await;
+    let kinesis = kinesis().await;
+    let stream = unique("fanout");
+    create_stream(&kinesis, &stream, 4).await;
+    let mut puts = put_records(&kinesis, &stream, &records("a", 0, 400, 29)).await;
+    let app = unique("fanout-app");
+    let recorder = Recorder::default();
+    let first = start_worker(config(&app, &stream, "w0"), &recorder).await;
+    let second = start_worker(config(&app, &stream, "w1"), &recorder).await;
+    wait_for("an even split", PATIENCE, || evenly_owned(&app, 2, 4)).await;
+    puts.extend(put_records(&kinesis, &stream, &records("b", 0, 400, 29)).await);
+    wait_for("every record", PATIENCE, || async {
+        recorder.count() >= 800
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Both workers read as the application's consumer, registered by whichever came first.
+    let (client, _) = clients(&config(&app, &stream, "check")).await;
+    let consumer = client
+        .describe_stream_consumer(&app)
+        .await
+        .unwrap()
+        .expect("the consumer was registered");
+    assert_eq!(consumer.name, app);
+    let statuses = [
+        first.status.borrow().clone(),
+        second.status.borrow().clone(),
+    ];
+    for status in &statuses {
+        assert!(status.subscriptions >= 1, "{status:?}");
+        assert_eq!(status.subscription_failures, 0, "{status:?}");
+    }
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+    // Every record once, in shard order, by one worker at a time.
+    assert_eq!(by_shard(&recorder.delivered()), puts_by_shard(&puts));
+    assert_eq!(recorder.overlaps(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_refused_while_another_is_open_is_retried_until_it_succeeds() {
+    sdk_config().await;
+    let kinesis = kinesis().await;
+    let stream = unique("fanout-busy");
+    create_stream(&kinesis, &stream, 1).await;
+    let puts = put_records(&kinesis, &stream, &records("r", 0, 100, 7)).await;
+    let app = unique("fanout-busy-app");
+    let config = config(&app, &stream, "w0");
+    let (client, _) = clients(&config).await;
+    let consumer = client.register_stream_consumer(&app).await.unwrap();
+    wait_for("the consumer to be active", PATIENCE, || async {
+        client
+            .describe_stream_consumer(&consumer.arn)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.status == kcl_core::ConsumerStatus::Active)
+    })
+    .await;
+    // Another reader of this consumer holds the only shard's subscription.
+    let shard = "shardId-000000000000";
+    let held = client
+        .subscribe_to_shard(&consumer.arn, shard, &StartingPosition::TrimHorizon)
+        .await
+        .unwrap();
+    let recorder = Recorder::default();
+    let worker = start_worker(config, &recorder).await;
+    wait_for("a refused subscribe", PATIENCE, || async {
+        worker.status.borrow().subscribe_refusals >= 1
+    })
+    .await;
+    assert_eq!(recorder.count(), 0, "nothing read while refused");
+    drop(held);
+    wait_for("every record", PATIENCE, || async {
+        recorder.count() >= 100
+    })
+    .await;
+    let status = worker.status.borrow().clone();
+    worker.stop().await.unwrap();
+    assert!(status.subscriptions >= 1, "{status:?}");
+    assert_eq!(by_shard(&recorder.delivered()), puts_by_shard(&puts));
+}
