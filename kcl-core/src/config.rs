@@ -775,16 +775,20 @@ impl WorkerConfig {
         nonzero("shutdown_timeout", self.shutdown_timeout)?;
         // A healthy consumer hears from Kinesis at least every idle interval, or after a
         // timed-out call: the watchdog must not fire before either.
-        let quiet = self
+        let mut quiet = self
             .polling
             .idle_time_between_empty_reads
             .max(self.polling.request_timeout);
+        // In fan-out mode a healthy consumer hears an event at least every `event_timeout`.
+        if let Retrieval::FanOut(fan_out) = &self.retrieval {
+            quiet = quiet.max(fan_out.event_timeout);
+        }
         if self.processing.watchdog_timeout <= quiet * 2 {
             return Err(Error::invalid_config(
                 "processing.watchdog_timeout",
                 format!(
-                    "({:?}) must be more than twice the longer of polling.idle_time_between_empty_reads and \
-                     polling.request_timeout ({quiet:?})",
+                    "({:?}) must be more than twice the longest of polling.idle_time_between_empty_reads, \
+                     polling.request_timeout and, with fan-out, retrieval.event_timeout ({quiet:?})",
                     self.processing.watchdog_timeout
                 ),
             ));

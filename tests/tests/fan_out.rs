@@ -4,18 +4,21 @@
 //! for the same consumer and shard is open.
 //!
 //! kinesis-mock never ends a closed shard through fan-out (no child shards, never a null
-//! continuation): shard end through fan-out is covered by the in-memory stream and the
-//! simulation.
+//! continuation): shard end through fan-out runs on ferrokinesis (a Rust Kinesis server,
+//! started in this process), which ends a closed shard's subscription with its child shards.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kcl_core::{
     FanOutConfig, InitialPosition, LeaseConfig, PollingConfig, Retrieval, StartingPosition,
     WorkerConfig,
 };
+use kcl_core::LeaseStore;
 use kcl_integration_tests::{
-    PATIENCE, Recorder, by_shard, clients, create_stream, evenly_owned, kinesis, put_records,
-    puts_by_shard, records, sdk_config, start_worker, unique, wait_for,
+    KeyedProducer, PATIENCE, Recorder, assert_complete_and_in_key_order, by_shard, clients,
+    create_stream, distinct_delivered, evenly_owned, kinesis, put_records, puts_by_shard, records,
+    sdk_config, split_shard, start_worker, start_worker_on, stream_client_via, unique, wait_for,
 };
 
 fn config(app: &str, stream: &str, worker: &str) -> WorkerConfig {
@@ -116,4 +119,79 @@ async fn a_subscription_refused_while_another_is_open_is_retried_until_it_succee
     worker.stop().await.unwrap();
     assert!(status.subscriptions >= 1, "{status:?}");
     assert_eq!(by_shard(&recorder.delivered()), puts_by_shard(&puts));
+}
+
+/// ferrokinesis in this process, on a free port, with subscriptions that end after
+/// `session`: the server that ends a closed shard's subscription with its child shards.
+async fn ferrokinesis(session: Duration) -> String {
+    let options = ferrokinesis::store::StoreOptions {
+        create_stream_ms: 0,
+        delete_stream_ms: 0,
+        update_stream_ms: 0,
+        subscribe_to_shard_session_ms: u64::try_from(session.as_millis()).unwrap(),
+        ..Default::default()
+    };
+    let (app, _store) = ferrokinesis::create_app(options);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// A Kinesis client of `endpoint` (credentials and region from the test environment).
+async fn kinesis_at(endpoint: &str) -> aws_sdk_kinesis::Client {
+    let sdk = sdk_config().await;
+    aws_sdk_kinesis::Client::from_conf(
+        aws_sdk_kinesis::config::Builder::from(&sdk)
+            .endpoint_url(endpoint)
+            .build(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_read_through_fan_out_ends_the_parent_and_starts_the_children_after_it() {
+    // Sessions of 2 s: every shard is also re-subscribed several times on the way.
+    let endpoint = ferrokinesis(Duration::from_secs(2)).await;
+    let kinesis = kinesis_at(&endpoint).await;
+    let stream = unique("fanout-split");
+    create_stream(&kinesis, &stream, 1).await;
+    let producer = KeyedProducer::start(kinesis.clone(), &stream, 16, Duration::from_millis(100));
+    let app = unique("fanout-split-app");
+    let config = config(&app, &stream, "w0");
+    let (_, store) = clients(&config).await;
+    let client = Arc::new(stream_client_via(&endpoint, &stream, 3).await);
+    let recorder = Recorder::default();
+    let worker = start_worker_on(config, &recorder, client, store.clone());
+    wait_for("records flowing", PATIENCE, || async { recorder.count() >= 100 }).await;
+    split_shard(&kinesis, &stream, "shardId-000000000000").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let distinct = producer.stop().await;
+    wait_for("every record", PATIENCE, || async {
+        distinct_delivered(&recorder) >= distinct
+    })
+    .await;
+    let status = worker.status.borrow().clone();
+    worker.stop().await.unwrap();
+
+    // No key's records out of order across parent and children: the children started only
+    // after the parent was read to its end through fan-out.
+    assert_complete_and_in_key_order(&recorder, distinct);
+    let parent = store
+        .get_lease("shardId-000000000000")
+        .await
+        .unwrap()
+        .expect("the parent's lease");
+    assert!(parent.is_finished(), "{parent:?}");
+    let children: Vec<String> = recorder
+        .delivered()
+        .into_iter()
+        .map(|d| d.shard_id)
+        .filter(|s| s != "shardId-000000000000")
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(children.len(), 2, "both children read: {children:?}");
+    // Three shards, each subscribed again after its 2 s sessions.
+    assert!(status.subscriptions >= 5, "{status:?}");
+    assert_eq!(status.subscription_failures, 0, "{status:?}");
 }

@@ -3,8 +3,11 @@
 //!
 //! It subscribes at the consumer's start position, hands each event's records over in order,
 //! remembers the event's continuation, and when a subscription ends (every five minutes by
-//! the service's rule) or fails, subscribes again after the last continuation it received:
-//! every event received is in the channel or delivered, so nothing is skipped or repeated.
+//! the service's rule) or fails, subscribes again at the last continuation it received,
+//! skipping the records already handed over: every event received is in the channel or
+//! delivered, so nothing is skipped or repeated. (AT the continuation rather than the Java
+//! KCL's AFTER it: servers differ on whether the continuation is the last record or the place
+//! after it, and the skip makes both right.)
 //! Backpressure: it waits for a free place in the channel and room in the byte budget before
 //! it asks for the next event (HTTP/2 flow control then holds the service back), so a slow
 //! processor holds at most `max_prefetched_batches` events. A subscription that sends nothing
@@ -24,7 +27,7 @@ use super::batch::{Batches, FetchedBatch};
 use crate::backoff::{Backoff, SeedSource};
 use crate::config::FanOutConfig;
 use crate::error::{Error, ErrorChain, Result};
-use crate::stream::{StartingPosition, StreamClient};
+use crate::stream::{ChildShard, StartingPosition, StreamClient};
 use crate::subscription::ShardSubscription;
 
 #[derive(Debug)]
@@ -118,6 +121,8 @@ impl FanOutReader {
         stop: &CancellationToken,
     ) -> Ended {
         let timeout = self.config.event_timeout;
+        // Child shards named by an event that did not end the shard (see below).
+        let mut children_seen: Option<Vec<ChildShard>> = None;
         loop {
             // Room first: a slow processor holds the subscription back, not memory.
             let slot = tokio::select! {
@@ -140,6 +145,14 @@ impl FanOutReader {
                     return Ended::Failed;
                 }
                 Ok(Ok(None)) => {
+                    // A server that never sends the null continuation (ferrokinesis) names
+                    // the children on every event of a closed shard and ends the
+                    // subscription once it is drained: that end is the shard's.
+                    if let Some(children) = children_seen.take() {
+                        info!(shard_id = %self.shard_id, "shard end reached through fan-out (subscription drained after child shards)");
+                        let _ = self.batches.send(slot, Vec::new(), None, Some(children)).await;
+                        return Ended::Done;
+                    }
                     debug!(shard_id = %self.shard_id, "subscription ended; subscribing again");
                     return Ended::Normally;
                 }
@@ -162,10 +175,23 @@ impl FanOutReader {
             };
             self.progress.tick();
             if let Some(continuation) = &event.continuation_sequence_number {
-                *position = StartingPosition::AfterSequenceNumber(continuation.clone());
+                *position = StartingPosition::AtSequenceNumber(continuation.clone());
             }
-            let shard_end = event.is_shard_end().then_some(event.child_shards);
+            let shard_end = if event.is_shard_end() {
+                Some(event.child_shards)
+            } else {
+                if !event.child_shards.is_empty() {
+                    children_seen = Some(event.child_shards);
+                }
+                None
+            };
             let records = self.batches.records(event.records);
+            // The next subscription starts at the continuation, which may be the last record
+            // handed over (AWS) or the place after it (ferrokinesis): what was handed over is
+            // skipped either way.
+            if let Some(last) = records.last() {
+                self.batches.skip_through = Some(last.position());
+            }
             if !self.batches.worth_sending(&records, shard_end.is_some()) {
                 continue;
             }
