@@ -8,12 +8,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use super::subscription::FanOut;
 use super::{Fault, injected, lock};
 use crate::error::{Error, Result, Service};
 use crate::sequence::SequenceNumber;
 use crate::stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
+use crate::subscription::{ShardSubscription, StreamConsumer};
 
 /// Shard iterators expire after five minutes, as in Kinesis.
 pub(super) const ITERATOR_LIFETIME: Duration = Duration::from_secs(300);
@@ -87,6 +89,8 @@ pub(super) struct StreamState {
     /// Shards whose `GetRecords` calls fail with this fault (throttling, say) until cleared.
     shard_faults: HashMap<String, Fault>,
     omit_child_shards: bool,
+    /// Enhanced fan-out: consumers and subscriptions.
+    pub(super) fan_out: FanOut,
 }
 
 impl StreamState {
@@ -142,6 +146,8 @@ impl StreamState {
             .map_or_else(|| next.to_string(), |r| r.sequence_number.to_string());
         shard.shard.ending_sequence_number = Some(last);
         shard.children = described;
+        // Its subscriptions send their last event.
+        self.fan_out.wake();
     }
 
     fn issue(&mut self, shard_id: &str, next_index: usize) -> String {
@@ -267,6 +273,7 @@ impl InMemoryStream {
         let shard = &mut state.shards[index];
         shard.records.push(record);
         let shard_id = shard.shard.shard_id.clone();
+        state.fan_out.wake();
         self.puts.fetch_add(1, Ordering::Relaxed);
         (shard_id, sequence_number)
     }
@@ -421,6 +428,8 @@ impl InMemoryStream {
         state
             .shards
             .retain(|s| s.shard.shard_id != shard_id || s.shard.is_open());
+        // Its subscriptions fail.
+        state.fan_out.wake();
     }
 
     /// Makes every iterator issued so far expire.
@@ -536,5 +545,26 @@ impl StreamClient for InMemoryStream {
         Ok(RecordsPage::new(records, next)
             .with_millis_behind_latest(millis_behind)
             .with_child_shards(children))
+    }
+
+    async fn describe_stream_consumer(&self, consumer: &str) -> Result<Option<StreamConsumer>> {
+        self.describe_consumer(consumer)
+    }
+
+    async fn register_stream_consumer(&self, name: &str) -> Result<StreamConsumer> {
+        self.register_consumer(name)
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<Box<dyn ShardSubscription>> {
+        Ok(Box::new(self.subscribe(
+            consumer_arn,
+            shard_id,
+            position,
+        )?))
     }
 }
