@@ -1,5 +1,6 @@
 //! Fan-out of the in-memory stream, on paused time.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use proptest::prelude::*;
@@ -648,4 +649,55 @@ async fn a_trimmed_shard_is_not_found_like_get_records_says() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::ShardNotFound { .. }), "{err:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_faulty_client_cuts_its_subscriptions_off_too() {
+    let stream = Arc::new(InMemoryStream::new("s", 1));
+    // No empty events in the way.
+    stream.set_subscription_event_interval(Duration::from_secs(60));
+    let faulty = Faulty::new(stream.clone());
+    let arn = faulty.register_stream_consumer("app").await.unwrap().arn;
+    assert!(
+        faulty
+            .describe_stream_consumer("app")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    faulty.set(Fault::Fail);
+    let err = faulty
+        .subscribe_to_shard(&arn, SHARD, &StartingPosition::Latest)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Transient { .. }), "{err:?}");
+    faulty.set(Fault::None);
+    let mut sub = faulty
+        .subscribe_to_shard(&arn, SHARD, &StartingPosition::Latest)
+        .await
+        .unwrap();
+
+    // A stall holds an event until it ends.
+    faulty.set(Fault::Stall);
+    let put = stream.put_record("k", vec![1]).1;
+    let start = Instant::now();
+    let (event, ()) = tokio::join!(next(&mut sub), async {
+        sleep(Duration::from_secs(2)).await;
+        faulty.set(Fault::None);
+    });
+    assert_eq!(sequence_numbers(&event), [put]);
+    assert_eq!(start.elapsed(), Duration::from_secs(2));
+
+    // A failure ends the wait at once, and the subscription.
+    let (failed, ()) = tokio::join!(sub.next_event(), async {
+        sleep(Duration::from_millis(300)).await;
+        faulty.set(Fault::Fail);
+    });
+    assert!(matches!(failed, Err(Error::Transient { .. })), "{failed:?}");
+    assert_eq!(start.elapsed(), Duration::from_millis(2_300));
+    assert!(sub.next_event().await.unwrap().is_none());
+    assert!(
+        stream.open_subscriptions().is_empty(),
+        "closed at the server"
+    );
 }
