@@ -11,6 +11,7 @@ use crate::error::{Error, Result, Service};
 use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
 use crate::published::Published;
 use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
+use crate::subscription::{ShardSubscription, StreamConsumer, SubscriptionEvent};
 
 /// What a [`Faulty`] wrapper does to the calls going through it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -60,7 +61,9 @@ pub enum Hang {
 }
 
 /// Wraps a [`StreamClient`] or a [`LeaseStore`] of one worker and injects faults into its calls,
-/// switchable at any time: one worker can be cut off while the others run on.
+/// switchable at any time: one worker can be cut off while the others run on. The fan-out
+/// subscriptions opened through it are cut off too: a stall holds their events, a failure
+/// ends them (as a reset connection).
 #[derive(Debug)]
 pub struct Faulty<T: ?Sized> {
     inner: std::sync::Arc<T>,
@@ -182,6 +185,73 @@ impl<T: StreamClient + ?Sized> StreamClient for Faulty<T> {
         self.inner
             .get_records(shard_id, shard_iterator, limit)
             .await
+    }
+    async fn describe_stream_consumer(&self, consumer: &str) -> Result<Option<StreamConsumer>> {
+        self.gate(Service::Kinesis, "DescribeStreamConsumer")
+            .await?;
+        self.inner.describe_stream_consumer(consumer).await
+    }
+    async fn register_stream_consumer(&self, name: &str) -> Result<StreamConsumer> {
+        self.gate(Service::Kinesis, "RegisterStreamConsumer")
+            .await?;
+        self.inner.register_stream_consumer(name).await
+    }
+    // The subscription's events go through the fault too: see `FaultySubscription`.
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<Box<dyn ShardSubscription>> {
+        self.gate(Service::Kinesis, SUBSCRIBE).await?;
+        let inner = self
+            .inner
+            .subscribe_to_shard(consumer_arn, shard_id, position)
+            .await?;
+        Ok(Box::new(FaultySubscription {
+            inner: Some(inner),
+            fault: self.fault.clone(),
+        }))
+    }
+}
+
+const SUBSCRIBE: &str = "SubscribeToShard";
+
+/// A subscription opened through a [`Faulty`] stream client, cut off with it: while the
+/// fault is [`Fault::Stall`] or [`Fault::Hold`] an event is held until the fault ends; at
+/// [`Fault::Fail`] the wait for an event (a current one too) fails as a reset connection, and
+/// the subscription is over (closed at the server). [`Fault::Throttle`] concerns calls only.
+#[derive(Debug)]
+struct FaultySubscription {
+    /// `None` once failed.
+    inner: Option<Box<dyn ShardSubscription>>,
+    fault: std::sync::Arc<Published<Fault>>,
+}
+
+#[async_trait]
+impl ShardSubscription for FaultySubscription {
+    async fn next_event(&mut self) -> Result<Option<SubscriptionEvent>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(None);
+        };
+        // Biased: the default random branch order would make runs differ. Waiting for an
+        // event is cancel-safe (the trait's contract), so a failure may cut it short.
+        let answer = tokio::select! {
+            biased;
+            _ = self.fault.wait_for(|f| *f == Fault::Fail) => None,
+            answer = inner.next_event() => Some(answer),
+        };
+        let now = self
+            .fault
+            .wait_for(|f| !matches!(f, Fault::Stall | Fault::Hold))
+            .await;
+        match answer {
+            Some(answer) if *now != Fault::Fail => answer,
+            _ => {
+                self.inner = None;
+                Err(injected(Service::Kinesis, SUBSCRIBE))
+            }
+        }
     }
 }
 

@@ -2,11 +2,16 @@
 //! tests and simulations (feature `test-util`). They implement the same semantics as Kinesis
 //! and the DynamoDB lease store (conditional writes, iterators that expire after five minutes
 //! of Tokio time, closed shards that end, scans in pages that are not snapshots) and let tests
-//! inject failures, down to one call that never answers.
+//! inject failures, down to one call that never answers. The stream also serves enhanced
+//! fan-out: registered consumers and shard subscriptions (see [`SubscriptionFault`] and the
+//! `subscription` knobs of [`InMemoryStream`]).
 
 mod faulty;
 mod lease_store;
 mod stream;
+mod subscription;
+#[cfg(test)]
+mod subscription_tests;
 #[cfg(test)]
 mod tests;
 
@@ -17,6 +22,7 @@ use crate::error::{Error, Service};
 pub use faulty::{Fault, Faulty, Hang, LeaseCall};
 pub use lease_store::{InMemoryLeaseStore, ScanPaging};
 pub use stream::InMemoryStream;
+pub use subscription::{OpenSubscription, SubscriptionFault};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

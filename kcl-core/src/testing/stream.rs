@@ -1,28 +1,74 @@
 //! The in-memory Kinesis stream.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use super::subscription::FanOut;
 use super::{Fault, injected, lock};
 use crate::error::{Error, Result, Service};
 use crate::sequence::SequenceNumber;
 use crate::stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
+use crate::subscription::{ShardSubscription, StreamConsumer};
 
 /// Shard iterators expire after five minutes, as in Kinesis.
 pub(super) const ITERATOR_LIFETIME: Duration = Duration::from_secs(300);
 
 #[derive(Debug)]
-struct MemoryShard {
-    shard: Shard,
-    records: Vec<Record>,
-    children: Vec<ChildShard>,
+pub(super) struct MemoryShard {
+    /// As listed. Its starting sequence number is the stream's sequence counter when the shard
+    /// was created: every record of the shard has a larger one, so reading after it is reading
+    /// from the shard's beginning.
+    pub(super) shard: Shard,
+    pub(super) records: Vec<Record>,
+    pub(super) children: Vec<ChildShard>,
+}
+
+impl MemoryShard {
+    fn new(shard: Shard, starting_sequence_number: u128) -> Self {
+        let mut shard = shard;
+        shard.starting_sequence_number = Some(starting_sequence_number.to_string());
+        MemoryShard {
+            shard,
+            records: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// The index of the first record at `position`, as a shard iterator starts there.
+    pub(super) fn start_index(&self, position: &StartingPosition) -> usize {
+        let records = &self.records;
+        match position {
+            StartingPosition::TrimHorizon => 0,
+            StartingPosition::Latest => records.len(),
+            StartingPosition::AtTimestamp(at) => records
+                .iter()
+                .position(|r| r.approximate_arrival_timestamp.is_some_and(|t| t >= *at))
+                .unwrap_or(records.len()),
+            StartingPosition::AtSequenceNumber(s) => {
+                records.partition_point(|r| r.sequence_number < *s)
+            }
+            StartingPosition::AfterSequenceNumber(s) => {
+                records.partition_point(|r| r.sequence_number <= *s)
+            }
+        }
+    }
+
+    /// How far a reader that stopped before `records[end]` is behind the tip: the age of
+    /// that record, 0 when it read everything.
+    pub(super) fn millis_behind(&self, end: usize) -> u64 {
+        self.records.get(end).map_or(0, |next| {
+            next.approximate_arrival_timestamp
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -33,8 +79,8 @@ struct IssuedIterator {
 }
 
 #[derive(Debug, Default)]
-struct StreamState {
-    shards: Vec<MemoryShard>,
+pub(super) struct StreamState {
+    pub(super) shards: Vec<MemoryShard>,
     next_sequence_number: u128,
     iterators: HashMap<String, IssuedIterator>,
     next_iterator_id: u64,
@@ -43,10 +89,12 @@ struct StreamState {
     /// Shards whose `GetRecords` calls fail with this fault (throttling, say) until cleared.
     shard_faults: HashMap<String, Fault>,
     omit_child_shards: bool,
+    /// Enhanced fan-out: consumers and subscriptions.
+    pub(super) fan_out: FanOut,
 }
 
 impl StreamState {
-    fn shard(&self, shard_id: &str) -> Result<&MemoryShard> {
+    pub(super) fn shard(&self, shard_id: &str) -> Result<&MemoryShard> {
         self.shards
             .iter()
             .find(|s| s.shard.shard_id == shard_id)
@@ -72,11 +120,8 @@ impl StreamState {
         let mut shard = Shard::new(&id, range);
         shard.parent_shard_id = parents.first().map(|p| (*p).to_owned());
         shard.adjacent_parent_shard_id = parents.get(1).map(|p| (*p).to_owned());
-        self.shards.push(MemoryShard {
-            shard,
-            records: Vec::new(),
-            children: Vec::new(),
-        });
+        self.shards
+            .push(MemoryShard::new(shard, self.next_sequence_number));
         id
     }
 
@@ -101,6 +146,8 @@ impl StreamState {
             .map_or_else(|| next.to_string(), |r| r.sequence_number.to_string());
         shard.shard.ending_sequence_number = Some(last);
         shard.children = described;
+        // Its subscriptions send their last event.
+        self.fan_out.wake();
     }
 
     fn issue(&mut self, shard_id: &str, next_index: usize) -> String {
@@ -121,8 +168,10 @@ impl StreamState {
 /// A Kinesis stream in memory.
 #[derive(Debug)]
 pub struct InMemoryStream {
-    name: String,
-    state: Mutex<StreamState>,
+    pub(super) name: String,
+    /// Shared with the open fan-out subscriptions, which read on after the call that opened
+    /// them returned.
+    pub(super) state: Arc<Mutex<StreamState>>,
     exists: std::sync::atomic::AtomicBool,
     puts: AtomicU64,
     /// How long each `GetRecords` takes to answer (Tokio time).
@@ -134,10 +183,10 @@ impl InMemoryStream {
     pub fn new(name: impl Into<String>, shard_count: u32) -> Self {
         let stream = InMemoryStream {
             name: name.into(),
-            state: Mutex::new(StreamState {
+            state: Arc::new(Mutex::new(StreamState {
                 next_sequence_number: 1_000,
                 ..StreamState::default()
-            }),
+            })),
             exists: std::sync::atomic::AtomicBool::new(true),
             puts: AtomicU64::new(0),
             get_records_latency: Mutex::new(std::time::Duration::ZERO),
@@ -152,17 +201,15 @@ impl InMemoryStream {
                 } else {
                     start + width - 1
                 };
-                state.shards.push(MemoryShard {
-                    shard: Shard::new(
-                        format!("shardId-{i:012}"),
-                        HashKeyRange {
-                            starting_hash_key: start,
-                            ending_hash_key: end,
-                        },
-                    ),
-                    records: Vec::new(),
-                    children: Vec::new(),
-                });
+                let shard = Shard::new(
+                    format!("shardId-{i:012}"),
+                    HashKeyRange {
+                        starting_hash_key: start,
+                        ending_hash_key: end,
+                    },
+                );
+                let starting = state.next_sequence_number;
+                state.shards.push(MemoryShard::new(shard, starting));
             }
         }
         stream
@@ -225,8 +272,10 @@ impl InMemoryStream {
             .with_approximate_arrival_timestamp(SystemTime::now());
         let shard = &mut state.shards[index];
         shard.records.push(record);
+        let shard_id = shard.shard.shard_id.clone();
+        state.fan_out.wake();
         self.puts.fetch_add(1, Ordering::Relaxed);
-        (shard.shard.shard_id.clone(), sequence_number)
+        (shard_id, sequence_number)
     }
 
     /// The next `GetRecords` calls fail with these errors, in order.
@@ -356,7 +405,9 @@ impl InMemoryStream {
         }
     }
 
-    /// The shards as `ListShards` would list them.
+    /// The shards as `ListShards` would list them. A shard's starting sequence number is the
+    /// stream's sequence counter when it was created: every record put to it has a larger
+    /// one, so reading after it reads the shard from its beginning.
     pub fn shards(&self) -> Vec<Shard> {
         lock(&self.state)
             .shards
@@ -377,6 +428,8 @@ impl InMemoryStream {
         state
             .shards
             .retain(|s| s.shard.shard_id != shard_id || s.shard.is_open());
+        // Its subscriptions fail.
+        state.fan_out.wake();
     }
 
     /// Makes every iterator issued so far expire.
@@ -387,7 +440,7 @@ impl InMemoryStream {
         }
     }
 
-    fn check_exists(&self) -> Result<()> {
+    pub(super) fn check_exists(&self) -> Result<()> {
         if self.exists.load(Ordering::SeqCst) {
             Ok(())
         } else {
@@ -421,22 +474,7 @@ impl StreamClient for InMemoryStream {
     ) -> Result<String> {
         self.check_exists()?;
         let mut state = lock(&self.state);
-        let shard = state.shard(shard_id)?;
-        let records = &shard.records;
-        let index = match position {
-            StartingPosition::TrimHorizon => 0,
-            StartingPosition::Latest => records.len(),
-            StartingPosition::AtTimestamp(at) => records
-                .iter()
-                .position(|r| r.approximate_arrival_timestamp.is_some_and(|t| t >= *at))
-                .unwrap_or(records.len()),
-            StartingPosition::AtSequenceNumber(s) => {
-                records.partition_point(|r| r.sequence_number < *s)
-            }
-            StartingPosition::AfterSequenceNumber(s) => {
-                records.partition_point(|r| r.sequence_number <= *s)
-            }
-        };
+        let index = state.shard(shard_id)?.start_index(position);
         Ok(state.issue(shard_id, index))
     }
 
@@ -496,11 +534,7 @@ impl StreamClient for InMemoryStream {
         let shard = state.shard(&shard_id)?;
         let end = (next_index + limit as usize).min(shard.records.len());
         let records = shard.records[next_index..end].to_vec();
-        let millis_behind = shard.records.get(end).map_or(0, |next| {
-            next.approximate_arrival_timestamp
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        });
+        let millis_behind = shard.millis_behind(end);
         let finished = !shard.shard.is_open() && end == shard.records.len();
         let children = if finished && !state.omit_child_shards {
             shard.children.clone()
@@ -511,5 +545,26 @@ impl StreamClient for InMemoryStream {
         Ok(RecordsPage::new(records, next)
             .with_millis_behind_latest(millis_behind)
             .with_child_shards(children))
+    }
+
+    async fn describe_stream_consumer(&self, consumer: &str) -> Result<Option<StreamConsumer>> {
+        self.describe_consumer(consumer)
+    }
+
+    async fn register_stream_consumer(&self, name: &str) -> Result<StreamConsumer> {
+        self.register_consumer(name)
+    }
+
+    async fn subscribe_to_shard(
+        &self,
+        consumer_arn: &str,
+        shard_id: &str,
+        position: &StartingPosition,
+    ) -> Result<Box<dyn ShardSubscription>> {
+        Ok(Box::new(self.subscribe(
+            consumer_arn,
+            shard_id,
+            position,
+        )?))
     }
 }
