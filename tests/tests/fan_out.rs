@@ -14,7 +14,6 @@ use kcl_core::{
     FanOutConfig, InitialPosition, LeaseConfig, PollingConfig, Retrieval, StartingPosition,
     WorkerConfig,
 };
-use kcl_core::LeaseStore;
 use kcl_integration_tests::{
     KeyedProducer, PATIENCE, Recorder, assert_complete_and_in_key_order, by_shard, clients,
     create_stream, distinct_delivered, evenly_owned, kinesis, put_records, puts_by_shard, records,
@@ -162,7 +161,10 @@ async fn a_split_read_through_fan_out_ends_the_parent_and_starts_the_children_af
     let client = Arc::new(stream_client_via(&endpoint, &stream, 3).await);
     let recorder = Recorder::default();
     let worker = start_worker_on(config, &recorder, client, store.clone());
-    wait_for("records flowing", PATIENCE, || async { recorder.count() >= 100 }).await;
+    wait_for("records flowing", PATIENCE, || async {
+        recorder.count() >= 100
+    })
+    .await;
     split_shard(&kinesis, &stream, "shardId-000000000000").await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let distinct = producer.stop().await;

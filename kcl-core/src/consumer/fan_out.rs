@@ -150,7 +150,10 @@ impl FanOutReader {
                     // subscription once it is drained: that end is the shard's.
                     if let Some(children) = children_seen.take() {
                         info!(shard_id = %self.shard_id, "shard end reached through fan-out (subscription drained after child shards)");
-                        let _ = self.batches.send(slot, Vec::new(), None, Some(children)).await;
+                        let _ = self
+                            .batches
+                            .send(slot, Vec::new(), None, Some(children))
+                            .await;
                         return Ended::Done;
                     }
                     debug!(shard_id = %self.shard_id, "subscription ended; subscribing again");
