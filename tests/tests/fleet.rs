@@ -233,6 +233,17 @@ fn signal(child: &Child, signal: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_sigkill_is_replaced_from_its_checkpoints() {
+    sigkill_is_replaced_from_checkpoints(&[]).await;
+}
+
+/// The same with enhanced fan-out: the survivor subscribes to the victim's shards at their
+/// checkpoints (refused while the dead worker's subscriptions linger on the server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_worker_killed_with_sigkill_is_replaced_from_its_checkpoints() {
+    sigkill_is_replaced_from_checkpoints(&["--fan-out"]).await;
+}
+
+async fn sigkill_is_replaced_from_checkpoints(retrieval: &[&str]) {
     let kinesis = kinesis().await;
     let stream = unique("sigkill");
     create_stream(&kinesis, &stream, 8).await;
@@ -241,13 +252,17 @@ async fn a_worker_killed_with_sigkill_is_replaced_from_its_checkpoints() {
     let dir = std::env::temp_dir().join(unique("kcl-fleet"));
     std::fs::create_dir_all(&dir).unwrap();
     let fast = [
-        "--lease-duration",
-        "4s",
-        "--renewal-interval",
-        "1s",
-        "--taker-interval",
-        "1s",
-    ];
+        &[
+            "--lease-duration",
+            "4s",
+            "--renewal-interval",
+            "1s",
+            "--taker-interval",
+            "1s",
+        ][..],
+        retrieval,
+    ]
+    .concat();
     let mut victim = spawn_consumer(&app, &stream, &dir.join("victim.jsonl"), &fast).await;
     let survivor = spawn_consumer(&app, &stream, &dir.join("survivor.jsonl"), &fast).await;
     let outputs = [victim.output.clone(), survivor.output.clone()];
@@ -300,6 +315,17 @@ async fn a_worker_killed_with_sigkill_is_replaced_from_its_checkpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_stopped_with_sigterm_hands_its_shards_over_without_redelivery() {
+    sigterm_hands_over_without_redelivery(&[]).await;
+}
+
+/// The same with enhanced fan-out: the new owner's subscribe is refused while the old
+/// owner's subscription is still open on the server, and retried; still nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_worker_stopped_with_sigterm_hands_its_shards_over_without_redelivery() {
+    sigterm_hands_over_without_redelivery(&["--fan-out"]).await;
+}
+
+async fn sigterm_hands_over_without_redelivery(retrieval: &[&str]) {
     let kinesis = kinesis().await;
     let stream = unique("sigterm");
     create_stream(&kinesis, &stream, 8).await;
@@ -308,13 +334,17 @@ async fn a_worker_stopped_with_sigterm_hands_its_shards_over_without_redelivery(
     std::fs::create_dir_all(&dir).unwrap();
     // A long lease: a takeover by expiry would take 30 s, a handoff takes about a second.
     let slow_expiry = [
-        "--lease-duration",
-        "30s",
-        "--renewal-interval",
-        "3s",
-        "--taker-interval",
-        "1s",
-    ];
+        &[
+            "--lease-duration",
+            "30s",
+            "--renewal-interval",
+            "3s",
+            "--taker-interval",
+            "1s",
+        ][..],
+        retrieval,
+    ]
+    .concat();
     let leaving = spawn_consumer(&app, &stream, &dir.join("leaving.jsonl"), &slow_expiry).await;
     let staying = spawn_consumer(&app, &stream, &dir.join("staying.jsonl"), &slow_expiry).await;
     let outputs = [leaving.output.clone(), staying.output.clone()];
