@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -139,13 +140,21 @@ fn operation_of(request: &Request<Incoming>) -> String {
         .to_owned()
 }
 
-fn aws_error(status: u16, code: &str) -> Response<Full<Bytes>> {
+/// An answer's body: a whole one, or the upstream's streamed through as it comes (a
+/// `SubscribeToShard` event stream never ends on its own).
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+fn whole(body: Bytes) -> ProxyBody {
+    Full::new(body).map_err(|never| match never {}).boxed()
+}
+
+fn aws_error(status: u16, code: &str) -> Response<ProxyBody> {
     let body = format!(r#"{{"__type":"{code}","message":"injected by the test proxy"}}"#);
     Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", "application/x-amz-json-1.0")
         .header("x-amzn-errortype", code)
-        .body(Full::new(Bytes::from(body)))
+        .body(whole(Bytes::from(body)))
         .expect("valid response")
 }
 
@@ -279,7 +288,7 @@ async fn handle(
     client: Client<HttpConnector, Full<Bytes>>,
     upstream: hyper::Uri,
     stop: CancellationToken,
-) -> Result<Response<Full<Bytes>>, Dropped> {
+) -> Result<Response<ProxyBody>, Dropped> {
     let operation = operation_of(&request);
     let fault = fault_for(&state, &operation);
     match &fault {
@@ -311,10 +320,8 @@ async fn handle(
         .request(Request::from_parts(parts, Full::new(body)))
         .await
         .map_err(dropped)?;
-    let (parts, body) = answer.into_parts();
-    let body = body.collect().await.map_err(dropped)?.to_bytes();
     if fault == Some(Fault::DropAnswer) {
         return Err(dropped("answer dropped by the test proxy"));
     }
-    Ok(Response::from_parts(parts, Full::new(body)))
+    Ok(answer.map(|body| body.boxed()))
 }

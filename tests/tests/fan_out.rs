@@ -14,6 +14,7 @@ use kcl_core::{
     FanOutConfig, InitialPosition, LeaseConfig, PollingConfig, Retrieval, StartingPosition,
     WorkerConfig,
 };
+use kcl_integration_tests::proxy::{Fault, FaultProxy, Rule};
 use kcl_integration_tests::{
     KeyedProducer, PATIENCE, Recorder, assert_complete_and_in_key_order, by_shard, clients,
     create_stream, distinct_delivered, evenly_owned, kinesis, put_records, puts_by_shard, records,
@@ -196,4 +197,56 @@ async fn a_split_read_through_fan_out_ends_the_parent_and_starts_the_children_af
     // Three shards, each subscribed again after its 2 s sessions.
     assert!(status.subscriptions >= 5, "{status:?}");
     assert_eq!(status.subscription_failures, 0, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_and_dropped_subscribes_through_the_proxy_lose_and_repeat_nothing() {
+    sdk_config().await;
+    let kinesis = kinesis().await;
+    let stream = unique("fanout-proxy");
+    create_stream(&kinesis, &stream, 2).await;
+    let mut puts = put_records(&kinesis, &stream, &records("p", 0, 200, 11)).await;
+    let upstream = std::env::var("AWS_ENDPOINT_URL_KINESIS").expect("kinesis-mock");
+    let proxy = FaultProxy::start(&upstream).await;
+    // Refused outright, then answered on the server but never to the worker: that
+    // subscription stays open there, so the next subscribes are refused until it closes.
+    proxy.inject(
+        Rule::on(
+            "SubscribeToShard",
+            Fault::Error {
+                status: 400,
+                code: "ResourceInUseException",
+            },
+        )
+        .times(2),
+    );
+    proxy.inject(Rule::on("SubscribeToShard", Fault::DropAnswer).times(1));
+    proxy.inject(Rule::on("SubscribeToShard", Fault::DropConnection).times(1));
+    let app = unique("fanout-proxy-app");
+    let config = config(&app, &stream, "w0");
+    let (_, store) = clients(&config).await;
+    let client = Arc::new(stream_client_via(&proxy.url(), &stream, 1).await);
+    let recorder = Recorder::default();
+    let worker = start_worker_on(config, &recorder, client, store);
+    wait_for("the first records", PATIENCE, || async {
+        recorder.count() >= 200
+    })
+    .await;
+    puts.extend(put_records(&kinesis, &stream, &records("q", 0, 200, 11)).await);
+    wait_for("every record", PATIENCE, || async {
+        recorder.count() >= 400
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = worker.status.borrow().clone();
+    worker.stop().await.unwrap();
+
+    assert_eq!(by_shard(&recorder.delivered()), puts_by_shard(&puts));
+    assert_eq!(proxy.faults().get("SubscribeToShard"), Some(&4));
+    assert!(status.subscribe_refusals >= 2, "{status:?}");
+    assert!(
+        status.subscribe_refusals + status.subscription_failures >= 4,
+        "{status:?}"
+    );
+    assert_eq!(status.shard_failures, 0, "{status:?}");
 }
