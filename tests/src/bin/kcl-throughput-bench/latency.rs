@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
 use kcl_core::{
-    CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, PollingConfig, Record,
-    RecordProcessor, StreamClient, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, FanOutConfig, InitialPosition, KinesisStreamClient,
+    PollingConfig, Record, RecordProcessor, Retrieval, StreamClient, WorkerConfig, async_trait,
 };
 use kcl_integration_tests::unique;
 use tokio::time::Instant;
@@ -35,6 +35,8 @@ pub(crate) enum Reader {
     RawLoop,
     /// One `Worker` with these polling settings, checkpointing every batch.
     Worker(PollingConfig),
+    /// One `Worker` reading with enhanced fan-out, checkpointing every batch.
+    FanOut,
 }
 
 /// What one latency run measured.
@@ -109,7 +111,13 @@ pub(crate) async fn measure(client: &aws_sdk_kinesis::Client, reader: Reader) ->
     let reading = match reader {
         Reader::RawLoop => raw_loop(client, &stream, samples.clone(), stop.clone()).await,
         Reader::Worker(polling) => {
-            worker(client, &stream, polling, samples.clone(), stop.clone()).await
+            let config = WorkerConfig::new(unique("latency-app"), &stream).with_polling(polling);
+            worker(client, config, samples.clone(), stop.clone()).await
+        }
+        Reader::FanOut => {
+            let config = WorkerConfig::new(unique("latency-app"), &stream)
+                .with_retrieval(Retrieval::FanOut(FanOutConfig::default()));
+            worker(client, config, samples.clone(), stop.clone()).await
         }
     };
     produce(client, &stream, &samples).await;
@@ -164,14 +172,11 @@ async fn produce(client: &aws_sdk_kinesis::Client, stream: &str, samples: &Sampl
 
 async fn worker(
     client: &aws_sdk_kinesis::Client,
-    stream: &str,
-    polling: PollingConfig,
+    config: WorkerConfig,
     samples: Arc<Samples>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let config = WorkerConfig::new(unique("latency-app"), stream)
-        .with_initial_position(InitialPosition::TrimHorizon)
-        .with_polling(polling);
+    let config = config.with_initial_position(InitialPosition::TrimHorizon);
     let worker = local_worker(client, config, move |_shard: &str| Noting(samples.clone())).await;
     tokio::spawn(async move { worker.run(stop).await.expect("worker ran") })
 }

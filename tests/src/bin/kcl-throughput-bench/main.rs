@@ -36,7 +36,7 @@
 //! of 100 bytes per run, default 1,000,000; the other shapes hold the same bytes) and
 //! `KCL_BENCH_PARTS` (comma-separated: throughput, latency, memory; default all); for
 //! profiling one phase, `KCL_BENCH_SHAPES` ("100 B", "10 KB", "KPL 100 × 100 B") and
-//! `KCL_BENCH_PHASES` (a0, a, b, c, d).
+//! `KCL_BENCH_PHASES` (a0, a, b, c, d, e).
 
 // A benchmark report is printed output.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -48,7 +48,7 @@ mod throughput;
 
 use std::collections::BTreeMap;
 
-use kcl_core::PollingConfig;
+use kcl_core::{FanOutConfig, PollingConfig, Retrieval};
 use kcl_integration_tests::unique;
 use tokio::time::Instant;
 
@@ -63,13 +63,14 @@ const READ_PACE: std::time::Duration = std::time::Duration::from_millis(200);
 const LOW_LATENCY_IDLE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The phases' names in `KCL_BENCH_PHASES`.
-const PHASE_KEYS: [&str; 5] = ["a0", "a", "b", "c", "d"];
-const PHASES: [&str; 5] = [
+const PHASE_KEYS: [&str; 6] = ["a0", "a", "b", "c", "d", "e"];
+const PHASES: [&str; 6] = [
     "(a0) raw loop, unpaced",
     "(a) raw loop, paced 200 ms",
     "(b) one Worker",
     "(c) three Workers",
     "(d) kcl-consumer process",
+    "(e) one Worker, enhanced fan-out",
 ];
 
 fn main() {
@@ -196,9 +197,10 @@ async fn throughput_runs(
                 let figure = match p {
                     0 => throughput::raw_loop(client, &stream, shape, None).await,
                     1 => throughput::raw_loop(client, &stream, shape, Some(READ_PACE)).await,
-                    2 => throughput::workers(client, &stream, shape, 1).await,
-                    3 => throughput::workers(client, &stream, shape, 3).await,
-                    _ => throughput::consumer_process(url, &stream, shape).await,
+                    2 => throughput::workers(client, &stream, shape, 1, Retrieval::Polling).await,
+                    3 => throughput::workers(client, &stream, shape, 3, Retrieval::Polling).await,
+                    4 => throughput::consumer_process(url, &stream, shape).await,
+                    _ => throughput::workers(client, &stream, shape, 1, fan_out()).await,
                 };
                 eprintln!(
                     "run {}: {}: {name}: {:.0} records/s, {:.2} CPU s per million",
@@ -263,7 +265,12 @@ fn report_throughput(results: &BTreeMap<(usize, usize), Vec<Figure>>, runs: usiz
     println!();
 }
 
-fn latency_readers() -> [(&'static str, Reader); 3] {
+/// Enhanced fan-out with the defaults (a consumer named after the application).
+fn fan_out() -> Retrieval {
+    Retrieval::FanOut(FanOutConfig::default())
+}
+
+fn latency_readers() -> [(&'static str, Reader); 4] {
     [
         ("raw loop, a call every 200 ms", Reader::RawLoop),
         (
@@ -276,6 +283,7 @@ fn latency_readers() -> [(&'static str, Reader); 3] {
                 PollingConfig::default().with_idle_time_between_empty_reads(LOW_LATENCY_IDLE),
             ),
         ),
+        ("Worker, enhanced fan-out", Reader::FanOut),
     ]
 }
 

@@ -10,8 +10,8 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType};
 use kcl_core::{
     CancellationToken, Checkpointer, InitialPosition, KinesisStreamClient, LeaseStore,
-    PollingConfig, Record, RecordProcessor, RecordProcessorFactory, StreamClient, Worker,
-    WorkerConfig, async_trait,
+    PollingConfig, Record, RecordProcessor, RecordProcessorFactory, Retrieval, StreamClient,
+    Worker, WorkerConfig, async_trait,
 };
 use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::{dynamodb, kpl, unique};
@@ -325,12 +325,14 @@ impl RecordProcessor for Counting {
     }
 }
 
-/// (b) and (c): `workers` workers of one application in this process.
+/// (b), (c) and (e): `workers` workers of one application in this process, reading as
+/// `retrieval` says.
 pub(crate) async fn workers(
     client: &aws_sdk_kinesis::Client,
     stream: &str,
     shape: Shape,
     workers: usize,
+    retrieval: Retrieval,
 ) -> Figure {
     let progress = Progress::new(shape.user_records(), Process::This);
     let app = unique("throughput-app");
@@ -339,7 +341,8 @@ pub(crate) async fn workers(
         let config = WorkerConfig::new(&app, stream)
             .with_worker_id(format!("w{w}"))
             .with_initial_position(InitialPosition::TrimHorizon)
-            .with_polling(PollingConfig::default().with_max_records(shape.per_call));
+            .with_polling(PollingConfig::default().with_max_records(shape.per_call))
+            .with_retrieval(retrieval.clone());
         let progress = progress.clone();
         let worker = local_worker(client, config, move |_shard: &str| {
             Counting(progress.clone())
