@@ -7,6 +7,7 @@
 //! worker's leases are seen renewed; their leases last 30 s, so a lease written as owned by a
 //! worker that does not run is not taken by them while a test runs, unless kcl-admin frees it.
 
+mod consumers;
 mod delete_table;
 mod force;
 mod inspect;

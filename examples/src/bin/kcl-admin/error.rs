@@ -185,6 +185,18 @@ pub(crate) enum AdminError {
         source: Box<AdminError>,
     },
 
+    /// The stream has no enhanced fan-out consumer of this name or ARN.
+    #[error("enhanced fan-out consumer `{consumer}` does not exist")]
+    ConsumerMissing {
+        consumer: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// A consumer's deregistration was not confirmed.
+    #[error("deregistering consumer `{consumer}` was not confirmed: {reason}")]
+    DeregistrationNotConfirmed { consumer: String, reason: String },
+
     /// An AWS call failed; the source says what the service answered.
     #[error("{operation} failed")]
     Aws {
@@ -226,6 +238,7 @@ impl AdminError {
             | AdminError::StreamMissing { .. }
             | AdminError::ShardMissing { .. }
             | AdminError::WorkerOwnsNoLease { .. }
+            | AdminError::ConsumerMissing { .. }
             | AdminError::SequenceNumberNotInShard { .. } => EXIT_NOT_FOUND,
             AdminError::BadSequenceNumber { .. }
             | AdminError::StreamRequired { .. }
@@ -234,7 +247,8 @@ impl AdminError {
             | AdminError::OwnerNotWatched { .. }
             | AdminError::LeaseFinished { .. }
             | AdminError::LeasesActive { .. }
-            | AdminError::ConfirmationDeclined { .. } => EXIT_REFUSED,
+            | AdminError::ConfirmationDeclined { .. }
+            | AdminError::DeregistrationNotConfirmed { .. } => EXIT_REFUSED,
             AdminError::ReleaseIncomplete { refused, .. } if *refused > 0 => EXIT_REFUSED,
             AdminError::ReleaseIncomplete { .. } | AdminError::ChangedMeanwhile { .. } => {
                 EXIT_CHANGED

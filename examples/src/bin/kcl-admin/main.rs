@@ -18,7 +18,9 @@
 //!                                 rewrites an item that does not decode
 //! ```
 //!
-//! Enhanced fan-out will add `consumers --stream` and `deregister-consumer` here.
+//!   consumers                     the enhanced fan-out consumers of --stream
+//!   deregister-consumer --name NAME | --arn ARN [--yes] [--dry-run]
+//!                                 removes one (workers never do); needs no --app
 //!
 //! The lease table is named after the application unless `--lease-table` names it. AWS
 //! settings come from the environment and `~/.aws`, as for every AWS SDK
@@ -48,6 +50,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod admin;
+mod consumers;
 mod delete_table;
 mod error;
 mod lag;
@@ -108,11 +111,36 @@ enum Command {
     /// Rewrite a lease item that does not decode as a lease without an owner, keeping what
     /// decodes.
     Repair(repair::Args),
+    /// List the enhanced fan-out consumers registered on --stream.
+    Consumers,
+    /// Deregister an enhanced fan-out consumer (workers never do).
+    DeregisterConsumer(consumers::DeregisterArgs),
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    // The fan-out consumer commands are about the stream, not the lease table.
+    if let Command::Consumers | Command::DeregisterConsumer(_) = &args.command {
+        let sdk = aws_config::load_from_env().await;
+        let outcome = match (&args.command, args.stream.as_deref()) {
+            (Command::Consumers, Some(stream)) => consumers::list(&sdk, stream, args.json).await,
+            (Command::Consumers, None) => {
+                Err(error::AdminError::StreamRequired { what: "consumers" })
+            }
+            (Command::DeregisterConsumer(d), stream) => {
+                consumers::deregister(&sdk, stream, d, args.json).await
+            }
+            _ => unreachable!("matched above"),
+        };
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kcl-admin: {}", ErrorChain(&e));
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
     let Some(table) = args.lease_table.clone().or_else(|| args.app.clone()) else {
         Args::command()
             .error(
@@ -140,5 +168,8 @@ async fn run(admin: &Admin, command: &Command) -> Result<()> {
         Command::Release(args) => release::run(admin, args).await,
         Command::DeleteTable(args) => delete_table::run(admin, args).await,
         Command::Repair(args) => repair::run(admin, args).await,
+        Command::Consumers | Command::DeregisterConsumer(_) => {
+            unreachable!("run without a lease table in main")
+        }
     }
 }
