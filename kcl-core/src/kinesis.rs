@@ -150,6 +150,40 @@ fn bad_answer(operation: &'static str, problem: String) -> Error {
     }
 }
 
+/// The SDK's records of a `GetRecords` answer or a `SubscribeToShard` event.
+fn records_from(
+    operation: &'static str,
+    shard_id: &str,
+    records: Vec<aws_sdk_kinesis::types::Record>,
+) -> Result<Vec<Record>> {
+    records
+        .into_iter()
+        .map(|r| {
+            let sequence_number = SequenceNumber::new(r.sequence_number)
+                .map_err(|e| bad_answer(operation, format!("record of shard {shard_id}: {e}")))?;
+            let mut record = Record::new(sequence_number, r.partition_key, r.data.into_inner());
+            record.approximate_arrival_timestamp = r
+                .approximate_arrival_timestamp
+                .and_then(|t| SystemTime::try_from(t).ok());
+            Ok(record)
+        })
+        .collect()
+}
+
+/// The SDK's child shards of a shard that ended.
+fn child_shards_from(
+    operation: &'static str,
+    children: Vec<aws_sdk_kinesis::types::ChildShard>,
+) -> Result<Vec<ChildShard>> {
+    children
+        .into_iter()
+        .map(|c| {
+            let range = hash_key_range(operation, &c.shard_id, c.hash_key_range.as_ref())?;
+            Ok(ChildShard::new(c.shard_id, c.parent_shards, range))
+        })
+        .collect()
+}
+
 fn hash_key_range(
     operation: &'static str,
     shard_id: &str,
@@ -271,29 +305,8 @@ impl StreamClient for KinesisStreamClient {
             .send()
             .await
             .map_err(|e| self.error(OPERATION, Some(shard_id), e))?;
-        let records = output
-            .records
-            .into_iter()
-            .map(|r| {
-                let sequence_number = SequenceNumber::new(r.sequence_number).map_err(|e| {
-                    bad_answer(OPERATION, format!("record of shard {shard_id}: {e}"))
-                })?;
-                let mut record = Record::new(sequence_number, r.partition_key, r.data.into_inner());
-                record.approximate_arrival_timestamp = r
-                    .approximate_arrival_timestamp
-                    .and_then(|t| SystemTime::try_from(t).ok());
-                Ok(record)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let child_shards = output
-            .child_shards
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| {
-                let range = hash_key_range(OPERATION, &c.shard_id, c.hash_key_range.as_ref())?;
-                Ok(ChildShard::new(c.shard_id, c.parent_shards, range))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let records = records_from(OPERATION, shard_id, output.records)?;
+        let child_shards = child_shards_from(OPERATION, output.child_shards.unwrap_or_default())?;
         let mut page =
             RecordsPage::new(records, output.next_shard_iterator).with_child_shards(child_shards);
         page.millis_behind_latest = output

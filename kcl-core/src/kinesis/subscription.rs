@@ -1,16 +1,14 @@
 //! Enhanced fan-out on the AWS SDK: consumer registration and `SubscribeToShard`.
 
-use std::time::SystemTime;
-
 use async_trait::async_trait;
 use aws_sdk_kinesis::types::error::SubscribeToShardEventStreamError;
 use aws_sdk_kinesis::types::{self as sdk, ShardIteratorType, SubscribeToShardEventStream};
 use aws_smithy_types::DateTime;
 
-use super::{KinesisStreamClient, bad_answer, classify, hash_key_range};
+use super::{KinesisStreamClient, bad_answer, child_shards_from, classify, records_from};
 use crate::error::{Error, Result};
 use crate::sequence::SequenceNumber;
-use crate::stream::{ChildShard, Record, StartingPosition};
+use crate::stream::StartingPosition;
 use crate::subscription::{ConsumerStatus, ShardSubscription, StreamConsumer, SubscriptionEvent};
 
 pub(super) fn consumer_status(status: &sdk::ConsumerStatus) -> ConsumerStatus {
@@ -127,19 +125,7 @@ fn stream_error(
 
 fn event_from(shard_id: &str, event: sdk::SubscribeToShardEvent) -> Result<SubscriptionEvent> {
     const OPERATION: &str = "SubscribeToShard";
-    let records = event
-        .records
-        .into_iter()
-        .map(|r| {
-            let sequence_number = SequenceNumber::new(r.sequence_number)
-                .map_err(|e| bad_answer(OPERATION, format!("record of shard {shard_id}: {e}")))?;
-            let mut record = Record::new(sequence_number, r.partition_key, r.data.into_inner());
-            record.approximate_arrival_timestamp = r
-                .approximate_arrival_timestamp
-                .and_then(|t| SystemTime::try_from(t).ok());
-            Ok(record)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let records = records_from(OPERATION, shard_id, event.records)?;
     // The SDK turns the service's null continuation (a closed shard's last event) into "".
     let continuation = match event.continuation_sequence_number.as_str() {
         "" => None,
@@ -150,15 +136,7 @@ fn event_from(shard_id: &str, event: sdk::SubscribeToShardEvent) -> Result<Subsc
             )
         })?),
     };
-    let child_shards = event
-        .child_shards
-        .unwrap_or_default()
-        .into_iter()
-        .map(|c| {
-            let range = hash_key_range(OPERATION, &c.shard_id, c.hash_key_range.as_ref())?;
-            Ok(ChildShard::new(c.shard_id, c.parent_shards, range))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let child_shards = child_shards_from(OPERATION, event.child_shards.unwrap_or_default())?;
     if continuation.is_none() && child_shards.is_empty() {
         return Err(bad_answer(
             OPERATION,
