@@ -16,7 +16,8 @@
 //! 6. per partition key, records are first flushed in the order they were put;
 //! 7. the fleet ends balanced, every lease owned;
 //! 8. a lease is never taken as expired from a running worker whose lease-table calls were
-//!    not failing, paused or throttled lately (one hung call must not cost a lease);
+//!    not failing, paused or throttled lately (one hung call must not cost a lease; two hung
+//!    renewals within 20 s may);
 //! 9. in fan-out fleets, a worker holds a subscription to a shard only while it owns the
 //!    shard's lease (checked once the fleet settled), and none once it stopped.
 //!
@@ -156,6 +157,11 @@ impl Sim {
         self.next_worker += 1;
         let stream = Arc::new(Faulty::new(self.stream.clone()));
         let store = Arc::new(Faulty::new(self.monitored.clone()));
+        self.monitored
+            .processes
+            .lock()
+            .unwrap()
+            .push((id.clone(), Arc::downgrade(&store)));
         let (observed, leases, failing, shards_of, buffering) = (
             self.observed.clone(),
             self.leases.clone(),
@@ -576,6 +582,7 @@ fn run_seed(
             terms: Mutex::default(),
             rng: Mutex::new(Rng(!seed)),
             create_latency: shapes.paged_scans,
+            processes: Mutex::default(),
         });
         {
             let mut observed = observed.lock().unwrap();
