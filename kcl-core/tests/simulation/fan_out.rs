@@ -33,6 +33,9 @@ const FAULT_PERCENT: u64 = 45;
 /// is gone and closed its subscription.
 const QUIET: Duration = Duration::from_secs(15);
 
+/// Longer than any run of faults a worker may start into.
+const REGISTRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A fan-out fleet's settings and fault generator, drawn per seed.
 pub(crate) struct FanOutFleet {
     /// Draws the fan-out settings and faults, apart from the schedule.
@@ -66,9 +69,14 @@ impl FanOutFleet {
     pub(crate) fn draw(mut rng: Rng, stream: &InMemoryStream) -> (Self, String) {
         let event_timeout = rng.millis(4_000, 8_000);
         let max_retry = rng.millis(2_000, 6_000);
+        // Registration waits out Kinesis outages longer than the default 60 s: a worker
+        // starting into pauses and stalls may not reach Kinesis for a minute, and then ends
+        // with `ConsumerNotActive` by design (seed 52303), where the simulation wants every
+        // worker to run on.
         let config = FanOutConfig::default()
             .with_event_timeout(event_timeout)
-            .with_retry(RetryConfig::new(Duration::from_secs(1), max_retry));
+            .with_retry(RetryConfig::new(Duration::from_secs(1), max_retry))
+            .with_registration_timeout(REGISTRATION_TIMEOUT);
         let session = session_length(&mut rng);
         let interval = event_interval(&mut rng);
         let activation = rng.chance(50).then(|| rng.millis(500, 10_000));

@@ -475,6 +475,19 @@ impl Sim {
     async fn settle(&mut self, deadline: Instant) -> bool {
         loop {
             self.reap_shared().await;
+            // A worker that ended on its own never settles: said at once, with its error.
+            if let Some(i) = (0..self.workers.len()).find(|&i| {
+                self.workers[i].task.is_finished()
+                    && self.shared_id.as_ref() != Some(&self.workers[i].id)
+            }) {
+                let w = self.remove_worker(i);
+                let ended = w.task.await;
+                violation(
+                    &self.observed,
+                    format!("{} ended on its own with {ended:?}", w.id),
+                );
+                return false;
+            }
             let unsettled = self.unsettled_records();
             let balanced = self.balanced();
             if unsettled.is_empty() && balanced {
