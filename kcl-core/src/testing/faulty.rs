@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use super::{injected, lock};
 use crate::error::{Error, Result, Service};
@@ -72,6 +73,8 @@ pub struct Faulty<T: ?Sized> {
     /// Lease-store calls still to hang, each once, in the order they were asked for.
     hangs: Mutex<Vec<(LeaseCall, Hang)>>,
     hung: AtomicUsize,
+    /// The calls that hung, with when (Tokio time), in order.
+    met: Mutex<Vec<(LeaseCall, Instant)>>,
 }
 
 impl<T: ?Sized> Faulty<T> {
@@ -82,6 +85,7 @@ impl<T: ?Sized> Faulty<T> {
             fault: std::sync::Arc::new(Published::new(Fault::None)),
             hangs: Mutex::new(Vec::new()),
             hung: AtomicUsize::new(0),
+            met: Mutex::new(Vec::new()),
         }
     }
 
@@ -98,10 +102,18 @@ impl<T: ?Sized> Faulty<T> {
         self.hung.load(Ordering::SeqCst)
     }
 
+    /// The calls made to hang so far, each with when it started hanging (Tokio time), in
+    /// order. Hangs asked for one at a time may meet consecutive calls (a worker holding no
+    /// lease renews nothing until it takes one): a checker needs to know when they struck.
+    pub fn hangs_met(&self) -> Vec<(LeaseCall, Instant)> {
+        lock(&self.met).clone()
+    }
+
     /// Whether this call is one to hang (consuming the request if so).
     fn hang_for(&self, call: &LeaseCall) -> Option<Hang> {
         let mut hangs = lock(&self.hangs);
         let i = hangs.iter().position(|(c, _)| c == call)?;
+        lock(&self.met).push((call.clone(), Instant::now()));
         Some(hangs.remove(i).1)
     }
 

@@ -16,19 +16,30 @@
 //! 6. per partition key, records are first flushed in the order they were put;
 //! 7. the fleet ends balanced, every lease owned;
 //! 8. a lease is never taken as expired from a running worker whose lease-table calls were
-//!    not failing, paused or throttled lately (one hung call must not cost a lease).
+//!    not failing, paused or throttled lately (one hung call must not cost a lease; two hung
+//!    renewals within 20 s may);
+//! 9. in fan-out fleets, a worker holds a subscription to a shard only while it owns the
+//!    shard's lease (checked once the fleet settled), and none once it stopped.
+//!
+//! Each seed also draws how its fleet reads (see [`Reading`]): in about half the seeds every
+//! worker polls, in the others every worker reads through enhanced fan-out, with fan-out
+//! faults of their own (see the `fan_out` module).
 //!
 //! `SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`], what CI runs) from `SIM_FIRST_SEED`
 //! (default 0): a soak is `SIM_SEEDS=100000`. `SIM_SEED=S` replays one seed with its trace
 //! printed. `SIM_SHAPES` fixes the shapes instead of drawing them per seed: `classic` (none:
-//! the simulation as it was before the shapes, seed for seed), or a comma-separated list of
+//! with `SIM_RETRIEVAL=polling`, the simulation as it was before the shapes, seed for seed), or a comma-separated list of
 //! `buffering`, `scans`, `hangs` (exactly those). A run is a pure function of its seed and
-//! shapes. `SIM_LOG=1` prints the workers' debug logs (with `SIM_SEED`, for a replay).
+//! shapes. `SIM_RETRIEVAL=polling` or `fan-out` fixes how every seed's fleet reads (a fan-out
+//! seed replays alike whether its reading was drawn or fixed; a seed polls as it did before
+//! fan-out existed). `SIM_LOG=1` prints the workers' debug logs (with `SIM_SEED`, for a
+//! replay).
 
 // The replayed trace and the coverage summary are the output a developer asks for.
 #![allow(clippy::print_stderr)]
 
 mod endings;
+mod fan_out;
 mod monitored;
 mod observe;
 mod processor;
@@ -44,17 +55,18 @@ use kcl_core::testing::{
 };
 use kcl_core::{
     CancellationToken, ExtendedSequenceNumber, InitialPosition, Lease, LeaseConfig, LeaseStore,
-    StreamClient, Worker, WorkerConfig, WorkerStatus,
+    Retrieval, StreamClient, Worker, WorkerConfig, WorkerStatus,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use endings::Ending;
+use fan_out::{FanOutFleet, Watched};
 use monitored::Monitored;
 use observe::{Coverage, RecordId, Rng, Shared, covered, trace, violation};
 use processor::{Buffering, SimProcessor};
-use seeds::{Job, SHAPES_SALT, Shapes, seeds};
+use seeds::{FAN_OUT_SALT, Job, Reading, SHAPES_SALT, Shapes, reading_from_env, seeds};
 
 // ---- The run ------------------------------------------------------------------------------
 
@@ -104,6 +116,8 @@ struct Sim {
     pending_ends: Vec<(Instant, FaultEnd)>,
     /// The worker id two processes run with (the shared-id ending).
     shared_id: Option<String>,
+    /// `Some` in fan-out fleets: every worker reads through enhanced fan-out.
+    fan_out: Option<FanOutFleet>,
 }
 
 #[derive(Clone, Debug)]
@@ -114,13 +128,17 @@ enum FaultEnd {
 
 const KEYS: u64 = 12;
 
-fn sim_config(id: &str, seed: u64) -> WorkerConfig {
-    WorkerConfig::new("sim-app", "sim-stream")
+fn sim_config(id: &str, seed: u64, fan_out: Option<&FanOutFleet>) -> WorkerConfig {
+    let config = WorkerConfig::new("sim-app", "sim-stream")
         .with_worker_id(id)
         .with_initial_position(InitialPosition::TrimHorizon)
         .with_rng_seed(seed)
         .with_lease(LeaseConfig::default().with_shard_sync_interval(Duration::from_secs(10)))
-        .with_shutdown_timeout(Duration::from_secs(10))
+        .with_shutdown_timeout(Duration::from_secs(10));
+    match fan_out {
+        Some(fleet) => config.with_retrieval(Retrieval::FanOut(fleet.config.clone())),
+        None => config,
+    }
 }
 
 impl Sim {
@@ -139,6 +157,11 @@ impl Sim {
         self.next_worker += 1;
         let stream = Arc::new(Faulty::new(self.stream.clone()));
         let store = Arc::new(Faulty::new(self.monitored.clone()));
+        self.monitored
+            .processes
+            .lock()
+            .unwrap()
+            .push((id.clone(), Arc::downgrade(&store)));
         let (observed, leases, failing, shards_of, buffering) = (
             self.observed.clone(),
             self.leases.clone(),
@@ -175,9 +198,18 @@ impl Sim {
                 last_flushed: None,
             }
         };
+        let client: Arc<dyn StreamClient> = match self.fan_out {
+            Some(_) => Arc::new(Watched {
+                inner: stream.clone(),
+                worker: id.clone(),
+                observed: self.observed.clone(),
+                server: self.stream.clone(),
+            }),
+            None => stream.clone(),
+        };
         let worker = Worker::new(
-            sim_config(&id, seed ^ self.next_worker as u64),
-            stream.clone() as Arc<dyn StreamClient>,
+            sim_config(&id, seed ^ self.next_worker as u64, self.fan_out.as_ref()),
+            client,
             store.clone() as Arc<dyn LeaseStore>,
             factory,
         )
@@ -314,7 +346,7 @@ impl Sim {
     /// One random step of the schedule.
     async fn step(&mut self, seed: u64) {
         let gap = self.rng.millis(200, 8_000);
-        tokio::time::sleep(gap).await;
+        self.sleep_with_fan_out_faults(gap).await;
         self.end_faults_due(Instant::now());
         self.maybe_hang();
         self.maybe_split_twice();
@@ -438,6 +470,49 @@ impl Sim {
             .collect()
     }
 
+    /// Waits until every record is flushed or buffered by a live processor and the fleet is
+    /// balanced; false (a violation) if that takes past `deadline`.
+    async fn settle(&mut self, deadline: Instant) -> bool {
+        loop {
+            self.reap_shared().await;
+            // A worker that ended on its own never settles: said at once, with its error.
+            if let Some(i) = (0..self.workers.len()).find(|&i| {
+                self.workers[i].task.is_finished()
+                    && self.shared_id.as_ref() != Some(&self.workers[i].id)
+            }) {
+                let w = self.remove_worker(i);
+                let ended = w.task.await;
+                violation(
+                    &self.observed,
+                    format!("{} ended on its own with {ended:?}", w.id),
+                );
+                return false;
+            }
+            let unsettled = self.unsettled_records();
+            let balanced = self.balanced();
+            if unsettled.is_empty() && balanced {
+                return true;
+            }
+            if Instant::now() > deadline {
+                let leases: Vec<String> = self
+                    .leases
+                    .leases()
+                    .iter()
+                    .map(|l| format!("{} {:?} {}", l.lease_key, l.owner, l.checkpoint))
+                    .collect();
+                violation(
+                    &self.observed,
+                    format!(
+                        "not settled after 15 virtual minutes: records neither flushed nor \
+                         buffered per shard {unsettled:?}, balanced {balanced}; leases {leases:?}"
+                    ),
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     fn balanced(&self) -> bool {
         let live: BTreeSet<&str> = self.workers.iter().map(|w| w.id.as_str()).collect();
         let leases = self.leases.leases();
@@ -467,7 +542,12 @@ struct SeedRun {
     coverage: Coverage,
 }
 
-fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
+fn run_seed(
+    seed: u64,
+    shapes: Option<Shapes>,
+    reading: Option<Reading>,
+    ending: Ending,
+) -> SeedRun {
     if std::env::var_os("SIM_LOG").is_some() {
         // The workers' own logs, for a replay (`SIM_SEED=S SIM_LOG=1`).
         let _ = tracing_subscriber::fmt()
@@ -486,6 +566,18 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
         let shapes = shapes.unwrap_or_else(|| Shapes::draw(&mut shape_rng));
         let buffering = shapes.buffering.then(|| Buffering::draw(&mut shape_rng));
         let shards = 1 + rng.below(3) as u32;
+        let stream = Arc::new(InMemoryStream::new("sim-stream", shards));
+        let mut fan_rng = Rng(seed ^ FAN_OUT_SALT);
+        // Drawn even when fixed, so a fan-out seed replays alike either way.
+        let drawn = Reading::draw(&mut fan_rng);
+        let reading = reading.unwrap_or(drawn);
+        let (fan_out, fan_out_line) = match reading {
+            Reading::FanOut => {
+                let (fleet, line) = FanOutFleet::draw(fan_rng, &stream);
+                (Some(fleet), Some(line))
+            }
+            Reading::Polling => (None, None),
+        };
         let observed: Shared = Arc::default();
         observed.lock().unwrap().started = Some(Instant::now());
         let leases = Arc::new(InMemoryLeaseStore::new("sim-app"));
@@ -503,11 +595,16 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
             terms: Mutex::default(),
             rng: Mutex::new(Rng(!seed)),
             create_latency: shapes.paged_scans,
+            processes: Mutex::default(),
         });
         {
             let mut observed = observed.lock().unwrap();
-            observed.trace.push(format!("shapes {shapes:?}, buffering {buffering:?}"));
+            observed
+                .trace
+                .push(format!("shapes {shapes:?}, buffering {buffering:?}"));
+            observed.trace.extend(fan_out_line);
             let c = &mut observed.coverage;
+            c.fan_out_seeds = u64::from(fan_out.is_some());
             c.buffering_seeds = u64::from(shapes.buffering);
             c.paged_scan_seeds = u64::from(shapes.paged_scans);
             c.hang_seeds = u64::from(shapes.hangs);
@@ -517,7 +614,7 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
             shape_rng,
             shapes,
             buffering,
-            stream: Arc::new(InMemoryStream::new("sim-stream", shards)),
+            stream,
             leases,
             monitored,
             observed: observed.clone(),
@@ -530,6 +627,7 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
             put: 0,
             pending_ends: Vec::new(),
             shared_id: None,
+            fan_out,
         };
         let initial = 1 + sim.rng.below(2);
         for _ in 0..initial {
@@ -543,6 +641,7 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
         // The bad day ends: faults off, two workers at least, some more records. (Hangs asked
         // for and not yet met stay: one hung call is a normal day.)
         sim.pending_ends.clear();
+        sim.end_fan_out_faults();
         sim.failing.store(false, Ordering::Relaxed);
         for w in &sim.workers {
             w.stream.set(Fault::None);
@@ -556,45 +655,46 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
         if ending == Ending::TableVanishes {
             sim.vanish_table().await;
         } else {
-        if ending == Ending::SharedWorkerId {
-            sim.share_worker_id(seed).await;
-        }
-        sim.trace("faults end; settling".into());
-        let deadline = Instant::now() + Duration::from_secs(900);
-        loop {
+            if ending == Ending::SharedWorkerId {
+                sim.share_worker_id(seed).await;
+            }
+            sim.trace("faults end; settling".into());
+            let deadline = Instant::now() + Duration::from_secs(900);
+            if sim.settle(deadline).await && sim.fan_out.is_some() {
+                // Invariant 9 once the fleet settled, stayed a while, and is settled still.
+                sim.stay_a_while().await;
+                if sim.settle(deadline).await {
+                    sim.check_subscriptions_settled();
+                }
+            }
+            statuses = sim
+                .workers
+                .iter()
+                .map(|w| w.status.borrow().clone())
+                .collect::<Vec<WorkerStatus>>();
+            // Stopping flushes what the processors still buffer (`shutdown_requested`).
             sim.reap_shared().await;
-            let unsettled = sim.unsettled_records();
-            let balanced = sim.balanced();
-            if unsettled.is_empty() && balanced {
-                break;
-            }
-            if Instant::now() > deadline {
-                let leases: Vec<String> = sim.leases.leases().iter().map(|l| format!("{} {:?} {}", l.lease_key, l.owner, l.checkpoint)).collect();
-                violation(&observed, format!("not settled after 15 virtual minutes: records neither flushed nor buffered per shard {unsettled:?}, balanced {balanced}; leases {leases:?}"));
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        statuses = sim.workers.iter().map(|w| w.status.borrow().clone()).collect::<Vec<WorkerStatus>>();
-        // Stopping flushes what the processors still buffer (`shutdown_requested`).
-        sim.reap_shared().await;
-        while !sim.workers.is_empty() {
-            let w = sim.remove_worker(0);
-            w.shutdown.cancel();
-            match w.task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(kcl_core::Error::DuplicateWorkerId { .. }))
-                    if sim.shared_id.as_ref() == Some(&w.id) => {}
-                other => violation(&observed, format!("{} ended with {other:?}", w.id)),
+            while !sim.workers.is_empty() {
+                let w = sim.remove_worker(0);
+                w.shutdown.cancel();
+                match w.task.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(kcl_core::Error::DuplicateWorkerId { .. }))
+                        if sim.shared_id.as_ref() == Some(&w.id) => {}
+                    other => violation(&observed, format!("{} ended with {other:?}", w.id)),
+                }
             }
         }
-        }
+        sim.check_subscriptions_closed().await;
         // Invariant 6: per key, first flushed in the order put.
         let mut last: HashMap<String, u64> = HashMap::new();
         let first_processed = sim.observed.lock().unwrap().first_processed.clone();
         for (key, n) in first_processed {
             if last.get(&key).is_some_and(|prev| n < *prev) {
-                violation(&observed, format!("{key}:{n} first processed after {key}:{}", last[&key]));
+                violation(
+                    &observed,
+                    format!("{key}:{n} first processed after {key}:{}", last[&key]),
+                );
             }
             last.insert(key, n);
         }
@@ -608,10 +708,34 @@ fn run_seed(seed: u64, shapes: Option<Shapes>, ending: Ending) -> SeedRun {
             "{} records, {unflushed} left unflushed; first order {:?}; leases {:?}; statuses {:?}",
             sim.put,
             observed.first_processed,
-            sim.leases.leases().iter().map(|l| (l.lease_key.clone(), l.owner.clone(), l.counter, l.checkpoint.to_string())).collect::<Vec<_>>(),
-            statuses.iter().map(|s| (s.held_leases.clone(), s.shard_failures, s.processor_panics)).collect::<Vec<_>>(),
+            sim.leases
+                .leases()
+                .iter()
+                .map(|l| (
+                    l.lease_key.clone(),
+                    l.owner.clone(),
+                    l.counter,
+                    l.checkpoint.to_string()
+                ))
+                .collect::<Vec<_>>(),
+            statuses
+                .iter()
+                .map(|s| (
+                    s.held_leases.clone(),
+                    s.shard_failures,
+                    s.processor_panics,
+                    s.subscriptions,
+                    s.subscribe_refusals,
+                    s.subscription_failures
+                ))
+                .collect::<Vec<_>>(),
         );
-        SeedRun { violations: observed.violations.clone(), digest, trace: observed.trace.clone(), coverage: observed.coverage }
+        SeedRun {
+            violations: observed.violations.clone(),
+            digest,
+            trace: observed.trace.clone(),
+            coverage: observed.coverage,
+        }
     })
 }
 
@@ -625,10 +749,10 @@ const REAL_TIME_LIMIT: Duration = Duration::from_secs(120);
 
 /// Runs a seed on its own thread, so one that spins forever is reported instead of hanging
 /// the test.
-fn run_seed_bounded((seed, shapes): Job, ending: Ending) -> Result<SeedRun, String> {
+fn run_seed_bounded((seed, shapes, reading): Job, ending: Ending) -> Result<SeedRun, String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(run_seed(seed, shapes, ending));
+        let _ = tx.send(run_seed(seed, shapes, reading, ending));
     });
     match rx.recv_timeout(REAL_TIME_LIMIT) {
         Ok(run) => Ok(run),
@@ -652,15 +776,16 @@ fn the_invariants_hold_for_every_seed() {
 const ENDING_SEEDS: u64 = 200;
 
 fn ending_seeds() -> Vec<Job> {
+    let reading = reading_from_env();
     if let Ok(seed) = std::env::var("SIM_SEED") {
-        return vec![(seed.parse().expect("SIM_SEED is a number"), None)];
+        return vec![(seed.parse().expect("SIM_SEED is a number"), None, reading)];
     }
     let n = std::env::var("SIM_ENDING_SEEDS")
         .ok()
         .map_or(ENDING_SEEDS, |s| {
             s.parse().expect("SIM_ENDING_SEEDS is a number")
         });
-    (0..n).map(|seed| (seed, None)).collect()
+    (0..n).map(|seed| (seed, None, reading)).collect()
 }
 
 #[test]
@@ -723,13 +848,16 @@ fn run_seeds(jobs: Vec<Job>, ending: Ending) -> Coverage {
     let (mut failures, coverage) = results.lock().unwrap().clone();
     failures.sort_by_key(|(job, _)| *job);
     eprintln!("{} seeds; coverage {coverage:?}", jobs.len());
-    for ((seed, shapes), violations) in &failures {
-        eprintln!("FAILED seed {seed} {shapes:?}: {}", violations[0]);
+    for ((seed, shapes, reading), violations) in &failures {
+        eprintln!(
+            "FAILED seed {seed} {shapes:?} {reading:?}: {}",
+            violations[0]
+        );
     }
     assert!(
         failures.is_empty(),
-        "{} of {} seeds broke an invariant; replay one with SIM_SEED=<seed> (and SIM_SHAPES if \
-         the shapes were fixed):\n{:#?}",
+        "{} of {} seeds broke an invariant; replay one with SIM_SEED=<seed> (and SIM_SHAPES, \
+         SIM_RETRIEVAL if the shapes or the reading were fixed):\n{:#?}",
         failures.len(),
         jobs.len(),
         failures.iter().take(5).collect::<Vec<_>>()
@@ -752,8 +880,8 @@ fn a_seed_replays_exactly() {
         .iter()
         .map(|&seed| {
             (
-                run_seed(seed, None, Ending::Settle),
-                run_seed(seed, None, Ending::Settle),
+                run_seed(seed, None, None, Ending::Settle),
+                run_seed(seed, None, None, Ending::Settle),
             )
         })
         .collect();

@@ -1,10 +1,11 @@
 //! The shared lease store, watching every write as it lands (invariants 1, 3, 5 and 8).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use kcl_core::testing::InMemoryLeaseStore;
+use kcl_core::testing::{Faulty, InMemoryLeaseStore, LeaseCall};
 use kcl_core::{
     Checkpoint, ErrorKind, ExtendedSequenceNumber, Lease, LeaseFence, LeaseScan, LeaseStore,
     LeaseUpdate,
@@ -32,7 +33,17 @@ pub(crate) struct Monitored {
     /// Lease creations take time too, so that they land between the pages of scans (only in
     /// seeds with paged scans, so the other seeds replay as before).
     pub(crate) create_latency: bool,
+    /// Every worker process's own lease store (around this one), by worker id, to tell when
+    /// its calls hung (weak: they hold this store).
+    pub(crate) processes: Mutex<Vec<(String, Weak<Faulty<Monitored>>)>>,
 }
+
+/// Two renewals of a worker that hung within this long before a lease is taken from it as
+/// expired excuse the take: each costs a request timeout (2 s) and a retry, and two in a row
+/// outlast what the lease duration (10 s) leaves after a renewal interval (3 s). (Hangs are
+/// asked for one at a time, but several may strike consecutive renewals: a worker that holds
+/// no lease meets its pending hangs one after the other once it takes one.)
+const HUNG_RENEWALS_WINDOW: Duration = Duration::from_secs(20);
 
 impl Monitored {
     /// Invariant 8: a lease is taken as expired from a running worker only if its lease-table
@@ -44,6 +55,9 @@ impl Monitored {
             return;
         };
         if before.handoff_to.as_deref() == Some(new_owner) {
+            return;
+        }
+        if self.renewals_hung_lately(previous) >= 2 {
             return;
         }
         let observed = self.observed.lock().unwrap();
@@ -63,6 +77,23 @@ impl Monitored {
                 ),
             );
         }
+    }
+}
+
+impl Monitored {
+    /// How many renewals of the processes of `worker` hung within [`HUNG_RENEWALS_WINDOW`].
+    fn renewals_hung_lately(&self, worker: &str) -> usize {
+        let since = Instant::now().checked_sub(HUNG_RENEWALS_WINDOW);
+        let processes = self.processes.lock().unwrap();
+        processes
+            .iter()
+            .filter(|(id, _)| id == worker)
+            .filter_map(|(_, store)| store.upgrade())
+            .flat_map(|store| store.hangs_met())
+            .filter(|(call, at)| {
+                *call == LeaseCall::Update("renew") && since.is_none_or(|since| *at >= since)
+            })
+            .count()
     }
 }
 

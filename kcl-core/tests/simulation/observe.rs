@@ -64,6 +64,9 @@ pub(crate) struct Observed {
     pub(crate) coverage: Coverage,
     /// When the run started (virtual time).
     pub(crate) started: Option<Instant>,
+    /// Fan-out fleets: per worker id and shard, the subscriptions its client holds open (not
+    /// ended, failed or dropped). See [`crate::fan_out::Watched`].
+    pub(crate) subscribed: BTreeMap<(String, String), usize>,
 }
 
 impl Observed {
@@ -156,6 +159,28 @@ pub(crate) struct Coverage {
     pub(crate) hangs: u64,
     /// Processes stopped for sharing a worker id with another (the shared-id ending).
     pub(crate) duplicates_stopped: u64,
+    /// Seeds whose fleet read through enhanced fan-out (the fan-out counters are demanded
+    /// only when some did).
+    pub(crate) fan_out_seeds: u64,
+    /// Subscriptions opened.
+    pub(crate) subscriptions: u64,
+    /// Subscriptions that ended cleanly (their session was over) before the shard's end.
+    pub(crate) session_ends: u64,
+    /// Subscriptions that failed mid-stream (injected, or cut off with their worker's client).
+    pub(crate) subscriptions_failed: u64,
+    /// Subscribes refused with `ResourceInUse` (another subscription open or lingering, the
+    /// consumer not yet active, or injected).
+    pub(crate) subscribes_in_use: u64,
+    /// ... of which while a dropped subscription of the shard still lingered (a handoff or a
+    /// replaced subscription, as on AWS).
+    pub(crate) refused_by_lingering: u64,
+    /// Subscriptions made silent.
+    pub(crate) silenced: u64,
+    /// Subscriptions dropped by their client before they ended (a silent one given up, a
+    /// lease lost or handed over, a worker stopping).
+    pub(crate) subscriptions_dropped: u64,
+    /// Shard ends received through a subscription (the event with the child shards).
+    pub(crate) fan_out_shard_ends: u64,
 }
 
 impl std::ops::AddAssign for Coverage {
@@ -177,6 +202,15 @@ impl std::ops::AddAssign for Coverage {
         self.raced_scans += o.raced_scans;
         self.hangs += o.hangs;
         self.duplicates_stopped += o.duplicates_stopped;
+        self.fan_out_seeds += o.fan_out_seeds;
+        self.subscriptions += o.subscriptions;
+        self.session_ends += o.session_ends;
+        self.subscriptions_failed += o.subscriptions_failed;
+        self.subscribes_in_use += o.subscribes_in_use;
+        self.refused_by_lingering += o.refused_by_lingering;
+        self.silenced += o.silenced;
+        self.subscriptions_dropped += o.subscriptions_dropped;
+        self.fan_out_shard_ends += o.fan_out_shard_ends;
     }
 }
 
@@ -204,6 +238,18 @@ impl Coverage {
         }
         if self.hang_seeds > 0 {
             all.push(("hangs", self.hangs));
+        }
+        if self.fan_out_seeds > 0 {
+            all.extend([
+                ("subscriptions", self.subscriptions),
+                ("session_ends", self.session_ends),
+                ("subscriptions_failed", self.subscriptions_failed),
+                ("subscribes_in_use", self.subscribes_in_use),
+                ("refused_by_lingering", self.refused_by_lingering),
+                ("silenced", self.silenced),
+                ("subscriptions_dropped", self.subscriptions_dropped),
+                ("fan_out_shard_ends", self.fan_out_shard_ends),
+            ]);
         }
         all.into_iter()
             .filter(|(_, n)| *n == 0)

@@ -68,13 +68,56 @@ impl Shapes {
 
 /// Salts the generator of a seed's shapes, so it is independent of the schedule's.
 pub(crate) const SHAPES_SALT: u64 = 0x5EED_5A9E_0000_0001;
-/// A seed to run, with its shapes (`None`: drawn from the seed).
-pub(crate) type Job = (u64, Option<Shapes>);
+/// Salts the generator that draws how a seed's fleet reads and, in fan-out fleets, the
+/// fan-out settings and faults: independent of the schedule's and the shapes' generators, so a
+/// polling seed replays as before fan-out existed, and a fan-out seed has the same schedule
+/// (workers, records, resharding, other faults) as the same seed polling.
+pub(crate) const FAN_OUT_SALT: u64 = 0x5EED_FA40_0000_0002;
+
+/// How the workers of a seed's fleet read: all of them poll, or all use enhanced fan-out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Reading {
+    Polling,
+    FanOut,
+}
+
+impl Reading {
+    /// Fan-out in about half the seeds. Always the first draw of the fan-out generator (even
+    /// when the reading is fixed), so a fan-out seed replays alike whether drawn or fixed.
+    pub(crate) fn draw(rng: &mut Rng) -> Self {
+        if rng.chance(50) {
+            Reading::FanOut
+        } else {
+            Reading::Polling
+        }
+    }
+
+    /// `SIM_RETRIEVAL`, if set: `polling` or `fan-out`.
+    fn from_env() -> Option<Self> {
+        let value = std::env::var("SIM_RETRIEVAL")
+            .ok()
+            .filter(|s| !s.trim().is_empty())?;
+        match value.trim() {
+            "polling" => Some(Reading::Polling),
+            "fan-out" | "fanout" => Some(Reading::FanOut),
+            other => panic!("SIM_RETRIEVAL: unknown retrieval {other:?} (polling, fan-out)"),
+        }
+    }
+}
+
+/// A seed to run, with its shapes and its fleet's reading (`None`: drawn from the seed).
+pub(crate) type Job = (u64, Option<Shapes>, Option<Reading>);
+
+/// `SIM_RETRIEVAL` (see [`Reading`]), for the jobs that do not fix it themselves.
+pub(crate) fn reading_from_env() -> Option<Reading> {
+    Reading::from_env()
+}
 
 pub(crate) fn seeds() -> Vec<Job> {
     let shapes = Shapes::from_env();
+    let reading = Reading::from_env();
     if let Ok(seed) = std::env::var("SIM_SEED") {
-        return vec![(seed.parse().expect("SIM_SEED is a number"), shapes)];
+        return vec![(seed.parse().expect("SIM_SEED is a number"), shapes, reading)];
     }
     let number = |name: &str| {
         std::env::var(name).ok().map(|s| {
@@ -84,12 +127,24 @@ pub(crate) fn seeds() -> Vec<Job> {
     };
     let first = number("SIM_FIRST_SEED").unwrap_or(0);
     let range = first..first + number("SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
-    let mut jobs: BTreeSet<(u64, Option<Shapes>)> = range.map(|seed| (seed, shapes)).collect();
-    // The classic bugs replay on the schedules that found them.
-    jobs.extend(BUG_SEEDS.map(|seed| (seed, Some(Shapes::CLASSIC))));
+    let mut jobs: BTreeSet<Job> = range.map(|seed| (seed, shapes, reading)).collect();
+    // The bugs replay on the schedules that found them, polling as they were found (fan-out
+    // came later).
+    let polling = Some(Reading::Polling);
+    if reading.is_none_or(|r| r == Reading::Polling) {
+        jobs.extend(BUG_SEEDS.map(|seed| (seed, Some(Shapes::CLASSIC), polling)));
+        if shapes.is_none() {
+            jobs.extend(SHAPE_BUG_SEEDS.map(|(seed, shapes)| (seed, Some(shapes), polling)));
+            jobs.extend(DRAWN_BUG_SEEDS.map(|seed| (seed, None, polling)));
+        }
+    }
     if shapes.is_none() {
-        jobs.extend(SHAPE_BUG_SEEDS.map(|(seed, shapes)| (seed, Some(shapes))));
-        jobs.extend(DRAWN_BUG_SEEDS.map(|seed| (seed, None)));
+        jobs.extend(
+            READING_BUG_SEEDS
+                .into_iter()
+                .filter(|(_, r)| reading.is_none_or(|fixed| fixed == *r))
+                .map(|(seed, r)| (seed, None, Some(r))),
+        );
     }
     jobs.into_iter().collect()
 }
@@ -150,5 +205,18 @@ const SHAPE_BUG_SEEDS: [(u64, Shapes); 22] = [
 /// took back a lease whose old consumer was still stopping, two consumers of one shard in one
 /// worker (12271; found by a 20,000-seed soak).
 const DRAWN_BUG_SEEDS: [u64; 7] = [455, 555, 1013, 5591, 6447, 12271, 13385];
+/// Seeds that found bugs since fleets read through fan-out too, with their shapes drawn and
+/// the reading they failed in: a worker whose pending hangs struck two or more consecutive
+/// renewals (hangs asked for while it held no lease wait for its next renewals) lost a lease
+/// as it should, which invariant 8 took for a bug (87189 polling; 90391 fails polling too;
+/// found by a 50,000-seed soak). The invariant now excuses two hung renewals within 20 s. A
+/// fan-out worker started into pauses and stalls could not describe its consumer for 60 s
+/// and ended with `ConsumerNotActive` (the default registration timeout, by design), and the
+/// fleet never balanced (52303; fan-out fleets now wait up to 10 minutes).
+const READING_BUG_SEEDS: [(u64, Reading); 3] = [
+    (87189, Reading::Polling),
+    (90391, Reading::FanOut),
+    (52303, Reading::FanOut),
+];
 /// Seeds per CI run: about half a minute on two threads of an unoptimized build.
 pub(crate) const DEFAULT_SEEDS: u64 = 3_000;
