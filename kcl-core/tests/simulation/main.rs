@@ -28,12 +28,12 @@
 //! `SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`], what CI runs) from `SIM_FIRST_SEED`
 //! (default 0): a soak is `SIM_SEEDS=100000`. `SIM_SEED=S` replays one seed with its trace
 //! printed. `SIM_SHAPES` fixes the shapes instead of drawing them per seed: `classic` (none:
-//! with `SIM_RETRIEVAL=polling`, the simulation as it was before the shapes, seed for seed), or a comma-separated list of
-//! `buffering`, `scans`, `hangs` (exactly those). A run is a pure function of its seed and
-//! shapes. `SIM_RETRIEVAL=polling` or `fan-out` fixes how every seed's fleet reads (a fan-out
-//! seed replays alike whether its reading was drawn or fixed; a seed polls as it did before
-//! fan-out existed). `SIM_LOG=1` prints the workers' debug logs (with `SIM_SEED`, for a
-//! replay).
+//! with `SIM_RETRIEVAL=polling`, the simulation as it was before the shapes, seed for seed),
+//! or a comma-separated list of `buffering`, `scans`, `hangs` (exactly those).
+//! `SIM_RETRIEVAL=polling` or `fan-out` fixes how every seed's fleet reads (a fan-out seed
+//! replays alike whether its reading was drawn or fixed; a polling seed replays as it did
+//! before fan-out existed). A run is a pure function of its seed, shapes and reading.
+//! `SIM_LOG=1` prints the workers' debug logs (with `SIM_SEED`, for a replay).
 
 // The replayed trace and the coverage summary are the output a developer asks for.
 #![allow(clippy::print_stderr)]
