@@ -19,7 +19,9 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result, Service};
 use crate::fatal::Fatal;
-use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+use crate::lease::{
+    Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
+};
 use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
 use crate::subscription::{ShardSubscription, StreamConsumer};
 
@@ -238,6 +240,19 @@ impl LeaseStore for BoundedLeaseStore {
             "PutItem",
             self.timeout,
             self.inner.create_lease_if_absent(lease),
+        )
+        .await
+    }
+
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> Result<LeaseCreation> {
+        self.call(
+            "TransactWriteItems",
+            self.timeout,
+            self.inner.create_lease_in_lineage(lease, guard),
         )
         .await
     }

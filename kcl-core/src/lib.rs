@@ -39,7 +39,9 @@ pub use config::{
 pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]
 pub use kinesis::KinesisStreamClient;
-pub use lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+pub use lease::{
+    Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
+};
 pub use metrics::MetricsConfig;
 pub use processor::{RecordProcessor, RecordProcessorFactory};
 pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};

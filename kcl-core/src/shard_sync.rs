@@ -15,7 +15,15 @@
 //! from the scan counts as started only when it is past retention or has a leased
 //! descendant, which a child created during the scan cannot have. (The worker never takes a
 //! parent missing from a scan for finished: it reads the key.)
+//!
+//! A sync's plan can also go stale while its writes are sent (a worker paused mid-sync): a
+//! lease planned for creation could meanwhile have been created, processed to its end and
+//! deleted. So a lease is created only while the parents that had leases still have them and
+//! none of its children has one (one transaction), and a finished lease is deleted only once
+//! a read of its parents' keys finds none: while a parent's lease exists, none of its
+//! children's was deleted.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -27,12 +35,29 @@ use crate::backoff::{SeedSource, retry};
 use crate::config::WorkerConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::invalid_items::InvalidItems;
-use crate::lease::{Lease, LeaseStore, lineage};
+use crate::lease::{Lease, LeaseCreation, LeaseStore, LineageGuard, lineage};
 use crate::sequence::Checkpoint;
-use crate::stream::StreamClient;
+use crate::stream::{Shard, StreamClient};
 
 /// Attempts of each call of one sync.
 const SYNC_ATTEMPTS: usize = 5;
+
+/// Creates `lease` if absent, guarded by `guard` unless it has nothing to check (a plain
+/// conditional put costs half a transaction).
+async fn create(
+    store: &dyn LeaseStore,
+    lease: &Lease,
+    guard: &LineageGuard,
+) -> Result<LeaseCreation> {
+    if guard.is_empty() {
+        Ok(match store.create_lease_if_absent(lease).await? {
+            true => LeaseCreation::Created,
+            false => LeaseCreation::Exists,
+        })
+    } else {
+        store.create_lease_in_lineage(lease, guard).await
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct ShardSyncer {
@@ -85,6 +110,59 @@ impl ShardSyncer {
                 Ok(()) => {}
             }
         }
+    }
+
+    /// Deletes the finished leases the lineage lets go, once a consistent read of their
+    /// parents' keys finds none of them. Returns how many it deleted.
+    async fn delete_finished(&self, shards: &[Shard], leases: &[Lease]) -> usize {
+        let deletions = lineage::leases_to_delete(shards, leases);
+        let parents: Vec<String> = deletions
+            .iter()
+            .flat_map(|d| d.parents.iter().cloned())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let present: BTreeSet<String> = if parents.is_empty() {
+            BTreeSet::new()
+        } else {
+            match self.store.get_leases(&parents).await {
+                Ok(read) => read
+                    .leases
+                    .into_iter()
+                    .map(|l| l.lease_key)
+                    .chain(read.invalid.iter().filter_map(|e| match e {
+                        Error::InvalidLeaseItem { lease_key, .. } => Some(lease_key.clone()),
+                        _ => None,
+                    }))
+                    .collect(),
+                Err(e) => {
+                    warn!(error = %crate::ErrorChain(&e), "reading the parents of finished leases failed; the next sync deletes them");
+                    return 0;
+                }
+            }
+        };
+        let mut deleted = 0usize;
+        for deletion in deletions {
+            if deletion.parents.iter().any(|p| present.contains(p)) {
+                continue;
+            }
+            match self
+                .store
+                .delete_lease(&deletion.lease_key, &deletion.fence)
+                .await
+            {
+                Ok(()) => {
+                    debug!(lease_key = %deletion.lease_key, reason = ?deletion.reason, "deleted finished lease");
+                    deleted += 1;
+                }
+                // Changed or already deleted by another worker.
+                Err(e) if e.kind() == ErrorKind::ConditionFailed => {}
+                Err(e) => {
+                    warn!(lease_key = %deletion.lease_key, error = %crate::ErrorChain(&e), "deleting a finished lease failed")
+                }
+            }
+        }
+        deleted
     }
 
     /// Creates the leases the lineage needs (parents first) and deletes finished leases
@@ -146,40 +224,36 @@ impl ShardSyncer {
         }
         let mut created = 0usize;
         let stream_name = crate::lease::stream_name_of(&self.config.stream).to_owned();
-        for lease in lineage::leases_to_create(&shards, &leases, &self.config.initial_position) {
-            let lease = lease.with_stream_name(&stream_name);
+        for new in lineage::leases_to_create(&shards, &leases, &self.config.initial_position) {
+            let lease = new.lease.with_stream_name(&stream_name);
+            let guard = new.guard;
             let made = retry(
                 "create lease",
                 setup.backoff(self.seeds.next_seed()),
                 || {
-                    let (store, lease) = (store.clone(), lease.clone());
-                    async move { store.create_lease_if_absent(&lease).await }
+                    let (store, lease, guard) = (store.clone(), lease.clone(), guard.clone());
+                    async move { create(store.as_ref(), &lease, &guard).await }
                 },
             )
             .await?;
-            if made {
-                debug!(lease_key = %lease.lease_key, checkpoint = %lease.checkpoint, parents = ?lease.parent_shard_ids, "created lease");
-                created += 1;
-            }
-        }
-        let mut deleted = 0usize;
-        for deletion in lineage::leases_to_delete(&shards, &leases) {
-            match self
-                .store
-                .delete_lease(&deletion.lease_key, &deletion.fence)
-                .await
-            {
-                Ok(()) => {
-                    debug!(lease_key = %deletion.lease_key, reason = ?deletion.reason, "deleted finished lease");
-                    deleted += 1;
+            match made {
+                LeaseCreation::Created => {
+                    debug!(lease_key = %lease.lease_key, checkpoint = %lease.checkpoint, parents = ?lease.parent_shard_ids, "created lease");
+                    created += 1;
                 }
-                // Changed or already deleted by another worker.
-                Err(e) if e.kind() == ErrorKind::ConditionFailed => {}
-                Err(e) => {
-                    warn!(lease_key = %deletion.lease_key, error = %crate::ErrorChain(&e), "deleting a finished lease failed")
+                LeaseCreation::Exists => {}
+                // The parent finished and was cleaned up since the scan: so were (or will
+                // be) its children, and the next sync plans from fresh reads.
+                LeaseCreation::ParentMissing { parent } => {
+                    debug!(lease_key = %lease.lease_key, %parent, "not creating a lease whose parent's lease is gone");
+                }
+                // The shard was processed and cleaned up since the scan.
+                LeaseCreation::ChildExists { child } => {
+                    debug!(lease_key = %lease.lease_key, %child, "not creating a lease whose child has one");
                 }
             }
         }
+        let deleted = self.delete_finished(&shards, &leases).await;
         info!(
             shards = shards.len(),
             leases_created = created,

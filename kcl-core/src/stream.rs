@@ -278,7 +278,10 @@ pub trait StreamClient: Send + Sync + fmt::Debug + 'static {
     ///
     /// # Errors
     /// [`Error::ResourceInUse`] while another subscription of this consumer to this shard is
-    /// open; [`Error::Throttled`] beyond one subscribe a second per shard and consumer.
+    /// open; [`Error::Throttled`] beyond one subscribe a second per shard and consumer;
+    /// [`Error::ShardNotFound`] or [`Error::StreamNotFound`] when the shard, the stream or the
+    /// consumer does not exist (Kinesis does not say which: the reader asks
+    /// [`Self::get_shard_iterator`]).
     async fn subscribe_to_shard(
         &self,
         consumer_arn: &str,

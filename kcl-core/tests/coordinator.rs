@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::*;
 use kcl_core::testing::{InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
-    Checkpoint, Lease, LeaseConfig, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, RecordsPage,
-    Result, Shard, StartingPosition, StreamClient, async_trait,
+    Checkpoint, Lease, LeaseConfig, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate,
+    LineageGuard, RecordsPage, Result, Shard, StartingPosition, StreamClient, async_trait,
 };
 use tokio::time::Instant;
 
@@ -44,6 +44,13 @@ impl LeaseStore for TornScans {
     }
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
         self.inner.create_lease_if_absent(lease).await
+    }
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> Result<LeaseCreation> {
+        self.inner.create_lease_in_lineage(lease, guard).await
     }
     async fn update_lease(
         &self,
@@ -160,6 +167,13 @@ impl LeaseStore for SlowWrites {
     }
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
         self.inner.create_lease_if_absent(lease).await
+    }
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> Result<LeaseCreation> {
+        self.inner.create_lease_in_lineage(lease, guard).await
     }
     async fn update_lease(
         &self,

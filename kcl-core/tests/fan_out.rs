@@ -1,7 +1,8 @@
 //! Enhanced fan-out on the in-memory stream, on paused Tokio time: subscriptions that end,
 //! fail, go silent or are refused lose and repeat nothing; a split read through fan-out
 //! finishes the parent before its children; a lost lease ends its subscription at once;
-//! registration waits for the consumer and fails with a typed error when it never comes.
+//! registration waits for the consumer and fails with a typed error when it never comes; a
+//! shard past retention is let go as polling lets it go.
 
 mod common;
 
@@ -248,4 +249,49 @@ async fn a_consumer_arn_that_names_nothing_ends_the_worker_with_a_typed_error() 
         store.leases().iter().all(|l| l.owner.is_none()),
         "no lease taken"
     );
+}
+
+/// `SubscribeToShard` answers `ResourceNotFound` for a shard past retention without saying
+/// what is missing; the reader asks `GetShardIterator`, and the shard ends as a polled one
+/// does: its lease is deleted and its children, which waited for it, run.
+#[tokio::test(start_paused = true)]
+async fn a_shard_past_retention_read_through_fan_out_is_let_go_like_a_polled_one() {
+    let stream = Arc::new(InMemoryStream::new("test-stream", 1));
+    stream.put_record("k", "old");
+    let children = stream.split_shard("shardId-000000000000");
+    let store = Arc::new(InMemoryLeaseStore::new("test-app"));
+    // The application held the parent, never finished it, and it passed the retention period.
+    store.put(kcl_core::Lease::new(
+        "shardId-000000000000",
+        kcl_core::Checkpoint::TrimHorizon,
+    ));
+    for child in &children {
+        store.put(
+            kcl_core::Lease::new(child, kcl_core::Checkpoint::TrimHorizon)
+                .with_parents(["shardId-000000000000".to_owned()]),
+        );
+    }
+    stream.trim_shard("shardId-000000000000");
+    let expected = put(&stream, 0, 20);
+    let log = Log::default();
+    let config = fan_out("w1").with_lease(
+        kcl_core::LeaseConfig::default().with_shard_sync_interval(Duration::from_secs(5)),
+    );
+    let worker = start(config, &stream, &store, &log, &Faults::default());
+    wait_until("the children's records", Duration::from_secs(60), || {
+        log.count() >= 20
+    })
+    .await;
+    let failures = worker.status.borrow().shard_failures;
+    assert_eq!(failures, 0, "the parent's end is no failure");
+    assert!(
+        store
+            .get_lease("shardId-000000000000")
+            .await
+            .unwrap()
+            .is_none(),
+        "the parent's lease is deleted"
+    );
+    worker.stop().await.unwrap();
+    assert_exactly_once_in_order(&log, &expected);
 }

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod lineage_lease;
 mod repair;
 pub mod schema;
 mod store;

@@ -14,7 +14,8 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType, TableStatus,
 };
 use kcl_core::{
-    AwsSdkError, Error, Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, Result, Service,
+    AwsSdkError, Error, Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate,
+    LineageGuard, Result, Service,
 };
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -70,6 +71,10 @@ impl DynamoLeaseStore {
     pub fn with_table_active_timeout(mut self, timeout: Duration) -> Self {
         self.table_active_timeout = timeout;
         self
+    }
+
+    pub(crate) fn table(&self) -> &str {
+        &self.table
     }
 
     pub(crate) fn error<E>(&self, operation: &'static str, err: SdkError<E>) -> Error
@@ -153,7 +158,10 @@ impl DynamoLeaseStore {
     }
 }
 
-fn build_error(operation: &'static str, e: aws_sdk_dynamodb::error::BuildError) -> Error {
+pub(crate) fn build_error(
+    operation: &'static str,
+    e: aws_sdk_dynamodb::error::BuildError,
+) -> Error {
     Error::Service {
         service: Service::LeaseStore,
         operation,
@@ -489,6 +497,14 @@ impl LeaseStore for DynamoLeaseStore {
         }
     }
 
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> Result<LeaseCreation> {
+        self.transact_create_in_lineage(lease, guard).await
+    }
+
     async fn update_lease(
         &self,
         lease_key: &str,
@@ -598,7 +614,7 @@ impl LeaseStore for DynamoLeaseStore {
 /// `ReturnConsumedCapacity=TOTAL` DynamoDB reports the operation's `CapacityUnits`, and on
 /// some endpoints its read and write split as well; a read operation's units are read units,
 /// a write's are write units.
-fn record_capacity(operation: &'static str, consumed: Option<&ConsumedCapacity>) {
+pub(crate) fn record_capacity(operation: &'static str, consumed: Option<&ConsumedCapacity>) {
     let Some(consumed) = consumed else { return };
     let total = consumed.capacity_units().unwrap_or(0.0);
     let (read, write) = match operation {

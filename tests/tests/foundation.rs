@@ -404,6 +404,16 @@ async fn the_lease_table_has_the_java_kcl_schema_and_attributes() {
     }
 }
 
+/// The transaction that creates a lease only while its parents' leases exist and its
+/// children's do not, with DynamoDB's cancellation reasons read back per item.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creations_in_a_lineage_check_parents_and_children() {
+    let table = unique("lineage");
+    let store = store(&table).await;
+    store.initialize().await.unwrap();
+    kcl_core::testing::check_create_in_lineage(&store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_writes_are_conditional_on_owner_and_counter() {
     let table = unique("fencing");

@@ -88,6 +88,13 @@ impl FanOutReader {
                     warn!(shard_id = %self.shard_id, error = %ErrorChain(&e), "SubscribeToShard refused; trying again");
                     Ended::Failed
                 }
+                Err(e @ (Error::ShardNotFound { .. } | Error::StreamNotFound { .. })) => {
+                    let Some(found) = self.why_not_found(e, &position, &stop).await else {
+                        return;
+                    };
+                    let _ = tx.send(Err(found)).await;
+                    return;
+                }
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     return;
@@ -109,6 +116,30 @@ impl FanOutReader {
                 }
             }
         }
+    }
+
+    /// What a `ResourceNotFound` answer to `SubscribeToShard` meant. It names no resource: the
+    /// shard (past retention), the stream, or the consumer (deregistered) may be gone. A
+    /// `GetShardIterator` at the same position tells the shard apart, as it does for the
+    /// poller, so a shard gone past retention ends like one polled ([`Error::ShardNotFound`]:
+    /// its lease is deleted), and anything else fails the shard's consumer with `not_found`.
+    /// `None` when `stop` was cancelled.
+    async fn why_not_found(
+        &self,
+        not_found: Error,
+        position: &StartingPosition,
+        stop: &CancellationToken,
+    ) -> Option<Error> {
+        let probe = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            probe = self.stream.get_shard_iterator(&self.shard_id, position) => probe,
+        };
+        Some(match probe {
+            Err(gone @ Error::ShardNotFound { .. }) => gone,
+            Err(e @ Error::StreamNotFound { .. }) => e,
+            _ => not_found,
+        })
     }
 
     /// Hands over the events of one subscription, moving `position` after each event's

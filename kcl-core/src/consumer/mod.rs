@@ -462,6 +462,11 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             // The batch (and its share of the prefetch budget) lives until it was delivered.
             let batch = match next {
                 Some(Ok(batch)) => batch,
+                // Found by a reader mid-session (a new iterator, a subscription): the shard
+                // went past retention while this worker held it, as at the session's start.
+                Some(Err(Error::ShardNotFound { .. })) => {
+                    break SessionEnd::Exit(ShardExit::ShardGone);
+                }
                 Some(Err(e)) => break SessionEnd::Exit(ShardExit::Failed(e)),
                 None => {
                     break SessionEnd::Exit(ShardExit::Failed(Error::TaskFailed {

@@ -14,14 +14,29 @@
 //!   `TRIM_HORIZON` and `AT_TIMESTAMP` every retained shard does, so the oldest ancestors are
 //!   processed first and their children wait for them.
 //! - A finished lease (`SHARD_END`) is deleted once every child has started and checkpointed
-//!   (or is itself gone), or when its shard is past retention.
+//!   (or is itself gone), or when its shard is past retention; but never while one of its
+//!   parents still has a lease. So a lease, once deleted, is never created again: a child's
+//!   lease is only created while its parents' leases exist (atomically with that check, see
+//!   [`crate::lease::LeaseStore::create_lease_in_lineage`]), and while they exist it was never
+//!   deleted. Without this, the worker of a parent whose end was written but not answered
+//!   could, on resending, bring back children that were processed and cleaned up meanwhile.
+//!   A shard sync's lease is also created only while none of the shard's descendants has a
+//!   lease: a shard whose lease was deleted always has a descendant with one (a lease goes
+//!   only once its children started, and each of them only once its own children did), so a
+//!   shard processed and cleaned up since the sync read the table is not created again,
+//!   however long the worker paused. (Up to [`MAX_GUARDED_DESCENDANTS`] descendants are
+//!   checked, nearest first; a lineage deeper than that is guarded only that far.)
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::config::InitialPosition;
-use crate::lease::{Lease, LeaseFence};
+use crate::lease::{Lease, LeaseFence, LineageGuard};
 use crate::sequence::Checkpoint;
 use crate::stream::{HashKeyRange, Shard};
+
+/// How many descendants a new lease's guard names at most: a DynamoDB transaction holds 100
+/// items, one is the lease and two its parents.
+const MAX_GUARDED_DESCENDANTS: usize = 97;
 
 /// The shards of a stream, indexed by id, with their children.
 struct Lineage<'a> {
@@ -86,6 +101,24 @@ impl<'a> Lineage<'a> {
         ordered
     }
 
+    /// The shard's descendants, nearest first, at most [`MAX_GUARDED_DESCENDANTS`].
+    fn descendants(&self, shard: &str) -> Vec<&'a str> {
+        let mut found: Vec<&'a str> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::from([shard]);
+        let mut next = 0;
+        let mut frontier: Vec<&str> = vec![shard];
+        while next < frontier.len() && found.len() < MAX_GUARDED_DESCENDANTS {
+            for child in self.children.get(frontier[next]).into_iter().flatten() {
+                if seen.insert(child) && found.len() < MAX_GUARDED_DESCENDANTS {
+                    found.push(child);
+                    frontier.push(child);
+                }
+            }
+            next += 1;
+        }
+        found
+    }
+
     /// Shards with a descendant in `leased` (memoised).
     fn with_leased_descendant(&self, leased: &HashSet<&str>) -> HashSet<&'a str> {
         fn visit<'a>(
@@ -124,15 +157,28 @@ fn starting_checkpoint(shard: &Shard, initial: &InitialPosition) -> Option<Check
     }
 }
 
+/// A lease to create, with what must still hold when it is created.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub(crate) struct NewLease {
+    /// The lease.
+    pub(crate) lease: Lease,
+    /// Its parents that have a lease in the table read (or are created before it), and its
+    /// descendants, none of which has one. If by the time of the write a parent's lease is
+    /// gone or a descendant's exists, the plan is stale (the shard may have been processed
+    /// and its lease deleted since), and nothing is created.
+    pub(crate) guard: LineageGuard,
+}
+
 /// The leases to create so that the table follows the rules of this module, parents first.
 pub(crate) fn leases_to_create(
     shards: &[Shard],
     leases: &[Lease],
     initial: &InitialPosition,
-) -> Vec<Lease> {
+) -> Vec<NewLease> {
     let lineage = Lineage::new(shards);
     let existing: HashSet<&str> = leases.iter().map(|l| l.lease_key.as_str()).collect();
     let processed = lineage.with_leased_descendant(&existing);
+    let mut leased = existing.clone();
     let mut in_lineage: HashSet<&str> = existing
         .iter()
         .copied()
@@ -154,12 +200,20 @@ pub(crate) fn leases_to_create(
             starting_checkpoint(shard, initial)
         };
         if let Some(checkpoint) = checkpoint {
-            create.push(
-                Lease::new(id, checkpoint)
+            let parents = lineage
+                .parents(shard)
+                .into_iter()
+                .filter(|p| leased.contains(p))
+                .map(str::to_owned);
+            let children = lineage.descendants(id).into_iter().map(str::to_owned);
+            create.push(NewLease {
+                lease: Lease::new(id, checkpoint)
                     .with_parents(shard.parent_shard_ids())
                     .with_hash_key_range(shard.hash_key_range),
-            );
+                guard: LineageGuard::new(parents, children),
+            });
             in_lineage.insert(id);
+            leased.insert(id);
         }
     }
     create
@@ -185,6 +239,10 @@ pub(crate) struct LeaseDeletion {
     pub(crate) fence: LeaseFence,
     /// Why.
     pub(crate) reason: DeletionReason,
+    /// Its parents, none of which has a lease in the table read. A scan is not a snapshot (it
+    /// misses a lease created after it passed the lease's place), so the delete waits until
+    /// a read of these keys finds none of them.
+    pub(crate) parents: Vec<String>,
 }
 
 /// True once a child lease has left its starting sentinel: it read and checkpointed records.
@@ -195,7 +253,7 @@ fn has_checkpointed(lease: &Lease) -> bool {
     )
 }
 
-/// The finished leases that can be deleted.
+/// The finished leases that can be deleted, once a read of their parents' keys finds none.
 pub(crate) fn leases_to_delete(shards: &[Shard], leases: &[Lease]) -> Vec<LeaseDeletion> {
     let lineage = Lineage::new(shards);
     let by_key: HashMap<&str, &Lease> = leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
@@ -204,6 +262,21 @@ pub(crate) fn leases_to_delete(shards: &[Shard], leases: &[Lease]) -> Vec<LeaseD
     let mut delete = Vec::new();
     for lease in leases.iter().filter(|l| l.is_finished()) {
         let key = lease.lease_key.as_str();
+        let parents: BTreeSet<&str> = lease
+            .parent_shard_ids
+            .iter()
+            .map(String::as_str)
+            .chain(
+                lineage
+                    .shards
+                    .get(key)
+                    .map(|shard| lineage.parents(shard))
+                    .unwrap_or_default(),
+            )
+            .collect();
+        if parents.iter().any(|p| by_key.contains_key(p)) {
+            continue;
+        }
         let reason = if !lineage.shards.contains_key(key) {
             Some(DeletionReason::PastRetention)
         } else {
@@ -226,6 +299,7 @@ pub(crate) fn leases_to_delete(shards: &[Shard], leases: &[Lease]) -> Vec<LeaseD
                 lease_key: lease.lease_key.clone(),
                 fence: lease.fence(),
                 reason,
+                parents: parents.into_iter().map(str::to_owned).collect(),
             });
         }
     }

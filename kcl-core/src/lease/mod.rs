@@ -262,6 +262,55 @@ pub struct LeaseScan {
     pub invalid: Vec<Error>,
 }
 
+/// The leases that must exist, and those that must not, when a lease is created: see
+/// [`LeaseStore::create_lease_in_lineage`].
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct LineageGuard {
+    /// Lease keys that must exist: the parents known to have leases.
+    pub parents: Vec<String>,
+    /// Lease keys that must not exist: the shard's children.
+    pub children: Vec<String>,
+}
+
+impl LineageGuard {
+    /// A guard requiring `parents` to exist and `children` to be absent.
+    pub fn new(
+        parents: impl IntoIterator<Item = String>,
+        children: impl IntoIterator<Item = String>,
+    ) -> Self {
+        LineageGuard {
+            parents: parents.into_iter().collect(),
+            children: children.into_iter().collect(),
+        }
+    }
+
+    /// True when it checks nothing: a plain create-if-absent does.
+    pub fn is_empty(&self) -> bool {
+        self.parents.is_empty() && self.children.is_empty()
+    }
+}
+
+/// What [`LeaseStore::create_lease_in_lineage`] did.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum LeaseCreation {
+    /// The lease was created.
+    Created,
+    /// An item with the lease's key exists; nothing was written.
+    Exists,
+    /// No item has this parent's key; nothing was written.
+    ParentMissing {
+        /// The missing parent's lease key.
+        parent: String,
+    },
+    /// An item has this child's key; nothing was written.
+    ChildExists {
+        /// The child's lease key.
+        child: String,
+    },
+}
+
 /// Storage of the lease table: the seam between the core and DynamoDB.
 ///
 /// Implementations map failures onto [`Error`] variants: `LeaseConditionFailed` when a
@@ -300,6 +349,27 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// Stores `lease` unless an item with its key exists. Returns whether it was created.
     /// Two workers creating the same lease at once is harmless: exactly one creates it.
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool>;
+
+    /// Stores `lease` unless an item with its key exists, and only while an item exists for
+    /// every parent and for no child that `guard` names, all in one atomic write (a DynamoDB
+    /// transaction).
+    ///
+    /// This is how a shard sync or a shard's end creates leases. A finished lease is deleted
+    /// only once its own parents' leases are gone (see the lineage rules), so while a parent's
+    /// lease exists its children's leases were never deleted: a creation that lands while the
+    /// parents exist can only create a lease that never existed. And a lease that was
+    /// processed and deleted leaves children with leases. A plain create sent late (an answer
+    /// lost and the write resent, a worker paused between reading the table and writing)
+    /// could bring back a lease that was processed and cleaned up meanwhile, and process its
+    /// shard again from the start.
+    ///
+    /// When several conditions fail, the answer names the first of: the lease exists, a
+    /// parent is missing, a child exists.
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> Result<LeaseCreation>;
 
     /// Applies `update` if the stored lease matches `fence`; returns the lease as stored after
     /// the write (`update.apply(stored)`).

@@ -161,7 +161,7 @@ mod tests {
 
     use super::*;
     use crate::error::Result;
-    use crate::lease::{Lease, LeaseFence, LeaseScan};
+    use crate::lease::{Lease, LeaseCreation, LeaseFence, LeaseScan, LineageGuard};
     use crate::testing::InMemoryLeaseStore;
 
     /// A lease table where the first update of one lease never answers: a request stuck on a
@@ -189,6 +189,13 @@ mod tests {
         }
         async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
             self.inner.create_lease_if_absent(lease).await
+        }
+        async fn create_lease_in_lineage(
+            &self,
+            lease: &Lease,
+            guard: &LineageGuard,
+        ) -> Result<LeaseCreation> {
+            self.inner.create_lease_in_lineage(lease, guard).await
         }
         async fn update_lease(
             &self,

@@ -9,7 +9,9 @@ use tokio::time::Instant;
 
 use super::{injected, lock};
 use crate::error::{Error, Result, Service};
-use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+use crate::lease::{
+    Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
+};
 use crate::published::Published;
 use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
 use crate::subscription::{ShardSubscription, StreamConsumer, SubscriptionEvent};
@@ -45,7 +47,7 @@ pub enum LeaseCall {
     Scan,
     /// `get_lease` or `get_leases`.
     Get,
-    /// `create_lease_if_absent`.
+    /// `create_lease_if_absent` or `create_lease_in_lineage`.
     Create,
     /// `delete_lease`.
     Delete,
@@ -310,6 +312,24 @@ impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
                 .await;
         }
         self.inner.create_lease_if_absent(lease).await
+    }
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> Result<LeaseCreation> {
+        if self.holding() {
+            let (inner, lease, guard) = (self.inner.clone(), lease.clone(), guard.clone());
+            let write = async move { inner.create_lease_in_lineage(&lease, &guard).await };
+            return self.deliver_later("TransactWriteItems", write).await;
+        }
+        self.gate(Service::LeaseStore, "TransactWriteItems").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Create) {
+            return self
+                .hang(hang, self.inner.create_lease_in_lineage(lease, guard))
+                .await;
+        }
+        self.inner.create_lease_in_lineage(lease, guard).await
     }
     async fn update_lease(
         &self,

@@ -9,7 +9,9 @@ use async_trait::async_trait;
 
 use super::{injected, lock};
 use crate::error::{Error, Result, Service};
-use crate::lease::{Lease, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate};
+use crate::lease::{
+    Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
+};
 
 /// How [`InMemoryLeaseStore::list_leases`] reads the table when it is not a snapshot: in
 /// pages, like a DynamoDB `Scan`, with Tokio time passing between pages.
@@ -312,6 +314,39 @@ impl LeaseStore for InMemoryLeaseStore {
         leases.insert(lease.lease_key.clone(), lease.clone());
         self.wrote();
         Ok(true)
+    }
+
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> Result<LeaseCreation> {
+        self.ensure_exists()?;
+        let mut leases = lock(&self.leases);
+        let invalid = lock(&self.invalid);
+        let exists = |key: &str| leases.contains_key(key) || invalid.contains_key(key);
+        let outcome = if exists(&lease.lease_key) {
+            Some(LeaseCreation::Exists)
+        } else if let Some(parent) = guard.parents.iter().find(|p| !exists(p)) {
+            Some(LeaseCreation::ParentMissing {
+                parent: parent.clone(),
+            })
+        } else {
+            guard
+                .children
+                .iter()
+                .find(|c| exists(c))
+                .map(|child| LeaseCreation::ChildExists {
+                    child: child.clone(),
+                })
+        };
+        drop(invalid);
+        if let Some(outcome) = outcome {
+            return Ok(outcome);
+        }
+        leases.insert(lease.lease_key.clone(), lease.clone());
+        self.wrote();
+        Ok(LeaseCreation::Created)
     }
 
     async fn update_lease(

@@ -6,6 +6,7 @@
 //! fan-out: registered consumers and shard subscriptions (see [`SubscriptionFault`] and the
 //! `subscription` knobs of [`InMemoryStream`]).
 
+mod conformance;
 mod faulty;
 mod lease_store;
 mod stream;
@@ -19,6 +20,7 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Service};
 
+pub use conformance::check_create_in_lineage;
 pub use faulty::{Fault, Faulty, Hang, LeaseCall};
 pub use lease_store::{InMemoryLeaseStore, ScanPaging};
 pub use stream::InMemoryStream;

@@ -44,6 +44,13 @@ async fn pages_through_a_shard_and_expires_iterators() {
 }
 
 #[tokio::test]
+async fn creations_in_a_lineage_check_parents_and_children() {
+    let store = InMemoryLeaseStore::new("t");
+    store.initialize().await.unwrap();
+    super::check_create_in_lineage(&store).await;
+}
+
+#[tokio::test]
 async fn conditional_updates_check_owner_and_counter() {
     let store = InMemoryLeaseStore::new("t");
     assert!(

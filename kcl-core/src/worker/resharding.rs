@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 use super::{Coordinator, concurrently};
 use crate::error::{Error, ErrorChain, Result};
 use crate::lease::taker::{TakeDecision, TakeReason};
-use crate::lease::{Lease, LeaseUpdate, lineage};
+use crate::lease::{Lease, LeaseCreation, LeaseUpdate, LineageGuard, lineage};
 use crate::processor::RecordProcessorFactory;
 use crate::sequence::Checkpoint;
 use crate::stream::ChildShard;
@@ -37,63 +37,34 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             self.sync_trigger.notify_one();
             return;
         }
-        // A merged child may be created only once its other parent has a lease: a child
-        // treats a parent without one as finished long ago (cleaned up, or past retention),
-        // so creating it earlier would let it start before the other parent's records
-        // (found by the simulation: the other parent's own parent was still being
-        // processed). Without that lease, the other parent's end or a shard sync creates it.
-        let other_parents: Vec<String> = children
-            .iter()
-            .flat_map(|c| c.parent_shard_ids.iter())
-            .filter(|p| p.as_str() != key)
-            .cloned()
-            .collect::<BTreeSet<_>>()
+        // A child's lease is created only while every parent has a lease, checked in the
+        // same write:
+        // - this shard's own lease may be gone: when this worker's end was written but not
+        //   answered, others may have processed the children and cleaned up both generations
+        //   before it resent. Creating them again would process them twice, from the start.
+        // - a merged child's other parent may have no lease yet: a child treats a parent
+        //   without one as finished long ago (cleaned up, or past retention), so creating it
+        //   earlier would let it start before the other parent's records (found by the
+        //   simulation: the other parent's own parent was still being processed). The other
+        //   parent's end or a shard sync creates it later.
+        let creatable: Vec<Lease> = children
             .into_iter()
-            .collect();
-        let leased: BTreeSet<String> = if other_parents.is_empty() {
-            BTreeSet::new()
-        } else {
-            match self.store.get_leases(&other_parents).await {
-                Ok(scan) => scan
-                    .leases
-                    .into_iter()
-                    .map(|l| l.lease_key)
-                    .chain(scan.invalid.iter().filter_map(|e| match e {
-                        Error::InvalidLeaseItem { lease_key, .. } => Some(lease_key.clone()),
-                        _ => None,
-                    }))
-                    .collect(),
-                Err(e) => {
-                    warn!(lease_key = %key, error = %ErrorChain(&e), "reading the other parents failed; a shard sync creates the children");
-                    self.sync_trigger.notify_one();
-                    return;
-                }
-            }
-        };
-        let mut creatable = Vec::new();
-        for child in children {
-            let missing: Vec<&String> = child
-                .parent_shard_ids
-                .iter()
-                .filter(|p| p.as_str() != key && !leased.contains(*p))
-                .collect();
-            if !missing.is_empty() {
-                debug!(child = %child.shard_id, ?missing, "not creating a child before its other parent has a lease");
-                self.sync_trigger.notify_one();
-                continue;
-            }
-            creatable.push(
+            .map(|child| {
                 Lease::new(&child.shard_id, Checkpoint::TrimHorizon)
                     .with_parents(child.parent_shard_ids.iter().cloned())
-                    .with_hash_key_range(child.hash_key_range),
-            );
-        }
+                    .with_hash_key_range(child.hash_key_range)
+            })
+            .collect();
         // Creations are conditional and idempotent: sent together, each runs to completion.
         let store = self.store.clone();
-        let created: Vec<(Lease, Result<bool>)> = concurrently(creatable, None, |lease| {
+        let created: Vec<(Lease, Result<LeaseCreation>)> = concurrently(creatable, None, |lease| {
             let store = store.clone();
             async move {
-                let created = store.create_lease_if_absent(&lease).await;
+                // The children's own children are not known here (no shard list). The
+                // parents suffice: while this shard's lease exists, no child's lease
+                // was ever deleted.
+                let guard = LineageGuard::new(lease.parent_shard_ids.iter().cloned(), []);
+                let created = store.create_lease_in_lineage(&lease, &guard).await;
                 (lease, created)
             }
         })
@@ -102,7 +73,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let mut takes = Vec::new();
         for (lease, created) in created {
             match created {
-                Ok(true) => {
+                Ok(LeaseCreation::Created) => {
                     info!(lease_key = %lease.lease_key, parents = ?lease.parent_shard_ids, "created child lease");
                     if self.held.all().len() + takes.len() < self.config.lease.max_leases_per_worker
                     {
@@ -113,8 +84,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                         ));
                     }
                 }
-                // Created by the worker that finished the other parent of a merge.
-                Ok(false) => {}
+                // Created by the worker that finished the other parent of a merge, or by a
+                // shard sync.
+                Ok(LeaseCreation::Exists | LeaseCreation::ChildExists { .. }) => {}
+                Ok(LeaseCreation::ParentMissing { parent }) if parent == key => {
+                    debug!(lease_key = %lease.lease_key, "not creating a child: this shard's lease is gone, so its children were processed");
+                }
+                Ok(LeaseCreation::ParentMissing { parent }) => {
+                    debug!(child = %lease.lease_key, missing = %parent, "not creating a child before its other parent has a lease");
+                    self.sync_trigger.notify_one();
+                }
                 Err(e) => {
                     warn!(lease_key = %lease.lease_key, error = %ErrorChain(&e), "creating a child lease failed; a shard sync will");
                     self.sync_trigger.notify_one();

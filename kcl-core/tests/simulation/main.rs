@@ -20,6 +20,7 @@
 //!    renewals within 20 s may);
 //! 9. in fan-out fleets, a worker holds a subscription to a shard only while it owns the
 //!    shard's lease (checked once the fleet settled), and none once it stopped.
+//! 10. a lease, once deleted, is never created again (its shard would be processed twice).
 //!
 //! Each seed also draws how its fleet reads (see [`Reading`]): in about half the seeds every
 //! worker polls, in the others every worker reads through enhanced fan-out, with fan-out
@@ -596,6 +597,7 @@ fn run_seed(
             rng: Mutex::new(Rng(!seed)),
             create_latency: shapes.paged_scans,
             processes: Mutex::default(),
+            deleted: Mutex::default(),
         });
         {
             let mut observed = observed.lock().unwrap();

@@ -1,14 +1,14 @@
-//! The shared lease store, watching every write as it lands (invariants 1, 3, 5 and 8).
+//! The shared lease store, watching every write as it lands (invariants 1, 3, 5, 8 and 10).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use kcl_core::testing::{Faulty, InMemoryLeaseStore, LeaseCall};
 use kcl_core::{
-    Checkpoint, ErrorKind, ExtendedSequenceNumber, Lease, LeaseFence, LeaseScan, LeaseStore,
-    LeaseUpdate,
+    Checkpoint, ErrorKind, ExtendedSequenceNumber, Lease, LeaseCreation, LeaseFence, LeaseScan,
+    LeaseStore, LeaseUpdate, LineageGuard,
 };
 use tokio::time::Instant;
 
@@ -36,6 +36,8 @@ pub(crate) struct Monitored {
     /// Every worker process's own lease store (around this one), by worker id, to tell when
     /// its calls hung (weak: they hold this store).
     pub(crate) processes: Mutex<Vec<(String, Weak<Faulty<Monitored>>)>>,
+    /// Every lease key deleted so far (invariant 10).
+    pub(crate) deleted: Mutex<HashSet<String>>,
 }
 
 /// Two renewals of a worker that hung within this long before a lease is taken from it as
@@ -81,6 +83,18 @@ impl Monitored {
 }
 
 impl Monitored {
+    /// Invariant 10: a lease, once deleted, is never created again. Its shard was processed
+    /// to its end and its children started; a new lease would process it again from its
+    /// start.
+    fn check_creation(&self, key: &str) {
+        if self.deleted.lock().unwrap().contains(key) {
+            violation(
+                &self.observed,
+                format!("{key}: created again after it was deleted"),
+            );
+        }
+    }
+
     /// How many renewals of the processes of `worker` hung within [`HUNG_RENEWALS_WINDOW`].
     fn renewals_hung_lately(&self, worker: &str) -> usize {
         let since = Instant::now().checked_sub(HUNG_RENEWALS_WINDOW);
@@ -127,6 +141,31 @@ impl LeaseStore for Monitored {
                 lease.lease_key, lease.checkpoint
             ),
         );
+        if matches!(created, Ok(true)) {
+            self.check_creation(&lease.lease_key);
+        }
+        created
+    }
+    async fn create_lease_in_lineage(
+        &self,
+        lease: &Lease,
+        guard: &LineageGuard,
+    ) -> kcl_core::Result<LeaseCreation> {
+        if self.create_latency {
+            let latency = self.rng.lock().unwrap().millis(2, 30);
+            tokio::time::sleep(latency).await;
+        }
+        let created = self.inner.create_lease_in_lineage(lease, guard).await;
+        trace(
+            &self.observed,
+            format!(
+                "{}: create at {} with {guard:?}: {created:?}",
+                lease.lease_key, lease.checkpoint
+            ),
+        );
+        if matches!(created, Ok(LeaseCreation::Created)) {
+            self.check_creation(&lease.lease_key);
+        }
         created
     }
     async fn delete_lease(&self, key: &str, fence: &LeaseFence) -> kcl_core::Result<()> {
@@ -142,6 +181,7 @@ impl LeaseStore for Monitored {
         );
         deleted?;
         self.terms.lock().unwrap().remove(key);
+        self.deleted.lock().unwrap().insert(key.to_owned());
         Ok(())
     }
     async fn update_lease(

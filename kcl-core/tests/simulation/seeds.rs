@@ -212,11 +212,18 @@ const DRAWN_BUG_SEEDS: [u64; 7] = [455, 555, 1013, 5591, 6447, 12271, 13385];
 /// found by a 50,000-seed soak). The invariant now excuses two hung renewals within 20 s. A
 /// fan-out worker started into pauses and stalls could not describe its consumer for 60 s
 /// and ended with `ConsumerNotActive` (the default registration timeout, by design), and the
-/// fleet never balanced (52303; fan-out fleets now wait up to 10 minutes).
-const READING_BUG_SEEDS: [(u64, Reading); 3] = [
+/// fleet never balanced (52303; fan-out fleets now wait up to 10 minutes). A worker whose
+/// shard-end checkpoint landed unanswered resent it after the other workers had processed the
+/// children and deleted their finished leases, and created the children again: their records
+/// delivered twice and a merge child started before its re-created parent ended (42914,
+/// 225247; found by a 200,000-seed soak). Finished leases now wait for their parents' leases
+/// to go, and leases are created only while their lineage allows it (invariant 10).
+const READING_BUG_SEEDS: [(u64, Reading); 5] = [
     (87189, Reading::Polling),
     (90391, Reading::FanOut),
     (52303, Reading::FanOut),
+    (42914, Reading::FanOut),
+    (225247, Reading::FanOut),
 ];
 /// Seeds per CI run: about half a minute on two threads of an unoptimized build. (3,000 before
 /// fan-out fleets; a fan-out seed costs about a quarter more than a polling one, and half the

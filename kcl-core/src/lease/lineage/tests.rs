@@ -33,6 +33,14 @@ fn split() -> Vec<Shard> {
     ]
 }
 
+/// The leases a sync creates, without the parents each waits for.
+fn planned(shards: &[Shard], leases: &[Lease], initial: &InitialPosition) -> Vec<Lease> {
+    leases_to_create(shards, leases, initial)
+        .into_iter()
+        .map(|new| new.lease)
+        .collect()
+}
+
 fn keys(leases: &[Lease]) -> Vec<&str> {
     leases.iter().map(|l| l.lease_key.as_str()).collect()
 }
@@ -57,7 +65,7 @@ fn seq(n: u64) -> Checkpoint {
 
 #[test]
 fn a_new_application_at_trim_horizon_starts_with_the_oldest_ancestors() {
-    let create = leases_to_create(&split(), &[], &InitialPosition::TrimHorizon);
+    let create = planned(&split(), &[], &InitialPosition::TrimHorizon);
     assert_eq!(keys(&create), vec!["p", "c1", "c2"], "parents first");
     assert!(
         create
@@ -70,7 +78,7 @@ fn a_new_application_at_trim_horizon_starts_with_the_oldest_ancestors() {
 
 #[test]
 fn a_new_application_at_latest_starts_at_the_open_shards() {
-    let create = leases_to_create(&split(), &[], &InitialPosition::Latest);
+    let create = planned(&split(), &[], &InitialPosition::Latest);
     assert_eq!(keys(&create), vec!["c1", "c2"]);
     assert!(create.iter().all(|l| l.checkpoint == Checkpoint::Latest));
 }
@@ -79,7 +87,7 @@ fn a_new_application_at_latest_starts_at_the_open_shards() {
 fn children_of_a_shard_in_the_lineage_start_at_trim_horizon_whatever_the_initial_position() {
     let existing = [lease_at("p", seq(5))];
     for initial in [InitialPosition::Latest, InitialPosition::TrimHorizon] {
-        let create = leases_to_create(&split(), &existing, &initial);
+        let create = planned(&split(), &existing, &initial);
         assert_eq!(keys(&create), vec!["c1", "c2"]);
         assert!(
             create
@@ -94,9 +102,9 @@ fn children_of_a_shard_in_the_lineage_start_at_trim_horizon_whatever_the_initial
 fn a_processed_and_cleaned_up_parent_is_never_leased_again() {
     // p's lease was deleted after c1 and c2 started.
     let existing = [lease_at("c1", seq(7)), lease_at("c2", seq(8))];
-    assert!(leases_to_create(&split(), &existing, &InitialPosition::TrimHorizon).is_empty());
+    assert!(planned(&split(), &existing, &InitialPosition::TrimHorizon).is_empty());
     // Even when only one child still has a lease, the missing sibling starts at TRIM_HORIZON.
-    let create = leases_to_create(&split(), &existing[..1], &InitialPosition::Latest);
+    let create = planned(&split(), &existing[..1], &InitialPosition::Latest);
     assert_eq!(keys(&create), vec!["c2"]);
     assert_eq!(create[0].checkpoint, Checkpoint::TrimHorizon);
 }
@@ -108,7 +116,7 @@ fn a_merge_child_names_both_parents_and_waits_for_both() {
         shard("b", &[], range(HALF + 1, u128::MAX), false),
         shard("m", &["a", "b"], HashKeyRange::FULL, true),
     ];
-    let create = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    let create = planned(&shards, &[], &InitialPosition::TrimHorizon);
     assert_eq!(keys(&create), vec!["a", "b", "m"]);
     let child = &create[2];
     assert_eq!(
@@ -132,7 +140,7 @@ fn a_merge_child_names_both_parents_and_waits_for_both() {
 fn a_shard_whose_parent_was_trimmed_away_is_a_root() {
     // p is past retention: not listed any more. c1/c2 still name it as parent.
     let shards = split()[1..].to_vec();
-    let create = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    let create = planned(&shards, &[], &InitialPosition::TrimHorizon);
     assert_eq!(keys(&create), vec!["c1", "c2"]);
     assert!(
         create
@@ -143,21 +151,21 @@ fn a_shard_whose_parent_was_trimmed_away_is_a_root() {
         create[0].parent_shard_ids.contains("p"),
         "the lineage is still recorded"
     );
-    let latest = leases_to_create(&shards, &[], &InitialPosition::Latest);
+    let latest = planned(&shards, &[], &InitialPosition::Latest);
     assert!(latest.iter().all(|l| l.checkpoint == Checkpoint::Latest));
 }
 
 #[test]
 fn two_workers_syncing_at_once_decide_the_same_leases() {
     let shards = split();
-    let a = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
-    let b = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    let a = planned(&shards, &[], &InitialPosition::TrimHorizon);
+    let b = planned(&shards, &[], &InitialPosition::TrimHorizon);
     assert_eq!(
         a, b,
         "same leases: the conditional create lets exactly one of each land"
     );
     // After either created them, nothing is left to create.
-    assert!(leases_to_create(&shards, &a, &InitialPosition::TrimHorizon).is_empty());
+    assert!(planned(&shards, &a, &InitialPosition::TrimHorizon).is_empty());
 }
 
 #[test]
@@ -189,6 +197,84 @@ fn a_finished_parent_is_deleted_once_every_child_started_and_checkpointed() {
     assert!(leases_to_delete(&shards, &[parent.clone(), lease_at("c1", seq(4))]).is_empty());
     // An unfinished lease is never deleted.
     assert!(leases_to_delete(&shards, &[lease_at("p", seq(1))]).is_empty());
+}
+
+#[test]
+fn a_finished_lease_waits_for_its_parents_leases_to_go() {
+    // p split into c1 and c2, and c1 split into g1 and g2; all ended but g1 and g2.
+    let mut shards = split();
+    shards[1].ending_sequence_number = Some("99".into());
+    shards.push(shard("g1", &["c1"], range(0, HALF / 2), true));
+    shards.push(shard("g2", &["c1"], range(HALF / 2 + 1, HALF), true));
+    let finished = |key: &str, children: &[&str]| {
+        let mut lease = lease_at(key, Checkpoint::ShardEnd);
+        lease.child_shard_ids = children.iter().map(|c| (*c).to_owned()).collect();
+        lease.parent_shard_ids = shards
+            .iter()
+            .find(|s| s.shard_id == key)
+            .map(|s| s.parent_shard_ids().into_iter().collect())
+            .unwrap_or_default();
+        lease
+    };
+    let table = [
+        finished("p", &["c1", "c2"]),
+        finished("c1", &["g1", "g2"]),
+        lease_at("c2", seq(5)),
+        lease_at("g1", seq(6)),
+        lease_at("g2", seq(7)),
+    ];
+    // c1's children started, but p, its parent, still has a lease (its worker may not have
+    // heard that its end was written, and would create c1 again): only p goes.
+    let delete = leases_to_delete(&shards, &table);
+    assert_eq!(
+        delete
+            .iter()
+            .map(|d| (d.lease_key.as_str(), d.parents.clone()))
+            .collect::<Vec<_>>(),
+        vec![("p", Vec::new())]
+    );
+    // Once p is gone, c1 goes, after a read of p's key finds nothing.
+    let delete = leases_to_delete(&shards, &table[1..]);
+    assert_eq!(
+        delete
+            .iter()
+            .map(|d| (d.lease_key.as_str(), d.parents.clone()))
+            .collect::<Vec<_>>(),
+        vec![("c1", vec!["p".to_owned()])]
+    );
+}
+
+#[test]
+fn a_new_lease_is_guarded_by_its_leased_parents_and_its_descendants() {
+    let mut shards = split();
+    shards[1].ending_sequence_number = Some("99".into());
+    shards.push(shard("g1", &["c1"], range(0, HALF / 2), true));
+    shards.push(shard("g2", &["c1"], range(HALF / 2 + 1, HALF), true));
+    let create = leases_to_create(&shards, &[], &InitialPosition::TrimHorizon);
+    let guards: Vec<(&str, Vec<String>, Vec<String>)> = create
+        .iter()
+        .map(|n| {
+            (
+                n.lease.lease_key.as_str(),
+                n.guard.parents.clone(),
+                n.guard.children.clone(),
+            )
+        })
+        .collect();
+    let strings = |keys: &[&str]| keys.iter().map(|k| (*k).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        guards,
+        vec![
+            ("p", vec![], strings(&["c1", "c2", "g1", "g2"])),
+            ("c1", strings(&["p"]), strings(&["g1", "g2"])),
+            ("c2", strings(&["p"]), vec![]),
+            ("g1", strings(&["c1"]), vec![]),
+            ("g2", strings(&["c1"]), vec![]),
+        ]
+    );
+    // A parent without a lease (LATEST: the closed parent is skipped) is not waited for.
+    let create = leases_to_create(&split(), &[], &InitialPosition::Latest);
+    assert!(create.iter().all(|n| n.guard.parents.is_empty()));
 }
 
 #[test]
@@ -439,7 +525,7 @@ proptest! {
         initial in arb_initial(),
     ) {
         let history = History::build(roots, &steps);
-        let created = leases_to_create(&history.shards, &[], &initial);
+        let created = planned(&history.shards, &[], &initial);
         let leased: HashSet<&str> = keys(&created).into_iter().collect();
         prop_assert_eq!(leased.len(), created.len(), "a lease created twice");
         for s in history.shards.iter().filter(|s| s.is_open()) {
@@ -460,7 +546,7 @@ proptest! {
                 }
             }
         }
-        prop_assert!(leases_to_create(&history.shards, &created, &initial).is_empty());
+        prop_assert!(planned(&history.shards, &created, &initial).is_empty());
         prop_assert!(hash_key_holes(&created).is_empty());
     }
 
@@ -477,11 +563,45 @@ proptest! {
         let mut table: BTreeMap<String, Lease> = BTreeMap::new();
         let mut ever_leased: HashSet<String> = HashSet::new();
         let sync = |table: &mut BTreeMap<String, Lease>, ever: &mut HashSet<String>| -> Result<(), TestCaseError> {
-            for lease in leases_to_create(&history.shards, &table.values().cloned().collect::<Vec<_>>(), &initial) {
+            for new in leases_to_create(&history.shards, &table.values().cloned().collect::<Vec<_>>(), &initial) {
+                let lease = new.lease;
+                prop_assert!(new.guard.parents.iter().all(|p| table.contains_key(p)), "{} waits for a parent without a lease", lease.lease_key);
+                prop_assert!(!new.guard.children.iter().any(|c| table.contains_key(c)), "{} has a child with a lease", lease.lease_key);
                 prop_assert!(ever.insert(lease.lease_key.clone()), "{} leased a second time", lease.lease_key);
                 table.insert(lease.lease_key.clone(), lease);
             }
             Ok(())
+        };
+        // A plan made from an old read of the table, applied now as the store does: a lease
+        // only if absent, while the parents it names have leases and its children have none.
+        let apply_stale = |plan: Vec<NewLease>, table: &mut BTreeMap<String, Lease>, ever: &mut HashSet<String>| -> Result<(), TestCaseError> {
+            for new in plan {
+                let key = new.lease.lease_key.clone();
+                let guard = &new.guard;
+                if table.contains_key(&key)
+                    || !guard.parents.iter().all(|p| table.contains_key(p))
+                    || guard.children.iter().any(|c| table.contains_key(c))
+                {
+                    continue;
+                }
+                prop_assert!(ever.insert(key.clone()), "a stale plan leased {key} a second time");
+                table.insert(key, new.lease);
+            }
+            Ok(())
+        };
+        // Reads of the table, the first one before any lease existed.
+        let mut snapshots: Vec<Vec<Lease>> = vec![Vec::new()];
+        // Deletes what the lineage lets go, as a sync does: only leases whose parents a read
+        // finds no lease for.
+        let clean_up = |table: &mut BTreeMap<String, Lease>| -> Result<usize, TestCaseError> {
+            let deletions = leases_to_delete(&history.shards, &table.values().cloned().collect::<Vec<_>>());
+            let mut deleted = 0;
+            for deletion in deletions {
+                prop_assert!(deletion.parents.iter().all(|p| !table.contains_key(p)), "{} deleted while a parent has a lease", deletion.lease_key);
+                table.remove(&deletion.lease_key);
+                deleted += 1;
+            }
+            Ok(deleted)
         };
         sync(&mut table, &mut ever_leased)?;
         let mut rng = order;
@@ -504,12 +624,21 @@ proptest! {
             let open = is_open(key);
             let lease = table.get_mut(key).unwrap();
             lease.checkpoint = if open { seq(1) } else { Checkpoint::ShardEnd };
-            for deletion in leases_to_delete(&history.shards, &table.values().cloned().collect::<Vec<_>>()) {
-                table.remove(&deletion.lease_key);
+            clean_up(&mut table)?;
+            // Now and then a worker that read the table a while ago and stalled sends its
+            // plan.
+            if (rng >> 40) % 3 == 0 {
+                let old = &snapshots[(rng >> 20) as usize % snapshots.len()];
+                apply_stale(leases_to_create(&history.shards, old, &initial), &mut table, &mut ever_leased)?;
             }
+            snapshots.push(table.values().cloned().collect());
             sync(&mut table, &mut ever_leased)?;
             let holes = hash_key_holes(&table.values().cloned().collect::<Vec<_>>());
             prop_assert!(holes.is_empty(), "holes {holes:?}");
+        }
+        // Cleaning up goes one generation per sync: a lease waits for its parents' deletion.
+        while clean_up(&mut table)? > 0 {
+            sync(&mut table, &mut ever_leased)?;
         }
         for s in history.shards.iter().filter(|s| s.is_open()) {
             prop_assert!(table.contains_key(&s.shard_id));
