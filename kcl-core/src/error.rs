@@ -132,10 +132,15 @@ pub enum Error {
     ConsumerNotActive {
         /// The consumer's name or ARN, as configured.
         consumer: String,
-        /// Its status when last described (`not found` for an ARN that names nothing).
+        /// Its status when last described (`not found` for an ARN that names nothing,
+        /// `unknown` when it could not be described at all).
         status: String,
         /// How long the worker waited (`retrieval.registration_timeout`).
         waited: std::time::Duration,
+        /// The error of the last describe or register call, when the wait ended on one: the
+        /// outage that kept the consumer from being seen active, rather than its last status.
+        #[source]
+        last_error: Option<BoxError>,
     },
 
     /// The stream client does not implement an operation (say, enhanced fan-out on a client

@@ -3,8 +3,9 @@
 //! Requests are forwarded unchanged (the local servers accept any SigV4 signature, so the
 //! signed `Host` of the proxy does not matter). Rules match the operation (the `X-Amz-Target`
 //! header, e.g. `UpdateItem`) and answer with an AWS error (throttling, 500), delay the
-//! request, hold it without ever answering, drop the connection, or forward it and drop the
-//! answer. The proxy also counts
+//! request, hold it without ever answering, drop the connection, forward it and drop the
+//! answer, or break off or silence a streamed answer (an event stream) after a while. The
+//! proxy also counts
 //! requests per operation, which the benchmarks use to report DynamoDB requests per lease.
 
 use std::collections::BTreeMap;
@@ -13,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -43,6 +45,12 @@ pub enum Fault {
     DropConnection,
     /// Forward the request (it takes effect), then close the connection without the answer.
     DropAnswer,
+    /// Forward, pass the answer on as it streams for this long, then break it off (the
+    /// connection is reset mid-answer): a `SubscribeToShard` event stream that fails.
+    CutAfter(Duration),
+    /// Forward, pass the answer on as it streams for this long, then pass nothing more while
+    /// keeping the connection open: an event stream gone silent.
+    SilenceAfter(Duration),
 }
 
 impl Fault {
@@ -142,10 +150,34 @@ fn operation_of(request: &Request<Incoming>) -> String {
 
 /// An answer's body: a whole one, or the upstream's streamed through as it comes (a
 /// `SubscribeToShard` event stream never ends on its own).
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn whole(body: Bytes) -> ProxyBody {
     Full::new(body).map_err(|never| match never {}).boxed()
+}
+
+/// The upstream's answer passed on for `for_how_long`, then broken off (`silence`: then held
+/// open without another byte until the proxy stops or the client goes).
+fn cut_short(
+    body: Incoming,
+    for_how_long: Duration,
+    silence: bool,
+    stop: CancellationToken,
+) -> ProxyBody {
+    let deadline = tokio::time::sleep(for_how_long);
+    let passed = body
+        .into_data_stream()
+        .map_err(|e| -> BoxError { Box::new(e) })
+        .take_until(deadline);
+    let after = futures::stream::once(async move {
+        if silence {
+            stop.cancelled().await;
+        }
+        Err::<Bytes, BoxError>(Box::new(dropped("answer cut by the test proxy")))
+    });
+    BodyExt::boxed(StreamBody::new(passed.chain(after).map_ok(Frame::data)))
 }
 
 fn aws_error(status: u16, code: &str) -> Response<ProxyBody> {
@@ -299,7 +331,7 @@ async fn handle(
             return Err(dropped("the test proxy stopped"));
         }
         Some(Fault::DropConnection) => return Err(dropped("connection dropped by the test proxy")),
-        Some(Fault::DropAnswer) | None => {}
+        Some(Fault::DropAnswer | Fault::CutAfter(_) | Fault::SilenceAfter(_)) | None => {}
     }
     let (mut parts, body) = request.into_parts();
     let body = body.collect().await.map_err(dropped)?.to_bytes();
@@ -320,8 +352,10 @@ async fn handle(
         .request(Request::from_parts(parts, Full::new(body)))
         .await
         .map_err(dropped)?;
-    if fault == Some(Fault::DropAnswer) {
-        return Err(dropped("answer dropped by the test proxy"));
+    match fault {
+        Some(Fault::DropAnswer) => Err(dropped("answer dropped by the test proxy")),
+        Some(Fault::CutAfter(d)) => Ok(answer.map(|body| cut_short(body, d, false, stop))),
+        Some(Fault::SilenceAfter(d)) => Ok(answer.map(|body| cut_short(body, d, true, stop))),
+        _ => Ok(answer.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed())),
     }
-    Ok(answer.map(|body| body.boxed()))
 }

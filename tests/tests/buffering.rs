@@ -1,7 +1,7 @@
 //! A buffering processor (flushes every few batches, checkpoints only what it flushed) against
 //! kinesis-mock and DynamoDB Local: a panic with records buffered, and a shard end with
-//! records buffered, with and without a flush in `shard_ended`. (On the fakes and paused time:
-//! `kcl-core/tests/buffering.rs`.)
+//! records buffered, with and without a flush in `shard_ended`; the panic also with records
+//! read through enhanced fan-out. (On the fakes and paused time: `kcl-core/tests/buffering.rs`.)
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use kcl_core::{
-    CancellationToken, InitialPosition, LeaseConfig, LeaseStore, PollingConfig, Worker,
-    WorkerConfig, WorkerStatus,
+    CancellationToken, FanOutConfig, InitialPosition, LeaseConfig, LeaseStore, PollingConfig,
+    Retrieval, Worker, WorkerConfig, WorkerStatus,
 };
 use kcl_integration_tests::buffering::{Buffering, Sink};
 use kcl_integration_tests::{
@@ -95,6 +95,51 @@ async fn a_panic_with_records_buffered_loses_none_of_them() {
     let status = worker.status.borrow().clone();
     worker.stop().await;
     assert_eq!(status.processor_panics, 1, "{status:?}");
+    let flushed: BTreeSet<String> = sink.flushed().into_iter().collect();
+    let lost: Vec<&String> = expected.difference(&flushed).collect();
+    assert!(lost.is_empty(), "never flushed: {lost:?}");
+}
+
+/// The same through enhanced fan-out (kinesis-mock pushes an event a second): records are
+/// put in waves while the worker reads, so they arrive over many events, and the processor
+/// panics with a few of them buffered. The session after the panic subscribes again at the
+/// checkpoint, not after the last event it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_with_records_buffered_loses_none_of_them_through_fan_out() {
+    let kinesis = kinesis().await;
+    let stream = unique("buffer-panic-efo");
+    create_stream(&kinesis, &stream, 1).await;
+    let sink = Sink::default();
+    let behaviour = Buffering {
+        flush_every: 4,
+        panics: Arc::new(AtomicUsize::new(1)),
+        panic_after_batches: 5,
+        ..Buffering::default()
+    };
+    let config = config(&unique("buffer-app-efo"), &stream)
+        .with_retrieval(Retrieval::FanOut(FanOutConfig::default()));
+    let worker = Running::start(config, &behaviour, &sink).await;
+    let mut expected = BTreeSet::new();
+    for wave in 0..12 {
+        let puts = put_records(&kinesis, &stream, &records("efo", wave * 5, 5, 3)).await;
+        expected.extend(puts.into_iter().map(|p| p.data));
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+    }
+    wait_for("the panic", PATIENCE, || async {
+        worker.status.borrow().processor_panics >= 1
+    })
+    .await;
+    wait_for("every record delivered", PATIENCE, || async {
+        sink.seen() == expected
+    })
+    .await;
+    let status = worker.status.borrow().clone();
+    worker.stop().await;
+    assert_eq!(status.processor_panics, 1, "{status:?}");
+    assert!(
+        status.subscriptions >= 2,
+        "subscribed again after the panic: {status:?}"
+    );
     let flushed: BTreeSet<String> = sink.flushed().into_iter().collect();
     let lost: Vec<&String> = expected.difference(&flushed).collect();
     assert!(lost.is_empty(), "never flushed: {lost:?}");

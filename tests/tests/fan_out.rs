@@ -1,7 +1,8 @@
 //! Enhanced fan-out against kinesis-mock (SubscribeToShard over plain HTTP/1.1) and DynamoDB
 //! Local: the consumer registered at start, a 4-shard stream consumed fully by two workers
-//! with order kept and nothing delivered twice, and a subscription refused while another one
-//! for the same consumer and shard is open.
+//! with order kept and nothing delivered twice, a subscription refused while another one
+//! for the same consumer and shard is open, and (through the fault proxy) subscribes refused
+//! or dropped and subscriptions broken off or silenced mid-stream.
 //!
 //! kinesis-mock never ends a closed shard through fan-out (no child shards, never a null
 //! continuation): shard end through fan-out runs on ferrokinesis (a Rust Kinesis server,
@@ -248,5 +249,59 @@ async fn refused_and_dropped_subscribes_through_the_proxy_lose_and_repeat_nothin
         status.subscribe_refusals + status.subscription_failures >= 4,
         "{status:?}"
     );
+    assert_eq!(status.shard_failures, 0, "{status:?}");
+}
+
+/// Subscriptions that fail mid-stream (the connection reset while events flow) and that go
+/// silent (the connection open, no more events) on kinesis-mock, through the proxy: each is
+/// subscribed again after the last event's continuation, and nothing is lost or delivered
+/// twice while records keep coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscriptions_broken_off_or_silenced_mid_stream_resume_without_loss_or_repeats() {
+    sdk_config().await;
+    let kinesis = kinesis().await;
+    let stream = unique("fanout-cut");
+    create_stream(&kinesis, &stream, 2).await;
+    let upstream = std::env::var("AWS_ENDPOINT_URL_KINESIS").expect("kinesis-mock");
+    let proxy = FaultProxy::start(&upstream).await;
+    proxy.inject(Rule::on("SubscribeToShard", Fault::CutAfter(Duration::from_secs(2))).times(2));
+    proxy.inject(
+        Rule::on(
+            "SubscribeToShard",
+            Fault::SilenceAfter(Duration::from_secs(2)),
+        )
+        .times(1),
+    );
+    let app = unique("fanout-cut-app");
+    // kinesis-mock sends an event every second: 5 s without one is a silent connection.
+    let config = config(&app, &stream, "w0").with_retrieval(Retrieval::FanOut(
+        FanOutConfig::default().with_event_timeout(Duration::from_secs(5)),
+    ));
+    let (_, store) = clients(&config).await;
+    let client = Arc::new(stream_client_via(&proxy.url(), &stream, 1).await);
+    let recorder = Recorder::default();
+    let worker = start_worker_on(config, &recorder, client, store);
+    let mut puts = Vec::new();
+    for wave in 0..8 {
+        let from = wave * 40;
+        puts.extend(put_records(&kinesis, &stream, &records("c", from, 40, 13)).await);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    wait_for("every record", PATIENCE, || async {
+        recorder.count() >= puts.len()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = worker.status.borrow().clone();
+    worker.stop().await.unwrap();
+
+    assert_eq!(by_shard(&recorder.delivered()), puts_by_shard(&puts));
+    assert_eq!(proxy.faults().get("SubscribeToShard"), Some(&3));
+    // Two first subscriptions and one after each fault. The silenced one always counts as a
+    // failure (no event within `event_timeout`); a reset mid-answer reaches the reader as a
+    // failure or, depending on where hyper is in the chunked body, as the stream's end:
+    // either way it subscribes again at the continuation.
+    assert!(status.subscriptions >= 5, "{status:?}");
+    assert!(status.subscription_failures >= 1, "{status:?}");
     assert_eq!(status.shard_failures, 0, "{status:?}");
 }
