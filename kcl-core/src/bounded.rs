@@ -221,6 +221,15 @@ impl LeaseStore for BoundedLeaseStore {
             .await
     }
 
+    async fn list_leases_eventually_consistent(&self) -> Result<LeaseScan> {
+        self.call(
+            "Scan",
+            self.scan_timeout,
+            self.inner.list_leases_eventually_consistent(),
+        )
+        .await
+    }
+
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
         self.call("GetItem", self.timeout, self.inner.get_lease(lease_key))
             .await
@@ -278,5 +287,9 @@ impl LeaseStore for BoundedLeaseStore {
             self.inner.delete_lease(lease_key, fence),
         )
         .await
+    }
+
+    fn usage(&self) -> Option<&crate::LeaseTableUsage> {
+        self.inner.usage()
     }
 }

@@ -7,8 +7,10 @@
 use std::time::{Duration, SystemTime};
 
 mod retrieval;
+mod watchers;
 
 pub use retrieval::{ConsumerRef, FanOutConfig, MIN_SUBSCRIBE_BACKOFF, Retrieval};
+pub use watchers::Watchers;
 
 use crate::error::{Error, Result};
 use crate::metrics::MetricsConfig;
@@ -112,7 +114,10 @@ pub struct LeaseConfig {
     pub lease_duration: Duration,
     /// How often held leases are renewed.
     /// Default 3 s: about the Java KCL's `failoverTimeMillis / 3 − epsilon` (3,308 ms), which
-    /// leaves three renewal chances in each lease duration.
+    /// leaves three renewal chances in each lease duration. Renewals are nearly all of what
+    /// the lease table costs: 3.5 s (with [`Watchers`]) keeps a fleet's cost at or below the
+    /// Java KCL 3.x's, for half a second less [`LeaseConfig::outage_tolerance`] (see
+    /// `docs/lease-table-cost.md`).
     pub renewal_interval: Duration,
     /// How often the worker scans the lease table to take unowned and expired leases.
     /// Default 2 s. The Java KCL waits 20 s (`2 × (failoverTimeMillis + epsilon)`), which makes
@@ -164,6 +169,21 @@ pub struct LeaseConfig {
     /// Backoff for retrying lease-table calls (renewals retry only while the lease has not
     /// run out). Default 100 ms to 1 s: several retries fit in one renewal interval.
     pub retry: RetryConfig,
+    /// Whether the taking round's table scan reads with eventual consistency, at half the
+    /// read units of a strongly consistent one. Default `true`. A lease's counter only grows,
+    /// so an item read a little behind its latest write can only make an expiry look later,
+    /// never earlier, and any take or request based on it fails its condition on the fence;
+    /// the cost is at most a round's delay. Reads whose answer a write depends on without a
+    /// fence (the shard sync's, the lineage checks, the handoff and parent polls) stay
+    /// strongly consistent. (The Java KCL 3.x leader scans with eventual consistency.)
+    pub eventually_consistent_scans: bool,
+    /// Which workers read the whole table every `taker_interval`. Default `None`: every
+    /// worker, at a cost that grows with leases × workers. With `Some(Watchers::default())`
+    /// two watchers do, the other workers read it while the fleet settles and every two
+    /// minutes, so that the table's scans cost two workers' whatever the fleet's size (a
+    /// crashed worker's leases are then taken by the watchers and rebalanced later, by
+    /// graceful handoffs). See `docs/lease-table-cost.md`.
+    pub watchers: Option<Watchers>,
 }
 
 impl Default for LeaseConfig {
@@ -181,6 +201,8 @@ impl Default for LeaseConfig {
             request_timeout: Duration::from_secs(2),
             scan_timeout: Duration::from_secs(10),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
+            eventually_consistent_scans: true,
+            watchers: None,
         }
     }
 }
@@ -278,6 +300,18 @@ impl LeaseConfig {
         self.retry = retry;
         self
     }
+    /// Sets [`LeaseConfig::eventually_consistent_scans`].
+    #[must_use]
+    pub fn with_eventually_consistent_scans(mut self, eventually: bool) -> Self {
+        self.eventually_consistent_scans = eventually;
+        self
+    }
+    /// Sets [`LeaseConfig::watchers`].
+    #[must_use]
+    pub fn with_watchers(mut self, watchers: Option<Watchers>) -> Self {
+        self.watchers = watchers;
+        self
+    }
 
     fn validate(&self) -> Result<()> {
         for (field, d) in [
@@ -294,6 +328,9 @@ impl LeaseConfig {
             within_bound(field, d)?;
         }
         nonzero("lease.lease_duration", self.lease_duration)?;
+        if let Some(watchers) = &self.watchers {
+            watchers.validate()?;
+        }
         nonzero("lease.parent_poll_interval", self.parent_poll_interval)?;
         nonzero("lease.request_timeout", self.request_timeout)?;
         nonzero("lease.scan_timeout", self.scan_timeout)?;

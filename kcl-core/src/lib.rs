@@ -34,11 +34,14 @@ pub use aws::AwsSdkError;
 pub use checkpoint::Checkpointer;
 pub use config::{
     ConsumerRef, FanOutConfig, InitialPosition, LeaseConfig, MAX_SETTING_DURATION,
-    MIN_SUBSCRIBE_BACKOFF, PollingConfig, ProcessingConfig, Retrieval, RetryConfig, WorkerConfig,
+    MIN_SUBSCRIBE_BACKOFF, PollingConfig, ProcessingConfig, Retrieval, RetryConfig, Watchers,
+    WorkerConfig,
 };
 pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]
 pub use kinesis::KinesisStreamClient;
+pub use lease::usage::{CapacityUnits, LeaseTableUsage, OperationUsage};
+pub use lease::watch::{WATCHER_SLOT_PREFIX, is_watcher_slot};
 pub use lease::{
     Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
 };

@@ -25,6 +25,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -68,6 +69,8 @@ pub(crate) struct ShardSyncer {
     /// Lease items that do not decode, reported once per worker: shared with the
     /// coordinator.
     pub(crate) invalid_items: Arc<InvalidItems>,
+    /// With watchers: whether this worker watches (only watchers sync on the interval).
+    pub(crate) watching: Option<Arc<AtomicBool>>,
 }
 
 impl ShardSyncer {
@@ -86,7 +89,13 @@ impl ShardSyncer {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
                 _ = trigger.notified() => {}
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    // With watchers, only they sync on the interval: a member's sync would
+                    // cost a strongly consistent scan for nothing the watchers miss.
+                    if self.watching.as_ref().is_some_and(|w| !w.load(Ordering::SeqCst)) {
+                        continue;
+                    }
+                }
             }
             // A sync is dropped when the worker stops, even halfway through its writes, so a
             // long first sync of a big stream does not hold up a shutdown. Safe: every write is
@@ -213,6 +222,9 @@ impl ShardSyncer {
         };
         // A table whose leases name another stream is not this worker's: creating leases of
         // this stream's shards there would mix two streams' checkpoints under one key.
+        let mut scan = scan;
+        // Watcher slots are no shards' leases: never plan or delete them.
+        scan.take_watcher_slots();
         crate::lease::check_stream(store.table_name(), &scan.leases, &self.config.stream)?;
         self.invalid_items.scanned(ticket, &scan.invalid);
         // An item that does not decode still occupies its key: never create over it.

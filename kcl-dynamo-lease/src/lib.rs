@@ -3,10 +3,13 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod capacity;
+mod errors;
 mod lineage_lease;
 mod repair;
 pub mod schema;
 mod store;
+mod update_expression;
 
 pub use builder::AwsWorkerBuilder;
 pub use repair::{Change, Repair, RepairError};

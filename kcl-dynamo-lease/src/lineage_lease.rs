@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::types::{
 use kcl_core::{AwsSdkError, Error, Lease, LeaseCreation, LineageGuard, Result, Service};
 
 use crate::schema::{LEASE_KEY, lease_to_item};
-use crate::store::{DynamoLeaseStore, build_error, record_capacity};
+use crate::store::{DynamoLeaseStore, build_error};
 
 const OPERATION: &str = "TransactWriteItems";
 
@@ -60,9 +60,7 @@ impl DynamoLeaseStore {
             .await;
         let err = match result {
             Ok(output) => {
-                for consumed in output.consumed_capacity() {
-                    record_capacity(OPERATION, Some(consumed));
-                }
+                self.record_capacity(OPERATION, 1, output.consumed_capacity());
                 return Ok(LeaseCreation::Created);
             }
             Err(err) => err,

@@ -1,6 +1,7 @@
 //! [`DynamoLeaseStore`]: the [`LeaseStore`] on a DynamoDB table.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,22 +10,23 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, ConsumedCapacity, KeySchemaElement, KeyType,
-    KeysAndAttributes, ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure,
-    ScalarAttributeType, TableStatus,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
+    ReturnConsumedCapacity, ReturnValue, ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
+    TableStatus,
 };
 use kcl_core::{
-    AwsSdkError, Error, Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate,
+    Error, Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseTableUsage, LeaseUpdate,
     LineageGuard, Result, Service,
 };
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+pub(crate) use crate::errors::build_error;
+use crate::errors::classify;
 use crate::schema::{
-    CHECKPOINT, CHECKPOINT_OWNER, CHECKPOINT_SUB_SEQUENCE_NUMBER, CHILD_SHARD_IDS, HANDOFF_TO,
-    LEASE_COUNTER, LEASE_KEY, LEASE_OWNER, OWNER_SWITCHES_SINCE_CHECKPOINT, lease_from_item,
-    lease_to_item, number,
+    LEASE_COUNTER, LEASE_KEY, LEASE_OWNER, lease_from_item, lease_to_item, number,
 };
+use crate::update_expression::update_expressions;
 
 /// A lease table in DynamoDB, named after the application.
 ///
@@ -36,6 +38,8 @@ pub struct DynamoLeaseStore {
     table: String,
     create_if_missing: bool,
     table_active_timeout: Duration,
+    /// Shared by clones: a worker and a bench reading the same store see the same totals.
+    pub(crate) usage: Arc<LeaseTableUsage>,
 }
 
 /// BatchGetItem takes at most 100 keys.
@@ -55,6 +59,7 @@ impl DynamoLeaseStore {
             table: table.into(),
             create_if_missing: true,
             table_active_timeout: Duration::from_secs(120),
+            usage: Arc::default(),
         }
     }
 
@@ -158,183 +163,6 @@ impl DynamoLeaseStore {
     }
 }
 
-pub(crate) fn build_error(
-    operation: &'static str,
-    e: aws_sdk_dynamodb::error::BuildError,
-) -> Error {
-    Error::Service {
-        service: Service::LeaseStore,
-        operation,
-        source: e.into(),
-    }
-}
-
-/// The one place where DynamoDB SDK errors are mapped onto [`Error`] variants. (A failed
-/// condition is recognised where the lease is known, in [`DynamoLeaseStore::update_lease`].)
-fn classify<E>(table: &str, operation: &'static str, err: SdkError<E>) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-{
-    let service = Service::LeaseStore;
-    let status = match &err {
-        SdkError::ServiceError(e) => Some(e.raw().status().as_u16()),
-        _ => None,
-    };
-    match (&err, err.code()) {
-        (
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_),
-            _,
-        ) => Error::Transient {
-            service,
-            operation,
-            source: AwsSdkError::new(err).into(),
-        },
-        (_, Some("ResourceNotFoundException")) => Error::LeaseTableNotFound {
-            table: table.to_owned(),
-            source: Some(AwsSdkError::new(err).into()),
-        },
-        (
-            _,
-            Some(
-                "ProvisionedThroughputExceededException"
-                | "RequestLimitExceeded"
-                | "ThrottlingException"
-                | "LimitExceededException",
-            ),
-        ) => Error::Throttled {
-            service,
-            operation,
-            source: AwsSdkError::new(err).into(),
-        },
-        (
-            _,
-            Some("InternalServerError" | "ServiceUnavailable" | "TransactionConflictException"),
-        ) => Error::Transient {
-            service,
-            operation,
-            source: AwsSdkError::new(err).into(),
-        },
-        _ if status.is_some_and(|s| s >= 500) => Error::Transient {
-            service,
-            operation,
-            source: AwsSdkError::new(err).into(),
-        },
-        _ => Error::Service {
-            service,
-            operation,
-            source: AwsSdkError::new(err).into(),
-        },
-    }
-}
-
-/// The condition, update expression, names and values of one conditional lease update.
-type UpdateRequest = (
-    String,
-    String,
-    HashMap<String, String>,
-    HashMap<String, AttributeValue>,
-);
-
-/// The condition and update expressions of one lease update. (DynamoDB rejects names and
-/// values that the expressions do not use, so each update adds only its own.)
-fn update_expressions(fence: &LeaseFence, update: &LeaseUpdate) -> Result<UpdateRequest> {
-    let mut names = HashMap::from([
-        ("#key".to_owned(), LEASE_KEY.to_owned()),
-        ("#owner".to_owned(), LEASE_OWNER.to_owned()),
-        ("#counter".to_owned(), LEASE_COUNTER.to_owned()),
-    ]);
-    let mut values = HashMap::from([(":expected_counter".to_owned(), number(fence.counter))]);
-    let owner_condition = match &fence.owner {
-        Some(owner) => {
-            values.insert(
-                ":expected_owner".to_owned(),
-                AttributeValue::S(owner.clone()),
-            );
-            "#owner = :expected_owner"
-        }
-        None => "attribute_not_exists(#owner)",
-    };
-    // attribute_exists(#key): an update must never create a lease that was deleted.
-    let mut condition =
-        format!("attribute_exists(#key) AND #counter = :expected_counter AND {owner_condition}");
-    let mut name = |placeholder: &str, attribute: &str| {
-        names.insert(placeholder.to_owned(), attribute.to_owned());
-    };
-    let mut next_counter = || values.insert(":next_counter".to_owned(), number(fence.counter + 1));
-    let update_expression = match update {
-        LeaseUpdate::Renew => {
-            next_counter();
-            "SET #counter = :next_counter"
-        }
-        LeaseUpdate::Take { new_owner } => {
-            next_counter();
-            name("#switches", OWNER_SWITCHES_SINCE_CHECKPOINT);
-            name("#handoff", HANDOFF_TO);
-            // A fresh assignment: no Java KCL 3.x handoff survives it (see CHECKPOINT_OWNER).
-            name("#checkpoint_owner", CHECKPOINT_OWNER);
-            values.insert(
-                ":new_owner".to_owned(),
-                AttributeValue::S(new_owner.clone()),
-            );
-            values.insert(":zero".to_owned(), number(0));
-            values.insert(":one".to_owned(), number(1));
-            "SET #owner = :new_owner, #counter = :next_counter, \
-             #switches = if_not_exists(#switches, :zero) + :one \
-             REMOVE #handoff, #checkpoint_owner"
-        }
-        LeaseUpdate::RequestHandoff { to } => {
-            // One request at a time, and the counter stays (see `kcl_core::lease`).
-            name("#handoff", HANDOFF_TO);
-            condition.push_str(" AND attribute_not_exists(#handoff)");
-            values.insert(":to".to_owned(), AttributeValue::S(to.clone()));
-            "SET #handoff = :to"
-        }
-        LeaseUpdate::Checkpoint { checkpoint } => {
-            next_counter();
-            name("#checkpoint", CHECKPOINT);
-            name("#sub", CHECKPOINT_SUB_SEQUENCE_NUMBER);
-            name("#switches", OWNER_SWITCHES_SINCE_CHECKPOINT);
-            values.insert(
-                ":checkpoint".to_owned(),
-                AttributeValue::S(checkpoint.as_text().to_owned()),
-            );
-            values.insert(":sub".to_owned(), number(checkpoint.sub_sequence_number()));
-            values.insert(":zero".to_owned(), number(0));
-            "SET #checkpoint = :checkpoint, #sub = :sub, #switches = :zero, #counter = :next_counter"
-        }
-        LeaseUpdate::Release => {
-            next_counter();
-            "SET #counter = :next_counter REMOVE #owner"
-        }
-        LeaseUpdate::RecordChildren { child_shard_ids } if child_shard_ids.is_empty() => {
-            next_counter();
-            name("#children", CHILD_SHARD_IDS);
-            "SET #counter = :next_counter REMOVE #children"
-        }
-        LeaseUpdate::RecordChildren { child_shard_ids } => {
-            next_counter();
-            name("#children", CHILD_SHARD_IDS);
-            values.insert(
-                ":children".to_owned(),
-                AttributeValue::Ss(child_shard_ids.iter().cloned().collect()),
-            );
-            "SET #counter = :next_counter, #children = :children"
-        }
-        // `LeaseUpdate` is non-exhaustive: a kcl-core newer than this crate may add one.
-        other => {
-            return Err(Error::Service {
-                service: Service::LeaseStore,
-                operation: "UpdateItem",
-                source: format!(
-                    "lease update {other:?} is not supported by this kcl-dynamo-lease version"
-                )
-                .into(),
-            });
-        }
-    };
-    Ok((condition, update_expression.to_owned(), names, values))
-}
-
 #[async_trait]
 impl LeaseStore for DynamoLeaseStore {
     fn table_name(&self) -> &str {
@@ -378,31 +206,11 @@ impl LeaseStore for DynamoLeaseStore {
     }
 
     async fn list_leases(&self) -> Result<LeaseScan> {
-        let mut scan = LeaseScan::default();
-        let mut start_key = None;
-        loop {
-            let output = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .return_consumed_capacity(ReturnConsumedCapacity::Total)
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(|e| self.error("Scan", e))?;
-            record_capacity("Scan", output.consumed_capacity());
-            for item in output.items() {
-                match lease_from_item(&self.table, item) {
-                    Ok(lease) => scan.leases.push(lease),
-                    Err(e) => scan.invalid.push(e),
-                }
-            }
-            start_key = output.last_evaluated_key;
-            if start_key.is_none() {
-                return Ok(scan);
-            }
-        }
+        self.scan(true).await
+    }
+
+    async fn list_leases_eventually_consistent(&self) -> Result<LeaseScan> {
+        self.scan(false).await
     }
 
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
@@ -416,7 +224,8 @@ impl LeaseStore for DynamoLeaseStore {
             .send()
             .await
             .map_err(|e| self.error("GetItem", e))?;
-        record_capacity("GetItem", output.consumed_capacity());
+        let found = u64::from(output.item.is_some());
+        self.record_capacity("GetItem", found, output.consumed_capacity());
         output
             .item
             .as_ref()
@@ -448,9 +257,11 @@ impl LeaseStore for DynamoLeaseStore {
                     .send()
                     .await
                     .map_err(|e| self.error("BatchGetItem", e))?;
-                for consumed in output.consumed_capacity() {
-                    record_capacity("BatchGetItem", Some(consumed));
-                }
+                let found = output
+                    .responses()
+                    .and_then(|tables| tables.get(&self.table))
+                    .map_or(0, |items| items.len() as u64);
+                self.record_capacity("BatchGetItem", found, output.consumed_capacity());
                 for item in output
                     .responses
                     .unwrap_or_default()
@@ -489,7 +300,7 @@ impl LeaseStore for DynamoLeaseStore {
             .await;
         match result {
             Ok(output) => {
-                record_capacity("PutItem", output.consumed_capacity());
+                self.record_capacity("PutItem", 1, output.consumed_capacity());
                 Ok(true)
             }
             Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
@@ -528,7 +339,7 @@ impl LeaseStore for DynamoLeaseStore {
             .await;
         match result {
             Ok(output) => {
-                record_capacity("UpdateItem", output.consumed_capacity());
+                self.record_capacity("UpdateItem", 1, output.consumed_capacity());
                 let item = output.attributes.unwrap_or_default();
                 lease_from_item(&self.table, &item)
             }
@@ -553,6 +364,10 @@ impl LeaseStore for DynamoLeaseStore {
             }
             Err(e) => Err(self.error("UpdateItem", e)),
         }
+    }
+
+    fn usage(&self) -> Option<&LeaseTableUsage> {
+        Some(&self.usage)
     }
 
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
@@ -585,7 +400,7 @@ impl LeaseStore for DynamoLeaseStore {
             .await;
         match result {
             Ok(output) => {
-                record_capacity("DeleteItem", output.consumed_capacity());
+                self.record_capacity("DeleteItem", 1, output.consumed_capacity());
                 Ok(())
             }
             Err(SdkError::ServiceError(e))
@@ -610,18 +425,34 @@ impl LeaseStore for DynamoLeaseStore {
     }
 }
 
-/// Reports what a call consumed ([`kcl_core::metrics::record_consumed_capacity`]). With
-/// `ReturnConsumedCapacity=TOTAL` DynamoDB reports the operation's `CapacityUnits`, and on
-/// some endpoints its read and write split as well; a read operation's units are read units,
-/// a write's are write units.
-pub(crate) fn record_capacity(operation: &'static str, consumed: Option<&ConsumedCapacity>) {
-    let Some(consumed) = consumed else { return };
-    let total = consumed.capacity_units().unwrap_or(0.0);
-    let (read, write) = match operation {
-        "Scan" | "GetItem" | "BatchGetItem" => {
-            (consumed.read_capacity_units().unwrap_or(total), 0.0)
+impl DynamoLeaseStore {
+    /// Every item of the table, in as many pages as it takes.
+    async fn scan(&self, consistent: bool) -> Result<LeaseScan> {
+        let mut scan = LeaseScan::default();
+        let mut start_key = None;
+        loop {
+            let output = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .consistent_read(consistent)
+                .return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| self.error("Scan", e))?;
+            let items = output.items().len() as u64;
+            self.record_capacity("Scan", items, output.consumed_capacity());
+            for item in output.items() {
+                match lease_from_item(&self.table, item) {
+                    Ok(lease) => scan.leases.push(lease),
+                    Err(e) => scan.invalid.push(e),
+                }
+            }
+            start_key = output.last_evaluated_key;
+            if start_key.is_none() {
+                return Ok(scan);
+            }
         }
-        _ => (0.0, consumed.write_capacity_units().unwrap_or(total)),
-    };
-    kcl_core::metrics::record_consumed_capacity(operation, read, write);
+    }
 }

@@ -447,6 +447,9 @@ pub async fn lease_owners(table: &str) -> BTreeMap<String, usize> {
         Err(e) => panic!("scan the lease table {table}: {e}"),
     };
     for lease in leases {
+        if kcl_core::is_watcher_slot(&lease.lease_key) {
+            continue;
+        }
         if let Some(owner) = lease.owner {
             *owners.entry(owner).or_default() += 1;
         }
@@ -458,9 +461,10 @@ pub async fn lease_owners(table: &str) -> BTreeMap<String, usize> {
 /// exactly `workers` workers at ⌊leases/workers⌋ or ⌈leases/workers⌉ each.
 pub async fn evenly_owned(table: &str, workers: usize, leases: usize) -> bool {
     let store = DynamoLeaseStore::new(dynamodb().await, table);
-    let Ok(scan) = store.list_leases().await else {
+    let Ok(mut scan) = store.list_leases().await else {
         return false;
     };
+    scan.take_watcher_slots();
     let settled = scan.leases.len() == leases
         && scan
             .leases

@@ -7,7 +7,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kcl_core::{InitialPosition, LeaseConfig, PollingConfig, WorkerConfig};
+use kcl_core::{
+    InitialPosition, LeaseConfig, LeaseStore, PollingConfig, Watchers, WorkerConfig,
+    is_watcher_slot,
+};
+use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::{
     PATIENCE, Recorder, by_shard, create_stream, evenly_owned, example_binary, kinesis,
     lease_owners, put_records, puts_by_shard, records, sdk_config, start_worker, unique, wait_for,
@@ -160,6 +164,109 @@ async fn a_worker_added_to_a_running_fleet_gets_its_share_without_overlap() {
         recorder.overlaps(),
         vec![],
         "no shard processed by two workers at once"
+    );
+}
+
+/// With watchers (two of four workers) on the real servers: the fleet balances; a crashed
+/// member's shards are taken by the watchers and every record is delivered, in shard order;
+/// the slots are lease-table items that the shard syncs leave alone, held by the watchers,
+/// and released at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_watchers_a_crashed_members_shards_are_taken_and_everything_is_consumed() {
+    let kinesis = kinesis().await;
+    let stream = unique("watchers");
+    create_stream(&kinesis, &stream, 8).await;
+    let app = unique("watchers-app");
+    let recorder = Recorder::default();
+    let producer = Producer::start(kinesis.clone(), &stream, "watch");
+    let lease = lease_config()
+        .with_shard_sync_interval(Duration::from_secs(3))
+        .with_watchers(Some(
+            Watchers::default()
+                .with_member_scan_interval(Duration::from_secs(20))
+                .with_slot_check_interval(Duration::from_secs(2)),
+        ));
+    let mut running = Vec::new();
+    for i in 0..4 {
+        let config = config(&app, &stream, &format!("w{i}")).with_lease(lease.clone());
+        running.push(start_worker(config, &recorder).await);
+    }
+    let watching = |running: &[kcl_integration_tests::RunningWorker]| -> Vec<usize> {
+        (0..running.len())
+            .filter(|i| running[*i].status.borrow().watcher)
+            .collect()
+    };
+    wait_for("balanced, with two watchers", PATIENCE, || {
+        let two = watching(&running).len() == 2;
+        let app = app.clone();
+        async move { two && evenly_owned(&app, 4, 8).await }
+    })
+    .await;
+    // Past a few shard syncs: the slots are still there, held by the watchers.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let store = DynamoLeaseStore::new(kcl_integration_tests::dynamodb().await, &app);
+    let slots: Vec<_> = store
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .filter(|l| is_watcher_slot(&l.lease_key))
+        .collect();
+    assert_eq!(slots.len(), 2);
+    let watchers: BTreeSet<String> = watching(&running)
+        .into_iter()
+        .map(|i| format!("w{i}"))
+        .collect();
+    let slot_owners: BTreeSet<String> = slots.iter().filter_map(|s| s.owner.clone()).collect();
+    assert_eq!(slot_owners, watchers);
+
+    let member = (0..running.len())
+        .find(|i| !watching(&running).contains(i))
+        .unwrap();
+    let crashed = running.remove(member);
+    crashed.task.abort();
+    let crashed_id = format!("w{member}");
+    wait_for("the crashed member's shards taken", PATIENCE, || {
+        let app = app.clone();
+        let crashed_id = crashed_id.clone();
+        async move {
+            let owners = lease_owners(&app).await;
+            !owners.contains_key(&crashed_id) && owners.values().sum::<usize>() == 8
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let puts = producer.stop().await;
+    let expected = puts_by_shard(&puts);
+    wait_for("every record", PATIENCE, || async {
+        let delivered: BTreeSet<String> = recorder
+            .delivered()
+            .into_iter()
+            .map(|d| d.sequence_number)
+            .collect();
+        delivered.len() >= puts.len()
+    })
+    .await;
+    for worker in running {
+        worker.stop().await.unwrap();
+    }
+    // At least once, and in order: each shard's first deliveries are its records as put.
+    for (shard, delivered) in by_shard(&recorder.delivered()) {
+        let mut seen = BTreeSet::new();
+        let first: Vec<String> = delivered
+            .into_iter()
+            .filter(|seq| seen.insert(seq.clone()))
+            .collect();
+        assert_eq!(Some(&first), expected.get(&shard), "{shard}");
+    }
+    let slots = store.list_leases().await.unwrap().leases;
+    assert!(
+        slots
+            .iter()
+            .filter(|l| is_watcher_slot(&l.lease_key))
+            .all(|s| s.owner.is_none()),
+        "slots released at shutdown"
     );
 }
 

@@ -75,6 +75,70 @@ async fn a_four_shard_stream_is_consumed_exactly_once_in_shard_order() {
     }
 }
 
+/// What the lease-table cost figures of BENCHMARKS.md rest on: the store counts DynamoDB's
+/// own consumed capacity per request, and the worker reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_table_requests_and_consumed_capacity_are_counted_by_operation() {
+    let kinesis = kinesis().await;
+    let stream = unique("usage");
+    create_stream(&kinesis, &stream, 4).await;
+    let app = unique("app");
+    let recorder = Recorder::default();
+    let worker = start_worker(config(&app, &stream, "w1"), &recorder).await;
+    let mut status = worker.status.clone();
+    wait_for("4 leases held and renewed", PATIENCE, || {
+        let status = status.borrow_and_update().clone();
+        async move {
+            status.held_leases.len() == 4
+                && status
+                    .lease_table_usage
+                    .get("UpdateItem")
+                    .is_some_and(|u| u.requests >= 8)
+        }
+    })
+    .await;
+    let usage = worker.status.borrow().lease_table_usage.clone();
+    worker.stop().await.unwrap();
+
+    let scans = usage["Scan"];
+    assert!(scans.requests >= 1 && scans.items >= 4 * (scans.requests - 1));
+    // The taking round's scans are eventually consistent: half a unit per 4 KB, at least
+    // half a unit per scan but for the first, of the still empty table (DynamoDB Local
+    // reports none for it).
+    assert!(
+        scans.read_units.units() >= 0.5 * (scans.requests - 1) as f64,
+        "{scans:?}"
+    );
+    assert_eq!(scans.write_units.units(), 0.0);
+    let updates = usage["UpdateItem"];
+    assert_eq!(updates.items, updates.requests);
+    assert!(
+        updates.write_units.units() >= updates.requests as f64,
+        "{updates:?}"
+    );
+    assert_eq!(updates.read_units.units(), 0.0);
+    let creates = usage["PutItem"];
+    assert!(creates.requests <= 4 && creates.write_units.units() >= creates.requests as f64);
+
+    // A store of its own counts only its own calls: one strongly consistent scan of four
+    // small items is one read unit (4 KB), reported by DynamoDB itself.
+    let own = store(&app).await;
+    assert!(own.usage().unwrap().snapshot().is_empty());
+    let leases = own.list_leases().await.unwrap();
+    assert_eq!(leases.leases.len(), 4);
+    let counted = own.usage().unwrap().snapshot();
+    assert_eq!(counted.len(), 1);
+    assert_eq!(counted["Scan"].requests, 1);
+    assert_eq!(counted["Scan"].items, 4);
+    assert_eq!(counted["Scan"].read_units.units(), 1.0);
+    // An eventually consistent one is half of that.
+    let leases = own.list_leases_eventually_consistent().await.unwrap();
+    assert_eq!(leases.leases.len(), 4);
+    let counted = own.usage().unwrap().snapshot();
+    assert_eq!(counted["Scan"].requests, 2);
+    assert_eq!(counted["Scan"].read_units.units(), 1.5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_after_graceful_shutdown_resumes_after_the_last_checkpoint() {
     let kinesis = kinesis().await;

@@ -28,6 +28,9 @@ pub(crate) struct HeldLease {
     lease_key: String,
     worker_id: String,
     lease_duration: Duration,
+    /// The counter this worker's take left: versions of the lease with a lower counter are
+    /// from before this worker's term (what an eventually consistent read may return).
+    taken_counter: u64,
     /// The lease as this worker last wrote it. Locked for the whole of each write.
     state: Mutex<Lease>,
     /// When the last successful write was sent, plus the lease duration. Until then no other
@@ -65,6 +68,7 @@ impl HeldLease {
             lease_key: lease.lease_key.clone(),
             worker_id: worker_id.to_owned(),
             lease_duration,
+            taken_counter: lease.counter,
             state: Mutex::new(lease),
             valid_until: SyncMutex::new(written_at + lease_duration),
             lost: CancellationToken::new(),
@@ -86,6 +90,15 @@ impl HeldLease {
 
     pub(crate) fn is_lost(&self) -> bool {
         self.lost.is_cancelled()
+    }
+
+    /// Whether `lease`, a version of this lease read from the table, was written during this
+    /// worker's term. A take clears any handoff request, so only such a version's request is
+    /// addressed to this term; an older one (a stale read) may carry a request that was
+    /// served or withdrawn long ago.
+    pub(crate) fn in_this_term(&self, lease: &Lease) -> bool {
+        lease.owner.as_deref() == Some(self.worker_id.as_str())
+            && lease.counter >= self.taken_counter
     }
 
     /// Cancelled when another worker asked for the lease.

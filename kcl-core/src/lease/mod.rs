@@ -40,6 +40,8 @@ pub(crate) mod held;
 pub(crate) mod lineage;
 pub(crate) mod renewer;
 pub(crate) mod taker;
+pub(crate) mod usage;
+pub(crate) mod watch;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -325,8 +327,22 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// its schema.
     async fn initialize(&self) -> Result<()>;
 
-    /// Every lease in the table.
+    /// Every lease in the table, each item as of its latest write (a strongly consistent
+    /// read).
     async fn list_leases(&self) -> Result<LeaseScan>;
+
+    /// Every lease in the table, each item possibly a little behind its latest write (an
+    /// eventually consistent read: DynamoDB charges half the read units, and an item usually
+    /// lags by under a second). Items lag independently, so the result may mix old and new
+    /// versions, show a lease just deleted, or miss one just created. The default reads like
+    /// [`list_leases`](LeaseStore::list_leases).
+    ///
+    /// Safe for the taking round: a lease's counter only grows, so an old version can only
+    /// make an expiry look later than it is, and any write based on an old version fails its
+    /// condition on the fence.
+    async fn list_leases_eventually_consistent(&self) -> Result<LeaseScan> {
+        self.list_leases().await
+    }
 
     /// One lease, or `None` if there is no item with that key.
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>>;
@@ -391,6 +407,12 @@ pub trait LeaseStore: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// [`Error::LeaseConditionFailed`] when it is missing or does not match `fence`.
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()>;
+
+    /// The requests and capacity units of this store's calls so far, if it counts them
+    /// (the DynamoDB store does; the default is `None`).
+    fn usage(&self) -> Option<&usage::LeaseTableUsage> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -2,9 +2,17 @@
 //!
 //! One task, owned by the worker, renews every held lease each `renewal_interval`. Leases are
 //! renewed independently: the renewer owns one renewal task per lease with at most one in
-//! flight, and each tick starts a renewal for every held lease that has none, so one lease's
+//! flight, and each tick starts a renewal for every due lease that has none, so one lease's
 //! slow renewal (a call stuck on a dead connection, or a slow checkpoint holding that lease's
 //! write lock) never holds back the others.
+//!
+//! Renewals are spread over the interval: each lease has a fixed slot among
+//! [`RENEWAL_SLOTS`] (a hash of its key), and the renewer ticks once per slot, renewing the
+//! leases of that slot. A worker holding a thousand leases thus sends about a hundred
+//! renewals every 300 ms rather than a thousand at once every 3 s, which a table's
+//! partition (1,000 write units a second) or a provisioned table's capacity would throttle.
+//! A lease is still renewed once per `renewal_interval`, the first time within one interval
+//! of its take (which counts as a write).
 //!
 //! Each attempt is bounded by `lease.request_timeout`, well inside the renewal interval, and a
 //! failed or timed-out attempt is retried with backoff until the renewal succeeds or the lease
@@ -34,6 +42,20 @@ use crate::lease::{LeaseStore, LeaseUpdate};
 /// `lease.request_timeout`.
 const MAX_CONCURRENT_RENEWALS: usize = 20;
 
+/// Slots the renewal interval is divided into (300 ms each with the default 3 s interval).
+const RENEWAL_SLOTS: u32 = 10;
+
+/// The slot of a lease: a well-mixed hash of its key (FNV-1a), stable across runs and
+/// processes so that a worker's renewals keep their phase.
+fn renewal_slot(lease_key: &str) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in lease_key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(RENEWAL_SLOTS)) as u32
+}
+
 /// Renews held leases until `stop` is cancelled.
 ///
 /// Exit: returns when `stop` is cancelled, once every renewal in flight has ended. Renewals
@@ -51,15 +73,22 @@ pub(crate) async fn run_renewer(
     let mut renewals: JoinSet<()> = JoinSet::new();
     // Lease key of each renewal in flight, by task.
     let mut in_flight: HashMap<Id, String> = HashMap::new();
-    let mut tick = tokio::time::interval(config.renewal_interval);
+    let mut tick = tokio::time::interval(config.renewal_interval / RENEWAL_SLOTS);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut slot = 0;
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             Some(joined) = renewals.join_next_with_id() => renewal_ended(&mut in_flight, joined),
             _ = tick.tick() => {
-                for lease in held.all() {
+                let now = slot;
+                slot = (slot + 1) % RENEWAL_SLOTS;
+                let due = held
+                    .all()
+                    .into_iter()
+                    .filter(|lease| renewal_slot(lease.lease_key()) == now);
+                for lease in due {
                     let busy = in_flight.values().any(|key| key == lease.lease_key());
                     if busy || lease.is_lost() {
                         continue;
@@ -171,6 +200,19 @@ mod tests {
         inner: Arc<InMemoryLeaseStore>,
         lease_key: &'static str,
         armed: AtomicBool,
+        /// When each update was sent.
+        updates: std::sync::Mutex<Vec<Instant>>,
+    }
+
+    impl OneCallHangs {
+        fn new(inner: Arc<InMemoryLeaseStore>, lease_key: &'static str, armed: bool) -> Self {
+            OneCallHangs {
+                inner,
+                lease_key,
+                armed: AtomicBool::new(armed),
+                updates: std::sync::Mutex::default(),
+            }
+        }
     }
 
     #[async_trait]
@@ -203,6 +245,7 @@ mod tests {
             fence: &LeaseFence,
             update: &LeaseUpdate,
         ) -> Result<Lease> {
+            self.updates.lock().unwrap().push(Instant::now());
             if lease_key == self.lease_key && self.armed.swap(false, Ordering::SeqCst) {
                 std::future::pending::<()>().await;
             }
@@ -228,11 +271,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_stuck_renewal_neither_loses_its_lease_nor_holds_back_the_others() {
         let memory = Arc::new(InMemoryLeaseStore::new("t"));
-        let store = Arc::new(OneCallHangs {
-            inner: memory.clone(),
-            lease_key: "s-0",
-            armed: AtomicBool::new(true),
-        });
+        let store = Arc::new(OneCallHangs::new(memory.clone(), "s-0", true));
         let config = LeaseConfig::default();
         let held = Arc::new(HeldLeases::default());
         let now = Instant::now();
@@ -261,10 +300,11 @@ mod tests {
             stop.clone(),
         ));
 
-        // Ticks at 0 s, 3 s, …, 30 s: eleven renewal rounds in three lease durations.
+        // Each lease's slot starts within the first interval: eleven renewal rounds in 33 s,
+        // the last one's slot ending half a slot before the twelfth round begins.
         let rounds = 11;
-        tokio::time::sleep(config.renewal_interval * (rounds - 1) + config.renewal_interval / 3)
-            .await;
+        let half_slot = config.renewal_interval / RENEWAL_SLOTS / 2;
+        tokio::time::sleep(config.renewal_interval * rounds - half_slot).await;
         assert!(
             !store.armed.load(Ordering::SeqCst),
             "the stuck call happened"
@@ -285,5 +325,66 @@ mod tests {
 
         stop.cancel();
         renewer.await.expect("the renewer stops when asked");
+    }
+
+    // Issue 14: one worker holding a thousand leases renews every one of them once per
+    // interval, a slot's share at a time rather than all at once, and loses none.
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_leases_are_each_renewed_once_per_interval_spread_over_it() {
+        const LEASES: usize = 1000;
+        let memory = Arc::new(InMemoryLeaseStore::new("t"));
+        let store = Arc::new(OneCallHangs::new(memory.clone(), "none", false));
+        let config = LeaseConfig::default();
+        let held = Arc::new(HeldLeases::default());
+        let now = Instant::now();
+        for i in 0..LEASES {
+            let lease = memory.take_as(&format!("shardId-{i:012}"), "w1");
+            held.insert(HeldLease::new(
+                lease,
+                "w1",
+                config.lease_duration,
+                now,
+                Arc::default(),
+            ));
+        }
+        let stop = CancellationToken::new();
+        let renewer = tokio::spawn(run_renewer(
+            held.clone(),
+            store.clone(),
+            config.clone(),
+            Arc::new(SeedSource::new(Some(7))),
+            stop.clone(),
+        ));
+
+        // Twenty intervals (a minute), ending half a slot before the twenty-first starts.
+        let rounds: u32 = 20;
+        let slot = config.renewal_interval / RENEWAL_SLOTS;
+        tokio::time::sleep(config.renewal_interval * rounds - slot / 2).await;
+        stop.cancel();
+        renewer.await.expect("the renewer stops when asked");
+
+        assert!(held.all().iter().all(|lease| !lease.is_lost()));
+        for lease in memory.leases() {
+            assert_eq!(lease.counter, 1 + u64::from(rounds), "{}", lease.lease_key);
+        }
+        let updates = store.updates.lock().unwrap().clone();
+        assert_eq!(updates.len(), LEASES * rounds as usize);
+        let mut per_slot: HashMap<u128, usize> = HashMap::new();
+        for sent in updates {
+            *per_slot
+                .entry((sent - now).as_nanos() / slot.as_nanos())
+                .or_default() += 1;
+        }
+        let busiest = per_slot.values().copied().max().unwrap_or_default();
+        let even = LEASES / RENEWAL_SLOTS as usize;
+        assert!(
+            busiest <= 2 * even,
+            "at most twice an even share ({even}) of the renewals in one slot, not {busiest}"
+        );
+        assert_eq!(
+            per_slot.len(),
+            (rounds * RENEWAL_SLOTS) as usize,
+            "every slot used"
+        );
     }
 }

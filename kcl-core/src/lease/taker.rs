@@ -180,6 +180,10 @@ pub(crate) struct TakeInput<'a> {
     pub(crate) max_leases_per_worker: usize,
     /// Most handoffs to ask for in one round.
     pub(crate) max_leases_to_steal: usize,
+    /// Take every free lease (up to `max_leases_per_worker`), not only up to the fair share:
+    /// what a watcher does, since the other workers read the table too rarely to take their
+    /// share of a crashed worker's leases in time; they ask for it later.
+    pub(crate) take_every_free: bool,
     /// Orders equally good candidates, so that workers starting together pick different
     /// leases instead of all racing for the same ones. Mixed with `worker_id`.
     pub(crate) seed: u64,
@@ -312,6 +316,7 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
     for (reason, _, lease) in free {
         let wanted = match reason {
             TakeReason::Reserved | TakeReason::Orphaned => holding < cap,
+            _ if input.take_every_free => holding < cap,
             _ => holding < ceil.min(cap),
         };
         if wanted {

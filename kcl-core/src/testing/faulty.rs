@@ -285,6 +285,15 @@ impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
         }
         self.inner.list_leases().await
     }
+    async fn list_leases_eventually_consistent(&self) -> Result<LeaseScan> {
+        self.gate(Service::LeaseStore, "Scan").await?;
+        if let Some(hang) = self.hang_for(&LeaseCall::Scan) {
+            return self
+                .hang(hang, self.inner.list_leases_eventually_consistent())
+                .await;
+        }
+        self.inner.list_leases_eventually_consistent().await
+    }
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
         self.gate(Service::LeaseStore, "GetItem").await?;
         if let Some(hang) = self.hang_for(&LeaseCall::Get) {
@@ -355,6 +364,10 @@ impl<T: LeaseStore + ?Sized + 'static> LeaseStore for Faulty<T> {
         }
         self.inner.update_lease(lease_key, fence, update).await
     }
+    fn usage(&self) -> Option<&crate::LeaseTableUsage> {
+        self.inner.usage()
+    }
+
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
         if self.holding() {
             let (inner, key, fence) = (self.inner.clone(), lease_key.to_owned(), fence.clone());

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{injected, lock};
+use super::stale_reads::StaleHistory;
+use super::{StaleReads, injected, lock};
 use crate::error::{Error, Result, Service};
+use crate::lease::usage::{LeaseTableUsage, OperationUsage};
 use crate::lease::{
     Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
 };
@@ -78,6 +80,11 @@ pub struct InMemoryLeaseStore {
     /// Items that do not decode, by key, with what is wrong: reported by scans and reads,
     /// never overwritten by a create.
     invalid: Mutex<BTreeMap<String, (&'static str, String)>>,
+    /// `Some` while eventually consistent scans may read old versions.
+    stale: Mutex<Option<StaleHistory>>,
+    /// Requests and items by operation, as the DynamoDB store counts them. No capacity
+    /// units: they depend on DynamoDB's item encoding, which only the real store knows.
+    usage: LeaseTableUsage,
 }
 
 impl InMemoryLeaseStore {
@@ -96,6 +103,8 @@ impl InMemoryLeaseStore {
             raced_scans: AtomicUsize::new(0),
             exists: AtomicBool::new(true),
             invalid: Mutex::new(BTreeMap::new()),
+            stale: Mutex::new(None),
+            usage: LeaseTableUsage::default(),
         }
     }
 
@@ -103,17 +112,19 @@ impl InMemoryLeaseStore {
     /// [`Error::LeaseTableNotFound`] until `initialize` creates it again, empty.
     pub fn drop_table(&self) {
         self.exists.store(false, Ordering::SeqCst);
-        lock(&self.leases).clear();
+        let mut leases = lock(&self.leases);
+        leases.clear();
         lock(&self.invalid).clear();
-        self.wrote();
+        self.wrote(&leases);
     }
 
     /// Stores an item under `lease_key` whose `attribute` does not decode (a hand-edited
     /// item, say a text `leaseCounter`), replacing any lease there.
     pub fn put_invalid(&self, lease_key: &str, attribute: &'static str, problem: &str) {
-        lock(&self.leases).remove(lease_key);
+        let mut leases = lock(&self.leases);
+        leases.remove(lease_key);
         lock(&self.invalid).insert(lease_key.to_owned(), (attribute, problem.to_owned()));
-        self.wrote();
+        self.wrote(&leases);
     }
 
     /// Replaces an item that does not decode by `lease` (what a repair does).
@@ -155,14 +166,31 @@ impl InMemoryLeaseStore {
         *lock(&self.scan_paging) = paging;
     }
 
+    /// How many eventually consistent scans read some item behind its latest write.
+    pub fn lagged_scans(&self) -> usize {
+        lock(&self.stale)
+            .as_ref()
+            .map_or(0, |stale| stale.lagged_scans)
+    }
+
     /// How many paged scans had a write land between their first and last page (each may
     /// have missed a lease created or seen one deleted meanwhile).
     pub fn raced_scans(&self) -> usize {
         self.raced_scans.load(Ordering::SeqCst)
     }
 
-    fn wrote(&self) {
+    /// Called with the table as a write left it, the lock still held.
+    fn wrote(&self, leases: &BTreeMap<String, Lease>) {
         self.writes.fetch_add(1, Ordering::SeqCst);
+        if let Some(stale) = &mut *lock(&self.stale) {
+            stale.remember(leases);
+        }
+    }
+
+    /// Makes scans read with eventual consistency from now on (`None`: every scan reads the
+    /// latest writes). See [`StaleReads`].
+    pub fn set_stale_reads(&self, stale: Option<StaleReads>) {
+        *lock(&self.stale) = stale.map(|reads| StaleHistory::new(reads, &lock(&self.leases)));
     }
 
     /// A scan in pages: each page is read from the table as it is then, continuing after the
@@ -232,8 +260,9 @@ impl InMemoryLeaseStore {
 
     /// Stores a lease as given, bypassing conditions (test setup).
     pub fn put(&self, lease: Lease) {
-        lock(&self.leases).insert(lease.lease_key.clone(), lease);
-        self.wrote();
+        let mut leases = lock(&self.leases);
+        leases.insert(lease.lease_key.clone(), lease);
+        self.wrote(&leases);
     }
 
     /// Gives the lease to `owner` with a conditional take on its current fence, creating it
@@ -251,9 +280,13 @@ impl InMemoryLeaseStore {
         }
         .apply(stored);
         let taken = stored.clone();
-        drop(leases);
-        self.wrote();
+        self.wrote(&leases);
         taken
+    }
+
+    fn answered(&self, operation: &'static str, items: usize) {
+        self.usage
+            .record(operation, OperationUsage::request(items as u64, 0.0, 0.0));
     }
 
     fn take_failure(counter: &AtomicUsize) -> bool {
@@ -289,10 +322,24 @@ impl LeaseStore for InMemoryLeaseStore {
             Some(paging) => self.paged_scan(paging).await,
             None => self.leases(),
         };
-        Ok(LeaseScan {
-            leases,
-            invalid: self.invalid_items(),
-        })
+        let invalid = self.invalid_items();
+        self.answered("Scan", leases.len() + invalid.len());
+        Ok(LeaseScan { leases, invalid })
+    }
+
+    async fn list_leases_eventually_consistent(&self) -> Result<LeaseScan> {
+        let stale = lock(&self.stale).as_mut().map(StaleHistory::scan);
+        let Some(leases) = stale else {
+            return self.list_leases().await;
+        };
+        self.scan_calls.fetch_add(1, Ordering::SeqCst);
+        if Self::take_failure(&self.failing_scans) {
+            return Err(injected(Service::LeaseStore, "Scan"));
+        }
+        self.ensure_exists()?;
+        let invalid = self.invalid_items();
+        self.answered("Scan", leases.len() + invalid.len());
+        Ok(LeaseScan { leases, invalid })
     }
 
     async fn get_lease(&self, lease_key: &str) -> Result<Option<Lease>> {
@@ -300,7 +347,9 @@ impl LeaseStore for InMemoryLeaseStore {
         if let Some((attribute, problem)) = lock(&self.invalid).get(lease_key) {
             return Err(self.invalid_item(lease_key, attribute, problem));
         }
-        Ok(lock(&self.leases).get(lease_key).cloned())
+        let lease = lock(&self.leases).get(lease_key).cloned();
+        self.answered("GetItem", usize::from(lease.is_some()));
+        Ok(lease)
     }
 
     async fn create_lease_if_absent(&self, lease: &Lease) -> Result<bool> {
@@ -312,7 +361,8 @@ impl LeaseStore for InMemoryLeaseStore {
             return Ok(false);
         }
         leases.insert(lease.lease_key.clone(), lease.clone());
-        self.wrote();
+        self.wrote(&leases);
+        self.answered("PutItem", 1);
         Ok(true)
     }
 
@@ -345,7 +395,8 @@ impl LeaseStore for InMemoryLeaseStore {
             return Ok(outcome);
         }
         leases.insert(lease.lease_key.clone(), lease.clone());
-        self.wrote();
+        self.wrote(&leases);
+        self.answered("TransactWriteItems", 1);
         Ok(LeaseCreation::Created)
     }
 
@@ -364,8 +415,10 @@ impl LeaseStore for InMemoryLeaseStore {
         match leases.get_mut(lease_key) {
             Some(stored) if stored.fence() == *fence && update.allowed(stored) => {
                 *stored = update.apply(stored);
-                self.wrote();
-                Ok(stored.clone())
+                let updated = stored.clone();
+                self.wrote(&leases);
+                self.answered("UpdateItem", 1);
+                Ok(updated)
             }
             current => Err(Error::LeaseConditionFailed {
                 lease_key: lease_key.to_owned(),
@@ -375,13 +428,18 @@ impl LeaseStore for InMemoryLeaseStore {
         }
     }
 
+    fn usage(&self) -> Option<&LeaseTableUsage> {
+        Some(&self.usage)
+    }
+
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
         self.ensure_exists()?;
         let mut leases = lock(&self.leases);
         match leases.get(lease_key) {
             Some(stored) if stored.fence() == *fence => {
                 leases.remove(lease_key);
-                self.wrote();
+                self.wrote(&leases);
+                self.answered("DeleteItem", 1);
                 Ok(())
             }
             current => Err(Error::LeaseConditionFailed {

@@ -9,6 +9,7 @@
 mod conformance;
 mod faulty;
 mod lease_store;
+mod stale_reads;
 mod stream;
 mod subscription;
 #[cfg(test)]
@@ -23,6 +24,7 @@ use crate::error::{Error, Service};
 pub use conformance::check_create_in_lineage;
 pub use faulty::{Fault, Faulty, Hang, LeaseCall};
 pub use lease_store::{InMemoryLeaseStore, ScanPaging};
+pub use stale_reads::StaleReads;
 pub use stream::InMemoryStream;
 pub use subscription::{OpenSubscription, SubscriptionFault};
 

@@ -188,3 +188,51 @@ async fn a_hung_call_never_answers_and_the_others_go_through() {
     assert!(renew(fence).await.unwrap().is_ok());
     assert_eq!(faulty.hung_calls(), 2);
 }
+
+// Stale reads serve only states the table was in, each item lagging on its own by at most
+// `max_age`, and the latest writes once `max_age` has passed without one.
+#[tokio::test(start_paused = true)]
+async fn eventually_consistent_scans_lag_per_item_within_max_age() {
+    let store = InMemoryLeaseStore::new("t");
+    store.put(Lease::new("a", Checkpoint::TrimHorizon));
+    store.put(Lease::new("doomed", Checkpoint::TrimHorizon));
+    let max_age = Duration::from_secs(1);
+    store.set_stale_reads(Some(StaleReads::new(max_age, 7)));
+    tokio::time::advance(max_age).await;
+    let a0 = store.take_as("a", "w1").counter;
+    let doomed = store.leases().into_iter().find(|l| l.lease_key == "doomed");
+    store
+        .delete_lease("doomed", &doomed.unwrap().fence())
+        .await
+        .unwrap();
+    store.put(Lease::new("born", Checkpoint::TrimHorizon));
+
+    let (mut old_a, mut new_a, mut saw_doomed, mut missed_born) = (0, 0, 0, 0);
+    for _ in 0..50 {
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let scan = store.list_leases_eventually_consistent().await.unwrap();
+        let keys: Vec<&str> = scan.leases.iter().map(|l| l.lease_key.as_str()).collect();
+        let a = scan.leases.iter().find(|l| l.lease_key == "a").unwrap();
+        match a.counter {
+            c if c == a0 => new_a += 1,
+            0 => old_a += 1,
+            other => panic!("a version a never had: {other}"),
+        }
+        saw_doomed += usize::from(keys.contains(&"doomed"));
+        missed_born += usize::from(!keys.contains(&"born"));
+    }
+    assert!(old_a > 0 && new_a > 0, "old {old_a}, new {new_a}");
+    assert!(saw_doomed > 0 && missed_born > 0);
+    assert_eq!(
+        store.list_leases().await.unwrap().leases.len(),
+        2,
+        "a strongly consistent scan reads the latest writes"
+    );
+
+    tokio::time::advance(max_age).await;
+    let scan = store.list_leases_eventually_consistent().await.unwrap();
+    let mut keys: Vec<&str> = scan.leases.iter().map(|l| l.lease_key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["a", "born"]);
+    assert!(scan.leases.iter().any(|l| l.counter == a0));
+}

@@ -25,6 +25,7 @@ mod resharding;
 mod shutdown;
 mod status;
 mod taking;
+mod watching;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -199,7 +200,9 @@ impl<F: RecordProcessorFactory> Worker<F> {
         ));
         crate::metrics::describe();
         let stream_name = self.config.stream.clone();
+        let watch = self.config.lease.watchers.map(watching::Watch::new);
         let coordinator = Coordinator {
+            watch,
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
             shutdown: shutdown.clone(),
             config: self.config,
@@ -316,6 +319,9 @@ struct Coordinator<F> {
     consumer_arn: Option<Arc<str>>,
     /// The worker-wide metrics, published from each status.
     published: WorkerMetrics,
+    /// This worker's part in watching the table, when the fleet has watchers (`None`: every
+    /// worker watches).
+    watch: Option<watching::Watch>,
 }
 
 /// A shard consumer task and its handles.
@@ -349,6 +355,7 @@ enum Event {
     CheckExpiry,
     PollHandoffs,
     PollParents,
+    CheckSlots,
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -383,6 +390,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             config: self.config.clone(),
             seeds: self.seeds.clone(),
             invalid_items: self.invalid_items.clone(),
+            watching: self.watch.as_ref().map(|w| w.watching.clone()),
         };
         // The first sync runs before anything else: a missing stream stops the worker here.
         // Nothing is held yet, and a sync may be dropped at any point (see `ShardSyncer::run`),
@@ -430,20 +438,25 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         // its name, so an early end can be reported.
         let background_stop = CancellationToken::new();
         let mut background: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
-        let (held, store, lease_config, seeds, stop) = (
-            self.held.clone(),
-            self.store.clone(),
-            self.config.lease.clone(),
-            self.seeds.clone(),
-            background_stop.clone(),
-        );
-        background.spawn(
+        let renewer = |name: &'static str, leases: Arc<HeldLeases>| {
+            let (store, lease_config, seeds, stop) = (
+                self.store.clone(),
+                self.config.lease.clone(),
+                self.seeds.clone(),
+                background_stop.clone(),
+            );
             async move {
-                run_renewer(held, store, lease_config, seeds, stop).await;
-                ("lease renewer", Ok(()))
+                run_renewer(leases, store, lease_config, seeds, stop).await;
+                (name, Ok(()))
             }
-            .in_current_span(),
-        );
+            .in_current_span()
+        };
+        background.spawn(renewer("lease renewer", self.held.clone()));
+        if let Some(watch) = &self.watch {
+            // The watcher slot is renewed like a lease, by a renewer of its own: it is no
+            // shard, so it stays out of `held`.
+            background.spawn(renewer("watcher slot renewer", watch.roles.clone()));
+        }
         let (trigger, stop) = (self.sync_trigger.clone(), background_stop.clone());
         background.spawn(
             async move { ("shard sync", syncer.run(trigger, stop).await) }.in_current_span(),
@@ -456,6 +469,15 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         handoff_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut parent_poll = tokio::time::interval(lease_config.parent_poll_interval);
         parent_poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Without watchers the branch is never enabled, and the period is irrelevant.
+        let slot_check_interval = self
+            .watch
+            .as_ref()
+            .map_or(lease_config.taker_interval, |w| {
+                w.config().slot_check_interval
+            });
+        let mut slot_check = tokio::time::interval(slot_check_interval);
+        slot_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
         let fatal = self.fatal.clone();
         let outcome = loop {
@@ -471,6 +493,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 _ = sleep_until_some(self.expiry_check), if self.expiry_check.is_some() => Event::CheckExpiry,
                 _ = handoff_poll.tick(), if !self.incoming.is_empty() => Event::PollHandoffs,
                 _ = parent_poll.tick(), if self.awaits_parents() => Event::PollParents,
+                _ = slot_check.tick(), if self.needs_slot() => Event::CheckSlots,
             };
             match event {
                 Event::Shutdown => break Ok(()),
@@ -497,6 +520,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 Event::TakeLeases | Event::CheckExpiry => self.take_leases().await,
                 Event::PollHandoffs => self.poll_handoffs().await,
                 Event::PollParents => self.poll_parents().await,
+                Event::CheckSlots => self.check_slots().await,
             }
         };
         if let Err(e) = &outcome {
@@ -512,6 +536,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         }
         let releases_end = self.stop_consumers().await;
         self.release_all(releases_end).await;
+        self.release_slot().await;
         background_stop.cancel();
         while let Some(joined) = background.join_next().await {
             match joined {

@@ -33,10 +33,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// so the receivers see the offers and watch for the releases.
     pub(super) async fn offer_leases_before_stopping(&mut self) {
         let me = self.config.worker_id.clone();
+        let watchers = self.offer_receivers();
         let receivers: Vec<(usize, String)> = self
             .worker_loads
             .iter()
             .filter(|(w, _)| **w != me)
+            .filter(|(w, _)| watchers.as_ref().is_none_or(|only| only.contains(*w)))
             .map(|(w, c)| (*c, w.clone()))
             .collect();
         let leases = self.held.all();

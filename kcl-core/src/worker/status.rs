@@ -6,6 +6,7 @@ use tokio::time::Instant;
 
 use super::Coordinator;
 use crate::counters::Counters;
+use crate::lease::usage::OperationUsage;
 use crate::processor::RecordProcessorFactory;
 use tracing::debug;
 
@@ -79,6 +80,12 @@ pub struct WorkerStatus {
     /// When a lease-table call last got an answer (a refused condition or a throttle counts:
     /// the table is reachable). `None` until the first.
     pub lease_table_reached_at: Option<Instant>,
+    /// The lease table's requests and consumed capacity units by operation since the store
+    /// was made, when the store counts them ([`LeaseStore::usage`](crate::LeaseStore::usage)).
+    pub lease_table_usage: BTreeMap<&'static str, OperationUsage>,
+    /// Whether this worker reads the whole table every taker interval: always without
+    /// [`Watchers`](crate::Watchers), only while it holds a watcher slot with them.
+    pub watcher: bool,
 }
 
 impl WorkerStatus {
@@ -112,6 +119,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let invalid_lease_items = self.invalid_items.count();
         let lags = metrics.lags();
         let reached = self.contact.last_reached();
+        let usage = self.store.usage().map(|usage| usage.snapshot());
+        let watcher = self.watching();
         self.status.send_modify(|status| {
             if let Some((workers, active, spillover)) = round {
                 status.workers = workers;
@@ -145,6 +154,10 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             status.subscription_failures = Counters::get(&metrics.subscription_failures);
             status.millis_behind_latest = lags;
             status.lease_table_reached_at = reached;
+            status.watcher = watcher;
+            if let Some(usage) = usage {
+                status.lease_table_usage = usage;
+            }
         });
         self.published.publish(&self.status.borrow());
     }

@@ -26,20 +26,30 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         // lease table while DynamoDB fails fast; found by the simulation). The regular taker
         // tick retries.
         self.expiry_check = None;
+        if !self.scan_due(Instant::now()) {
+            self.publish_status(None);
+            return;
+        }
         let ticket = self.invalid_items.ticket();
+        let scan = if self.config.lease.eventually_consistent_scans {
+            self.store.list_leases_eventually_consistent()
+        } else {
+            self.store.list_leases()
+        };
         // A read can be dropped at any point: a shutdown does not wait for it.
         let scan = tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => return,
-            scan = self.store.list_leases() => scan,
+            scan = scan => scan,
         };
-        let scan = match scan {
+        let mut scan = match scan {
             Ok(scan) => scan,
             Err(e) => {
                 warn!(error = %crate::ErrorChain(&e), "lease scan failed; next round retries");
                 return;
             }
         };
+        let slots = scan.take_watcher_slots();
         // Never take a lease of another stream (another deployment with the same application
         // name): its checkpoint is a position in that stream.
         if let Err(e) =
@@ -49,6 +59,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             return;
         }
         let now = Instant::now();
+        self.scanned(&slots, now);
         self.invalid_items.scanned(ticket, &scan.invalid);
         self.observations.observe(&scan.leases, now);
         self.forget_lost_leases();
@@ -57,7 +68,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             match (lease.owner.as_deref(), lease.handoff_to.as_deref()) {
                 // Someone asked for a lease we hold: hand it over.
                 (Some(owner), Some(to)) if owner == me => {
-                    if let Some(held) = self.held.get(&lease.lease_key) {
+                    if let Some(held) = self.held.get(&lease.lease_key)
+                        && held.in_this_term(lease)
+                    {
                         held.handoff_requested(to);
                     }
                 }
@@ -94,6 +107,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             handoff_timeout: lease_config.handoff_timeout,
             max_leases_per_worker: lease_config.max_leases_per_worker,
             max_leases_to_steal: lease_config.max_leases_to_steal,
+            take_every_free: self.watch.is_some() && self.watching(),
             seed: self.seeds.next_seed(),
         });
         if decisions.spillover != self.counters.spillover && decisions.spillover > 0 {
@@ -115,6 +129,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 "taking round"
             );
         }
+        // A round that moved nothing does not make a balanced fleet: the others may still be
+        // taking and handing over (a member that waited for `member_scan_interval` after
+        // such a round was left with one lease while a watcher held nineteen).
+        let moved = !decisions.take.is_empty() || !decisions.request_handoff.is_empty();
+        let (leases, workers) = (decisions.active_leases, decisions.workers.max(1));
+        let (floor, ceil) = (leases / workers, leases.div_ceil(workers));
+        let loads = decisions.worker_loads.values();
+        let balanced = loads.clone().sum::<usize>() == leases
+            && loads.into_iter().all(|load| (floor..=ceil).contains(load));
+        self.round_decided(moved || !balanced);
         let writes = decisions
             .take
             .into_iter()

@@ -358,13 +358,23 @@ pub fn keep_alive(
     })
 }
 
-/// Lease owners as in the table: worker → number of leases.
+/// Lease owners as in the table: worker → number of leases of shards (watcher slots left
+/// out).
 pub fn owners(store: &InMemoryLeaseStore) -> BTreeMap<String, usize> {
     let mut owners = BTreeMap::new();
-    for lease in store.leases() {
+    for lease in shard_leases(store) {
         if let Some(owner) = lease.owner {
             *owners.entry(owner).or_default() += 1;
         }
     }
     owners
+}
+
+/// The leases of shards in the table (watcher slots left out).
+pub fn shard_leases(store: &InMemoryLeaseStore) -> Vec<kcl_core::Lease> {
+    store
+        .leases()
+        .into_iter()
+        .filter(|l| !kcl_core::is_watcher_slot(&l.lease_key))
+        .collect()
 }

@@ -52,11 +52,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kcl_core::testing::{
-    Fault, Faulty, Hang, InMemoryLeaseStore, InMemoryStream, LeaseCall, ScanPaging,
+    Fault, Faulty, Hang, InMemoryLeaseStore, InMemoryStream, LeaseCall, ScanPaging, StaleReads,
 };
 use kcl_core::{
     CancellationToken, ExtendedSequenceNumber, InitialPosition, Lease, LeaseConfig, LeaseStore,
-    Retrieval, StreamClient, Worker, WorkerConfig, WorkerStatus,
+    Retrieval, StreamClient, Watchers, Worker, WorkerConfig, WorkerStatus, is_watcher_slot,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -67,7 +67,10 @@ use fan_out::{FanOutFleet, Watched};
 use monitored::Monitored;
 use observe::{Coverage, RecordId, Rng, Shared, covered, trace, violation};
 use processor::{Buffering, SimProcessor};
-use seeds::{FAN_OUT_SALT, Job, Reading, SHAPES_SALT, Shapes, reading_from_env, seeds};
+use seeds::{
+    FAN_OUT_SALT, Job, Reading, SHAPES_SALT, STALE_SALT, Shapes, WATCHERS_SALT, reading_from_env,
+    seeds,
+};
 
 // ---- The run ------------------------------------------------------------------------------
 
@@ -119,6 +122,8 @@ struct Sim {
     shared_id: Option<String>,
     /// `Some` in fan-out fleets: every worker reads through enhanced fan-out.
     fan_out: Option<FanOutFleet>,
+    /// The fleet's watchers, in seeds with that shape.
+    watchers: Option<Watchers>,
 }
 
 #[derive(Clone, Debug)]
@@ -129,12 +134,21 @@ enum FaultEnd {
 
 const KEYS: u64 = 12;
 
-fn sim_config(id: &str, seed: u64, fan_out: Option<&FanOutFleet>) -> WorkerConfig {
+fn sim_config(
+    id: &str,
+    seed: u64,
+    fan_out: Option<&FanOutFleet>,
+    watchers: Option<Watchers>,
+) -> WorkerConfig {
     let config = WorkerConfig::new("sim-app", "sim-stream")
         .with_worker_id(id)
         .with_initial_position(InitialPosition::TrimHorizon)
         .with_rng_seed(seed)
-        .with_lease(LeaseConfig::default().with_shard_sync_interval(Duration::from_secs(10)))
+        .with_lease(
+            LeaseConfig::default()
+                .with_shard_sync_interval(Duration::from_secs(10))
+                .with_watchers(watchers),
+        )
         .with_shutdown_timeout(Duration::from_secs(10));
     match fan_out {
         Some(fleet) => config.with_retrieval(Retrieval::FanOut(fleet.config.clone())),
@@ -209,7 +223,12 @@ impl Sim {
             None => stream.clone(),
         };
         let worker = Worker::new(
-            sim_config(&id, seed ^ self.next_worker as u64, self.fan_out.as_ref()),
+            sim_config(
+                &id,
+                seed ^ self.next_worker as u64,
+                self.fan_out.as_ref(),
+                self.watchers,
+            ),
             client,
             store.clone() as Arc<dyn LeaseStore>,
             factory,
@@ -517,7 +536,10 @@ impl Sim {
     fn balanced(&self) -> bool {
         let live: BTreeSet<&str> = self.workers.iter().map(|w| w.id.as_str()).collect();
         let leases = self.leases.leases();
-        let active: Vec<&Lease> = leases.iter().filter(|l| !l.is_finished()).collect();
+        let active: Vec<&Lease> = leases
+            .iter()
+            .filter(|l| !l.is_finished() && !is_watcher_slot(&l.lease_key))
+            .collect();
         let mut owners: BTreeMap<&str, usize> = live.iter().map(|w| (*w, 0)).collect();
         for lease in &active {
             match lease.owner.as_deref() {
@@ -564,7 +586,10 @@ fn run_seed(
     runtime.block_on(async move {
         let mut rng = Rng(seed);
         let mut shape_rng = Rng(seed ^ SHAPES_SALT);
-        let shapes = shapes.unwrap_or_else(|| Shapes::draw(&mut shape_rng));
+        let mut stale_rng = Rng(seed ^ STALE_SALT);
+        let mut watchers_rng = Rng(seed ^ WATCHERS_SALT);
+        let shapes = shapes
+            .unwrap_or_else(|| Shapes::draw(&mut shape_rng, &mut stale_rng, &mut watchers_rng));
         let buffering = shapes.buffering.then(|| Buffering::draw(&mut shape_rng));
         let shards = 1 + rng.below(3) as u32;
         let stream = Arc::new(InMemoryStream::new("sim-stream", shards));
@@ -590,6 +615,23 @@ fn run_seed(
             );
             leases.set_scan_paging(Some(paging));
         }
+        // Few workers watch; members read the table rarely and take a free or expired slot.
+        let watchers = shapes.watchers.then(|| {
+            Watchers::default()
+                .with_count(1 + watchers_rng.below(2) as u32)
+                .with_member_scan_interval(watchers_rng.millis(5_000, 60_000))
+                .with_slot_check_interval(watchers_rng.millis(1_000, 10_000))
+        });
+        if shapes.stale_scans {
+            // Usually well under a second, as DynamoDB's replicas lag; sometimes past a
+            // renewal interval, so that the fence, not luck, keeps stale takes out.
+            let max_age = if stale_rng.chance(25) {
+                stale_rng.millis(3_000, 12_000)
+            } else {
+                stale_rng.millis(50, 1_000)
+            };
+            leases.set_stale_reads(Some(StaleReads::new(max_age, stale_rng.next())));
+        }
         let monitored = Arc::new(Monitored {
             inner: leases.clone(),
             observed: observed.clone(),
@@ -610,6 +652,8 @@ fn run_seed(
             c.buffering_seeds = u64::from(shapes.buffering);
             c.paged_scan_seeds = u64::from(shapes.paged_scans);
             c.hang_seeds = u64::from(shapes.hangs);
+            c.stale_scan_seeds = u64::from(shapes.stale_scans);
+            c.watcher_seeds = u64::from(shapes.watchers);
         }
         let mut sim = Sim {
             rng,
@@ -630,6 +674,7 @@ fn run_seed(
             pending_ends: Vec::new(),
             shared_id: None,
             fan_out,
+            watchers,
         };
         let initial = 1 + sim.rng.below(2);
         for _ in 0..initial {
@@ -705,6 +750,7 @@ fn run_seed(
         let mut observed = observed.lock().unwrap();
         observed.coverage.hangs = hangs as u64;
         observed.coverage.raced_scans = raced as u64;
+        observed.coverage.lagged_scans = sim.leases.lagged_scans() as u64;
         let unflushed = sim.put - observed.processed.len();
         let digest = format!(
             "{} records, {unflushed} left unflushed; first order {:?}; leases {:?}; statuses {:?}",

@@ -122,6 +122,9 @@ impl LeaseStore for Monitored {
     async fn list_leases(&self) -> kcl_core::Result<LeaseScan> {
         self.inner.list_leases().await
     }
+    async fn list_leases_eventually_consistent(&self) -> kcl_core::Result<LeaseScan> {
+        self.inner.list_leases_eventually_consistent().await
+    }
     async fn get_lease(&self, key: &str) -> kcl_core::Result<Option<Lease>> {
         self.inner.get_lease(key).await
     }
@@ -168,6 +171,10 @@ impl LeaseStore for Monitored {
         }
         created
     }
+    fn usage(&self) -> Option<&kcl_core::LeaseTableUsage> {
+        self.inner.usage()
+    }
+
     async fn delete_lease(&self, key: &str, fence: &LeaseFence) -> kcl_core::Result<()> {
         let deleted = self.inner.delete_lease(key, fence).await;
         trace(
@@ -214,6 +221,11 @@ impl LeaseStore for Monitored {
                 {
                     covered(&self.observed, |c| c.fenced_checkpoints += 1);
                 }
+                if matches!(update, LeaseUpdate::Take { .. })
+                    && e.kind() == ErrorKind::ConditionFailed
+                {
+                    covered(&self.observed, |c| c.fenced_takes += 1);
+                }
                 return Err(e);
             }
         };
@@ -225,6 +237,9 @@ impl LeaseStore for Monitored {
                         covered(&self.observed, |c| c.handed_over += 1);
                     } else if from_another {
                         covered(&self.observed, |c| c.taken_from_another += 1);
+                    }
+                    if from_another && kcl_core::is_watcher_slot(key) {
+                        covered(&self.observed, |c| c.slots_taken_over += 1);
                     }
                     self.check_take(key, before, new_owner);
                 }

@@ -147,6 +147,14 @@ pub(crate) struct Coverage {
     pub(crate) buffering_seeds: u64,
     pub(crate) paged_scan_seeds: u64,
     pub(crate) hang_seeds: u64,
+    pub(crate) stale_scan_seeds: u64,
+    pub(crate) watcher_seeds: u64,
+    /// Watcher slots taken from another worker (a watcher that crashed, paused or stopped).
+    pub(crate) slots_taken_over: u64,
+    /// Eventually consistent scans that read some item behind its latest write.
+    pub(crate) lagged_scans: u64,
+    /// Takes refused by their fence (planned on a lease that had moved since it was read).
+    pub(crate) fenced_takes: u64,
     /// Flushes of buffering processors (each followed by a checkpoint at the last record).
     pub(crate) flushes: u64,
     /// Buffering processors that panicked holding unflushed records.
@@ -196,6 +204,11 @@ impl std::ops::AddAssign for Coverage {
         self.buffering_seeds += o.buffering_seeds;
         self.paged_scan_seeds += o.paged_scan_seeds;
         self.hang_seeds += o.hang_seeds;
+        self.stale_scan_seeds += o.stale_scan_seeds;
+        self.watcher_seeds += o.watcher_seeds;
+        self.slots_taken_over += o.slots_taken_over;
+        self.lagged_scans += o.lagged_scans;
+        self.fenced_takes += o.fenced_takes;
         self.flushes += o.flushes;
         self.panics_mid_buffer += o.panics_mid_buffer;
         self.shard_ends_mid_buffer += o.shard_ends_mid_buffer;
@@ -238,6 +251,15 @@ impl Coverage {
         }
         if self.hang_seeds > 0 {
             all.push(("hangs", self.hangs));
+        }
+        if self.watcher_seeds > 0 {
+            all.push(("slots_taken_over", self.slots_taken_over));
+        }
+        if self.stale_scan_seeds > 0 {
+            all.extend([
+                ("lagged_scans", self.lagged_scans),
+                ("fenced_takes", self.fenced_takes),
+            ]);
         }
         if self.fan_out_seeds > 0 {
             all.extend([

@@ -15,6 +15,10 @@ pub(crate) struct Shapes {
     pub(crate) paged_scans: bool,
     /// Single renewals and checkpoints hang until their caller gives up (see [`Hang`]).
     pub(crate) hangs: bool,
+    /// Taking rounds scan with eventual consistency, items lagging (see [`StaleReads`]).
+    pub(crate) stale_scans: bool,
+    /// A few workers watch the table; the others read it rarely (`LeaseConfig::watchers`).
+    pub(crate) watchers: bool,
 }
 
 impl Shapes {
@@ -22,6 +26,8 @@ impl Shapes {
         buffering: false,
         paged_scans: false,
         hangs: false,
+        stale_scans: false,
+        watchers: false,
     };
     const BUFFERING: Shapes = Shapes {
         buffering: true,
@@ -36,12 +42,16 @@ impl Shapes {
         ..Shapes::CLASSIC
     };
 
-    /// Each shape in about half the seeds.
-    pub(crate) fn draw(rng: &mut Rng) -> Self {
+    /// Each shape in about half the seeds. Stale scans, added later, are drawn from their
+    /// own generator, so the other shapes (and whatever else `rng` draws next) stay as they
+    /// were for every seed.
+    pub(crate) fn draw(rng: &mut Rng, stale_rng: &mut Rng, watchers_rng: &mut Rng) -> Self {
         Shapes {
             buffering: rng.chance(50),
             paged_scans: rng.chance(50),
             hangs: rng.chance(50),
+            stale_scans: stale_rng.chance(50),
+            watchers: watchers_rng.chance(50),
         }
     }
 
@@ -57,9 +67,12 @@ impl Shapes {
                 "buffering" => shapes.buffering = true,
                 "scans" => shapes.paged_scans = true,
                 "hangs" => shapes.hangs = true,
-                other => {
-                    panic!("SIM_SHAPES: unknown shape {other:?} (classic, buffering, scans, hangs)")
-                }
+                "stale" => shapes.stale_scans = true,
+                "watchers" => shapes.watchers = true,
+                other => panic!(
+                    "SIM_SHAPES: unknown shape {other:?} (classic, buffering, scans, hangs, stale, \
+                     watchers)"
+                ),
             }
         }
         Some(shapes)
@@ -68,6 +81,10 @@ impl Shapes {
 
 /// Salts the generator of a seed's shapes, so it is independent of the schedule's.
 pub(crate) const SHAPES_SALT: u64 = 0x5EED_5A9E_0000_0001;
+/// Salts the generator of a seed's stale scans (whether, and how stale).
+pub(crate) const STALE_SALT: u64 = 0x5EED_57A1_0000_0003;
+/// Salts the generator of a seed's watchers (whether, how many, their intervals).
+pub(crate) const WATCHERS_SALT: u64 = 0x5EED_3A7C_0000_0004;
 /// Salts the generator that draws how a seed's fleet reads and, in fan-out fleets, the
 /// fan-out settings and faults: independent of the schedule's and the shapes' generators, so a
 /// polling seed replays as before fan-out existed, and a fan-out seed has the same schedule

@@ -42,12 +42,15 @@ impl Admin {
         self.stream.as_ref()
     }
 
-    /// Every lease, and the items that do not decode.
+    /// Every lease of a shard (watcher slots set aside), and the items that do not decode.
     pub(crate) async fn scan(&self) -> Result<LeaseScan> {
-        self.store
+        let mut scan = self
+            .store
             .list_leases()
             .await
-            .map_err(|e| AdminError::lease_store("reading the lease table", e))
+            .map_err(|e| AdminError::lease_store("reading the lease table", e))?;
+        scan.take_watcher_slots();
+        Ok(scan)
     }
 
     /// The lease `lease_key`.

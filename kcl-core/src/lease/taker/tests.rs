@@ -31,6 +31,7 @@ fn input<'a>(
         handoff_timeout: HANDOFF,
         max_leases_per_worker: usize::MAX,
         max_leases_to_steal: usize::MAX,
+        take_every_free: false,
         seed: 42,
     }
 }
@@ -141,6 +142,39 @@ fn free_leases_are_taken_only_up_to_the_fair_share() {
     let plan = plan(&input("me", &leases, &held, &obs, t0));
     assert_eq!(plan.take.len(), 4);
     assert!(plan.request_handoff.is_empty());
+}
+
+// A watcher takes every free lease, expired ones included, up to its limit: the members read
+// the table too rarely to take their share in time, and ask for it later.
+#[test]
+fn a_watcher_takes_every_free_lease_up_to_its_limit() {
+    let t0 = Instant::now();
+    let mut leases: Vec<Lease> = (0..4).map(|i| lease(&format!("u{i}"), None, 0)).collect();
+    leases.extend((0..4).map(|i| lease(&format!("dead-{i}"), Some("dead"), 1)));
+    leases.extend((0..2).map(|i| lease(&format!("w2-{i}"), Some("w2"), 1)));
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    // w2 renews; the dead worker does not.
+    let later = t0 + DURATION;
+    for l in leases
+        .iter_mut()
+        .filter(|l| l.owner.as_deref() == Some("w2"))
+    {
+        l.counter += 3;
+    }
+    obs.observe(&leases, later);
+    let held = BTreeSet::new();
+    let mut watcher = input("me", &leases, &held, &obs, later);
+    watcher.take_every_free = true;
+    let took = taken(&plan(&watcher)).len();
+    assert_eq!(
+        took, 8,
+        "all 4 unowned and all 4 expired, beyond the share of 5"
+    );
+    watcher.max_leases_per_worker = 6;
+    assert_eq!(taken(&plan(&watcher)).len(), 6, "but never past its limit");
+    let member = input("me", &leases, &held, &obs, later);
+    assert_eq!(taken(&plan(&member)).len(), 5, "a member takes its share");
 }
 
 #[test]
