@@ -113,10 +113,11 @@ pub struct LeaseConfig {
     /// Default 10 s: the Java KCL's `failoverTimeMillis`.
     pub lease_duration: Duration,
     /// How often held leases are renewed.
-    /// Default 3 s: about the Java KCL's `failoverTimeMillis / 3 − epsilon` (3,308 ms), which
-    /// leaves three renewal chances in each lease duration. Renewals are nearly all of what
-    /// the lease table costs: 3.5 s (with [`Watchers`]) keeps a fleet's cost at or below the
-    /// Java KCL 3.x's, for half a second less [`LeaseConfig::outage_tolerance`] (see
+    /// Default 3.5 s: near the Java KCL's `failoverTimeMillis / 3 − epsilon` (3,308 ms),
+    /// leaving almost three renewal chances in each lease duration. Renewals are nearly all of
+    /// what the lease table costs; at 3.5 s (with [`Watchers`]) a fleet of 1,000 leases and
+    /// 100 workers costs no more than the Java KCL 3.x's. 3 s buys half a second more
+    /// [`LeaseConfig::outage_tolerance`] for 17% more write units (see
     /// `docs/lease-table-cost.md`).
     pub renewal_interval: Duration,
     /// How often the worker scans the lease table to take unowned and expired leases.
@@ -132,11 +133,13 @@ pub struct LeaseConfig {
     /// (`Integer.MAX_VALUE`). Leases left over when every worker is at its limit are logged
     /// and counted in [`WorkerStatus::spillover`](crate::WorkerStatus).
     pub max_leases_per_worker: usize,
-    /// Most leases a worker asks other workers for in one taking round. Default 50: a new
-    /// worker asks for its whole share at once (the Java KCL's `maxLeasesToStealAtOneTime` is
-    /// 1, so it takes one taker interval, 20 s, per lease), bounded so that one round's
-    /// handoffs stay a modest burst of processor restarts and lease writes. 0 disables
-    /// balancing by handoff (free and expired leases are still taken).
+    /// Most leases a worker asks other workers for in one taking round. Default unlimited: a
+    /// new worker asks for its whole share at once and is balanced within two rounds (the
+    /// first asks for the floor of its share, the second for one more where a worker holds
+    /// more than the ceiling), whatever the fleet's size. (The Java KCL's
+    /// `maxLeasesToStealAtOneTime` is 1, so it takes one taker interval, 20 s, per lease.) A
+    /// bound keeps one round's handoffs, and the processor restarts they cost, a smaller
+    /// burst. 0 disables balancing by handoff (free and expired leases are still taken).
     pub max_leases_to_steal: usize,
     /// How long a worker waits for a lease it asked for to be handed over before it takes it
     /// anyway, and how long a lease reserved for a worker waits for that worker. Default 10 s
@@ -151,7 +154,7 @@ pub struct LeaseConfig {
     /// release, and each table read. A call this slow is stuck (say on a dead pooled
     /// connection): it is cancelled and retried like any transient failure. Default 2 s:
     /// DynamoDB answers in milliseconds, and a renewal that times out can be retried within
-    /// the renewal interval (3 s), several times before the lease runs out. (The Java KCL
+    /// the renewal interval (3.5 s), several times before the lease runs out. (The Java KCL
     /// bounds each call by `dynamoDbRequestTimeout`, 1 min, longer than its lease duration, so
     /// one stuck renewal there loses the lease.) Must be shorter than `lease_duration -
     /// renewal_interval`. Reads of many leases are bounded by `scan_timeout` instead.
@@ -177,12 +180,13 @@ pub struct LeaseConfig {
     /// fence (the shard sync's, the lineage checks, the handoff and parent polls) stay
     /// strongly consistent. (The Java KCL 3.x leader scans with eventual consistency.)
     pub eventually_consistent_scans: bool,
-    /// Which workers read the whole table every `taker_interval`. Default `None`: every
-    /// worker, at a cost that grows with leases × workers. With `Some(Watchers::default())`
-    /// two watchers do, the other workers read it while the fleet settles and every two
-    /// minutes, so that the table's scans cost two workers' whatever the fleet's size (a
-    /// crashed worker's leases are then taken by the watchers and rebalanced later, by
-    /// graceful handoffs). See `docs/lease-table-cost.md`.
+    /// Which workers read the whole table every `taker_interval`. Default
+    /// `Some(Watchers::default())`: in a fleet of fewer than ten workers, every worker; in a
+    /// bigger one two watchers, while the other workers read it as the fleet settles and
+    /// every two minutes, so that the table's scans cost two workers' whatever the fleet's
+    /// size (a crashed worker's leases are then taken by the watchers and rebalanced later,
+    /// by graceful handoffs). `None`: every worker, whatever the fleet's size, at a cost that
+    /// grows with leases × workers. See `docs/lease-table-cost.md`.
     pub watchers: Option<Watchers>,
 }
 
@@ -190,11 +194,11 @@ impl Default for LeaseConfig {
     fn default() -> Self {
         LeaseConfig {
             lease_duration: Duration::from_secs(10),
-            renewal_interval: Duration::from_secs(3),
+            renewal_interval: Duration::from_millis(3_500),
             taker_interval: Duration::from_secs(2),
             shard_sync_interval: Duration::from_secs(60),
             max_leases_per_worker: usize::MAX,
-            max_leases_to_steal: 50,
+            max_leases_to_steal: usize::MAX,
             handoff_timeout: Duration::from_secs(10),
             handoff_poll_interval: Duration::from_millis(200),
             parent_poll_interval: Duration::from_millis(500),
@@ -202,7 +206,7 @@ impl Default for LeaseConfig {
             scan_timeout: Duration::from_secs(10),
             retry: RetryConfig::new(Duration::from_millis(100), Duration::from_secs(1)),
             eventually_consistent_scans: true,
-            watchers: None,
+            watchers: Some(Watchers::default()),
         }
     }
 }
@@ -210,13 +214,13 @@ impl Default for LeaseConfig {
 impl LeaseConfig {
     /// The longest lease-table outage every held lease survives, whatever its kind and
     /// whenever it starts: `lease_duration − renewal_interval − request_timeout −
-    /// retry.max_delay` (4 s with the defaults).
+    /// retry.max_delay` (3.5 s with the defaults).
     ///
     /// A lease is valid for `lease_duration` from the sending of its last successful write.
     /// The outage may begin just before the next renewal (`renewal_interval` later) and end
     /// just after an attempt started hanging (`request_timeout`) and its retry was scheduled
     /// (`retry.max_delay`). An outage whose calls fail at once (connection refused, 500s)
-    /// costs no attempt time, so it is ridden out up to `request_timeout` longer (6 s with
+    /// costs no attempt time, so it is ridden out up to `request_timeout` longer (5.5 s with
     /// the defaults). Longer outages may cost leases: their consumers stop when the leases
     /// run out, before any other worker can take them, and the records after the last
     /// checkpoint are delivered again. A longer `lease_duration` buys a longer tolerance at
@@ -908,9 +912,9 @@ mod tests {
     #[test]
     fn the_outage_tolerance_is_what_the_docs_say() {
         let lease = LeaseConfig::default();
-        assert_eq!(lease.outage_tolerance(), Duration::from_secs(4));
+        assert_eq!(lease.outage_tolerance(), Duration::from_millis(3_500));
         let longer = lease.with_lease_duration(Duration::from_secs(20));
-        assert_eq!(longer.outage_tolerance(), Duration::from_secs(14));
+        assert_eq!(longer.outage_tolerance(), Duration::from_millis(13_500));
     }
 
     #[test]

@@ -22,8 +22,12 @@ use tokio::time::Instant;
 
 const LEASES: u32 = 1000;
 
+/// The defaults before watchers: every worker scans every taker interval, renewals every 3 s
+/// (the model this file checks; `watchers.rs` checks the other).
 fn every_worker_scans() -> LeaseConfig {
-    LeaseConfig::default().with_watchers(None)
+    LeaseConfig::default()
+        .with_watchers(None)
+        .with_renewal_interval(Duration::from_secs(3))
 }
 
 fn usage(store: &InMemoryLeaseStore) -> BTreeMap<&'static str, OperationUsage> {

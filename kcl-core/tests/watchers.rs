@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 fn lease_config() -> LeaseConfig {
     LeaseConfig::default()
-        .with_watchers(Some(Watchers::default()))
+        .with_watchers(Some(Watchers::default().with_min_workers(1)))
         .with_renewal_interval(Duration::from_millis(3500))
 }
 

@@ -168,11 +168,13 @@ async fn a_worker_added_to_a_running_fleet_gets_its_share_without_overlap() {
 }
 
 /// With watchers (two of four workers) on the real servers: the fleet balances; a crashed
-/// member's shards are taken by the watchers and every record is delivered, in shard order;
-/// the slots are lease-table items that the shard syncs leave alone, held by the watchers,
-/// and released at shutdown.
+/// member's shards are taken by the watchers; then a watcher crashes, the last member takes
+/// its slot and its shards are taken; every record is delivered, in shard order; the slots
+/// are lease-table items that the shard syncs leave alone, held by the watchers, and released
+/// at shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_watchers_a_crashed_members_shards_are_taken_and_everything_is_consumed() {
+async fn with_watchers_a_crashed_member_and_a_crashed_watcher_are_replaced_and_everything_is_consumed()
+ {
     let kinesis = kinesis().await;
     let stream = unique("watchers");
     create_stream(&kinesis, &stream, 8).await;
@@ -183,12 +185,14 @@ async fn with_watchers_a_crashed_members_shards_are_taken_and_everything_is_cons
         .with_shard_sync_interval(Duration::from_secs(3))
         .with_watchers(Some(
             Watchers::default()
+                .with_min_workers(1)
                 .with_member_scan_interval(Duration::from_secs(20))
                 .with_slot_check_interval(Duration::from_secs(2)),
         ));
     let mut running = Vec::new();
-    for i in 0..4 {
-        let config = config(&app, &stream, &format!("w{i}")).with_lease(lease.clone());
+    let mut ids: Vec<String> = (0..4).map(|i| format!("w{i}")).collect();
+    for id in &ids {
+        let config = config(&app, &stream, id).with_lease(lease.clone());
         running.push(start_worker(config, &recorder).await);
     }
     let watching = |running: &[kcl_integration_tests::RunningWorker]| -> Vec<usize> {
@@ -226,16 +230,50 @@ async fn with_watchers_a_crashed_members_shards_are_taken_and_everything_is_cons
         .unwrap();
     let crashed = running.remove(member);
     crashed.task.abort();
-    let crashed_id = format!("w{member}");
-    wait_for("the crashed member's shards taken", PATIENCE, || {
+    let crashed_id = ids.remove(member);
+    let taken_from = |crashed_id: String| {
         let app = app.clone();
-        let crashed_id = crashed_id.clone();
-        async move {
-            let owners = lease_owners(&app).await;
-            !owners.contains_key(&crashed_id) && owners.values().sum::<usize>() == 8
+        move || {
+            let (app, crashed_id) = (app.clone(), crashed_id.clone());
+            async move {
+                let owners = lease_owners(&app).await;
+                !owners.contains_key(&crashed_id) && owners.values().sum::<usize>() == 8
+            }
         }
+    };
+    wait_for(
+        "the crashed member's shards taken",
+        PATIENCE,
+        taken_from(crashed_id),
+    )
+    .await;
+
+    // A watcher crashes: the last member takes its slot, and its shards are taken.
+    let watcher = watching(&running)[0];
+    let crashed = running.remove(watcher);
+    crashed.task.abort();
+    let crashed_id = ids.remove(watcher);
+    wait_for("the last member watching", PATIENCE, || {
+        let all = watching(&running).len() == running.len();
+        async move { all }
     })
     .await;
+    wait_for(
+        "the crashed watcher's shards taken",
+        PATIENCE,
+        taken_from(crashed_id.clone()),
+    )
+    .await;
+    let slot_owners: BTreeSet<String> = store
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .filter(|l| is_watcher_slot(&l.lease_key))
+        .filter_map(|s| s.owner)
+        .collect();
+    assert_eq!(slot_owners, ids.iter().cloned().collect::<BTreeSet<_>>());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let puts = producer.stop().await;
     let expected = puts_by_shard(&puts);

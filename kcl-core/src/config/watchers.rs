@@ -5,10 +5,11 @@ use std::time::Duration;
 use super::{nonzero, within_bound};
 use crate::error::{Error, Result};
 
-/// Few workers (the *watchers*) read the whole lease table every `taker_interval`, see
-/// expiries and take expired and free leases; the others (*members*) read it every
-/// `member_scan_interval`, to balance. A fleet's scans then cost about `count` workers'
-/// instead of every worker's (see `docs/lease-table-cost.md`).
+/// In a fleet of at least `min_workers` workers, few workers (the *watchers*) read the whole
+/// lease table every `taker_interval`, see expiries and take expired and free leases; the
+/// others (*members*) read it every `member_scan_interval`, to balance. A fleet's scans then
+/// cost about `count` workers' instead of every worker's (see `docs/lease-table-cost.md`). In
+/// a smaller fleet every worker reads the table every taker interval, as without watchers.
 ///
 /// Watching is itself a lease: one of `count` *slot* items in the lease table (keys starting
 /// with [`WATCHER_SLOT_PREFIX`](crate::WATCHER_SLOT_PREFIX)), renewed like a lease and seen
@@ -29,6 +30,12 @@ pub struct Watchers {
     pub member_scan_interval: Duration,
     /// How often a member reads the slots to take a free or expired one. Default 10 s.
     pub slot_check_interval: Duration,
+    /// The fewest workers a worker must count in its last read of the table (itself included)
+    /// for it to take part in watching. Default 10: below that every worker's scans cost less
+    /// than its lease renewals (see `docs/lease-table-cost.md`), and a crashed worker's leases
+    /// are spread over the fleet at once instead of going to the watchers first. 0 or 1:
+    /// watching whatever the fleet's size.
+    pub min_workers: usize,
 }
 
 impl Default for Watchers {
@@ -37,6 +44,7 @@ impl Default for Watchers {
             count: 2,
             member_scan_interval: Duration::from_secs(120),
             slot_check_interval: Duration::from_secs(10),
+            min_workers: 10,
         }
     }
 }
@@ -58,6 +66,13 @@ impl Watchers {
     #[must_use]
     pub fn with_slot_check_interval(mut self, interval: Duration) -> Self {
         self.slot_check_interval = interval;
+        self
+    }
+
+    /// Sets [`Watchers::min_workers`].
+    #[must_use]
+    pub fn with_min_workers(mut self, workers: usize) -> Self {
+        self.min_workers = workers;
         self
     }
 

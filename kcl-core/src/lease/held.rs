@@ -408,6 +408,10 @@ impl HeldLeases {
         self.map().values().cloned().collect()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.map().len()
+    }
+
     /// Forgets the leases that were lost (their consumers may still be winding down).
     pub(crate) fn remove_lost(&self) -> Vec<Arc<HeldLease>> {
         let mut map = self.map();

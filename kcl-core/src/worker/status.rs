@@ -84,7 +84,8 @@ pub struct WorkerStatus {
     /// was made, when the store counts them ([`LeaseStore::usage`](crate::LeaseStore::usage)).
     pub lease_table_usage: BTreeMap<&'static str, OperationUsage>,
     /// Whether this worker reads the whole table every taker interval: always without
-    /// [`Watchers`](crate::Watchers), only while it holds a watcher slot with them.
+    /// [`Watchers`](crate::Watchers) or in a fleet smaller than their `min_workers`, and
+    /// otherwise only while it holds a watcher slot.
     pub watcher: bool,
 }
 

@@ -107,7 +107,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             handoff_timeout: lease_config.handoff_timeout,
             max_leases_per_worker: lease_config.max_leases_per_worker,
             max_leases_to_steal: lease_config.max_leases_to_steal,
-            take_every_free: self.watch.is_some() && self.watching(),
+            take_every_free: self.is_watcher(),
             seed: self.seeds.next_seed(),
         });
         if decisions.spillover != self.counters.spillover && decisions.spillover > 0 {
@@ -138,7 +138,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let loads = decisions.worker_loads.values();
         let balanced = loads.clone().sum::<usize>() == leases
             && loads.into_iter().all(|load| (floor..=ceil).contains(load));
-        self.round_decided(moved || !balanced);
+        self.round_decided(workers, moved || !balanced);
         let writes = decisions
             .take
             .into_iter()

@@ -1,7 +1,13 @@
-//! Watching the lease table: with [`Watchers`], only the workers holding a watcher slot read
-//! the whole table every taker interval; the others (members) read it every
-//! `member_scan_interval` and check the slots every `slot_check_interval`, taking one that
-//! is free or expired.
+//! Watching the lease table: with [`Watchers`], in a fleet of at least `min_workers`, only
+//! the workers holding a watcher slot read the whole table every taker interval; the others
+//! (members) read it every `member_scan_interval` and check the slots every
+//! `slot_check_interval`, taking one that is free or expired. In a smaller fleet every worker
+//! reads the table every taker interval, as without watchers.
+//!
+//! Each worker judges the fleet's size by its own last read of the table, so workers may
+//! disagree for a while (a member reads rarely). That costs nothing in safety, and little in
+//! liveness: a worker that holds a slot reads every round whatever it judged, and a fleet that
+//! shrank below `min_workers` is noticed at each member's next read.
 //!
 //! Safety does not depend on who watches: every take is still judged by the taker's own
 //! observations and fenced on the counter it observed, so a watcher that lost its slot (a
@@ -38,14 +44,20 @@ pub(super) struct Watch {
     observations: LeaseObservations,
     /// When this worker last read the whole table.
     last_scan: Option<Instant>,
+    /// How many leases this worker held then.
+    held_at_scan: usize,
     /// Whether that read's round took or asked for leases, or saw the fleet unbalanced: the
     /// fleet is still settling, so a member reads again at the next taker interval rather
     /// than after `member_scan_interval`.
     settling: bool,
     /// The slots as this worker last read them.
     seen_slots: Vec<Lease>,
-    /// Whether this worker watches, shared with the shard syncer (only watchers sync on
-    /// their interval).
+    /// Whether this worker's last read of the table counted at least `min_workers`
+    /// workers: only then do members read rarely and take slots.
+    active: bool,
+    /// Whether this worker reads the table every taker interval (it holds a slot, or the
+    /// fleet is too small for watching), shared with the shard syncer, which syncs on its
+    /// interval only then.
     pub(super) watching: Arc<AtomicBool>,
 }
 
@@ -58,9 +70,11 @@ impl Watch {
             roles: Arc::default(),
             observations: LeaseObservations::new(),
             last_scan: None,
+            held_at_scan: 0,
             settling: false,
             seen_slots: Vec::new(),
-            watching: Arc::new(AtomicBool::new(false)),
+            active: false,
+            watching: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -71,25 +85,46 @@ impl Watch {
     fn holds_slot(&self) -> bool {
         self.held.as_ref().is_some_and(|slot| !slot.is_lost())
     }
+
+    /// Whether this worker reads the whole table every taker interval.
+    fn reads_every_round(&self) -> bool {
+        !self.active || self.holds_slot()
+    }
+
+    /// Keeps the flag the shard syncer reads in step.
+    fn publish(&self) {
+        self.watching
+            .store(self.reads_every_round(), Ordering::SeqCst);
+    }
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
     /// Whether this worker reads the whole table every taker interval.
     pub(super) fn watching(&self) -> bool {
-        self.watch.as_ref().is_none_or(Watch::holds_slot)
+        self.watch.as_ref().is_none_or(Watch::reads_every_round)
+    }
+
+    /// Whether this worker is one of the fleet's watchers: it takes every free lease, not
+    /// only its share, since the members read the table too rarely to take theirs in time.
+    pub(super) fn is_watcher(&self) -> bool {
+        self.watch
+            .as_ref()
+            .is_some_and(|w| w.active && w.holds_slot())
     }
 
     /// Whether a taking round (a read of the whole table) is due: always for a watcher; for
     /// a member while its rounds still take or ask for leases or it waits for some (a new
-    /// worker gets its share in a couple of rounds), and otherwise every
-    /// `member_scan_interval`.
+    /// worker gets its share in a couple of rounds), after its leases changed since its last
+    /// read (handoffs it gave may have left it under its share: several new workers can ask
+    /// one worker at once), and otherwise every `member_scan_interval`.
     pub(super) fn scan_due(&self, now: Instant) -> bool {
         match &self.watch {
             None => true,
             Some(watch) => {
-                watch.holds_slot()
+                watch.reads_every_round()
                     || watch.settling
                     || !self.incoming.is_empty()
+                    || self.held.len() != watch.held_at_scan
                     || watch.last_scan.is_none_or(|at| {
                         now.saturating_duration_since(at) >= watch.config.member_scan_interval
                     })
@@ -99,23 +134,43 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
 
     /// Whether this worker should read the slots now and then: a member that runs on.
     pub(super) fn needs_slot(&self) -> bool {
-        self.watch.as_ref().is_some_and(|w| !w.holds_slot()) && !self.stopping
+        self.watch
+            .as_ref()
+            .is_some_and(|w| w.active && !w.holds_slot())
+            && !self.stopping
     }
 
     /// Takes note of a read of the whole table: when it was, and the slots it found.
     pub(super) fn scanned(&mut self, slots: &[Lease], now: Instant) {
         if let Some(watch) = &mut self.watch {
             watch.last_scan = Some(now);
+            watch.held_at_scan = self.held.len();
             watch.observations.observe_some(slots, now);
             watch.seen_slots = slots.to_vec();
         }
     }
 
-    /// Takes note of what the round after a read found: whether the fleet is still settling
-    /// (this round took or asked for leases, or some worker is off its share).
-    pub(super) fn round_decided(&mut self, moved: bool) {
+    /// Takes note of what the round after a read found: how many workers the fleet has, and
+    /// whether it is still settling (this round took or asked for leases, or some worker is
+    /// off its share).
+    pub(super) fn round_decided(&mut self, workers: usize, moved: bool) {
         if let Some(watch) = &mut self.watch {
             watch.settling = moved;
+            let active = workers >= watch.config.min_workers;
+            if active != watch.active {
+                info!(
+                    workers,
+                    min_workers = watch.config.min_workers,
+                    "{}",
+                    if active {
+                        "the fleet is big enough for watchers: reading the table rarely unless watching"
+                    } else {
+                        "the fleet is too small for watchers: reading the table every round"
+                    }
+                );
+                watch.active = active;
+                watch.publish();
+            }
         }
     }
 
@@ -126,7 +181,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// owns its slot for a lease duration, and a lease offered to it would wait out the
     /// handoff timeout.
     pub(super) fn offer_receivers(&self) -> Option<BTreeSet<String>> {
-        let watch = self.watch.as_ref()?;
+        let watch = self.watch.as_ref().filter(|w| w.active)?;
         let me = self.config.worker_id.as_str();
         let now = Instant::now();
         let lately = self.config.lease.renewal_interval * 2;
@@ -154,7 +209,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             info!(slot = %slot.lease_key(), "lost the watcher slot; watching no more");
             watch.held = None;
             watch.roles.remove_lost();
-            watch.watching.store(false, Ordering::SeqCst);
+            watch.publish();
         }
         if watch.held.is_some() {
             return;
@@ -220,7 +275,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                     let Some(watch) = &mut self.watch else { return };
                     watch.roles.insert(held.clone());
                     watch.held = Some(held);
-                    watch.watching.store(true, Ordering::SeqCst);
+                    watch.publish();
                     return;
                 }
                 Err(e) if e.kind() == ErrorKind::ConditionFailed => {
@@ -242,7 +297,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             return;
         };
         watch.roles.remove(slot.lease_key());
-        watch.watching.store(false, Ordering::SeqCst);
+        watch.publish();
         release_lease(&slot, self.store.as_ref(), &self.config, &self.seeds).await;
     }
 }

@@ -260,57 +260,72 @@ fn dollars(read_units: f64, write_units: f64) -> f64 {
     (read_units * READ_PRICE_PER_MILLION + write_units * WRITE_PRICE_PER_MILLION) / 1e6
 }
 
-/// One fleet to measure: `LEASESxWORKERS` with default settings, or with a `w` suffix in the
-/// watcher setup the cost model proposes (two watchers, renewals every 3.5 s).
+/// One fleet to measure: `LEASESxWORKERS[s|w]`.
 #[derive(Clone, Copy)]
 struct Size {
     leases: usize,
     workers: usize,
-    watchers: bool,
+    setup: Setup,
 }
 
-/// The renewal interval of the watcher setup: with it, 1,000 leases on 100 workers cost no
-/// more than on the Java KCL 3.x (see docs/lease-table-cost.md).
-const WATCHER_SETUP_RENEWAL: Duration = Duration::from_millis(3500);
+/// The lease settings a fleet runs with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// The library's defaults (watchers from ten workers, renewals every 3.5 s).
+    Defaults,
+    /// `s`: every worker scans every taker interval, renewals every 3 s (the defaults before
+    /// the fleet-scale work), to compare with.
+    EveryWorkerScans,
+    /// `w`: the default watchers whatever the fleet's size (`min_workers` 1).
+    Watchers,
+}
+
+/// The renewal interval before the fleet-scale work, for the `s` setup.
+const EVERY_WORKER_SCANS_RENEWAL: Duration = Duration::from_secs(3);
 
 impl Size {
     fn lease_config(self) -> LeaseConfig {
-        if self.watchers {
-            LeaseConfig::default()
-                .with_watchers(Some(Watchers::default()))
-                .with_renewal_interval(WATCHER_SETUP_RENEWAL)
-        } else {
-            LeaseConfig::default()
+        match self.setup {
+            Setup::Defaults => LeaseConfig::default(),
+            Setup::EveryWorkerScans => LeaseConfig::default()
+                .with_watchers(None)
+                .with_renewal_interval(EVERY_WORKER_SCANS_RENEWAL),
+            Setup::Watchers => {
+                LeaseConfig::default().with_watchers(Some(Watchers::default().with_min_workers(1)))
+            }
         }
     }
 
     fn label(self) -> String {
-        let setup = if self.watchers {
-            ", 2 watchers, renewals 3.5 s"
-        } else {
-            ""
+        let setup = match self.setup {
+            Setup::Defaults => "",
+            Setup::EveryWorkerScans => ", every worker scans, renewals 3 s",
+            Setup::Watchers => ", watchers at any size",
         };
         format!("{} × {}{setup}", self.leases, self.workers)
     }
 }
 
 fn sizes() -> Vec<Size> {
-    let spec =
-        std::env::var("KCL_BENCH_SIZES").unwrap_or_else(|_| "8x2,1000x1,1000x10,1000x10e".into());
+    let spec = std::env::var("KCL_BENCH_SIZES")
+        .unwrap_or_else(|_| "8x2,1000x1,1000x10,1000x10s,8x2w".into());
     spec.split(',')
         .map(|size| {
             let size = size.trim();
-            let (size, watchers) = match size.strip_suffix('w') {
-                Some(plain) => (plain, true),
-                None => (size, false),
+            let (size, setup) = if let Some(plain) = size.strip_suffix('w') {
+                (plain, Setup::Watchers)
+            } else if let Some(plain) = size.strip_suffix('s') {
+                (plain, Setup::EveryWorkerScans)
+            } else {
+                (size, Setup::Defaults)
             };
             let (l, w) = size
                 .split_once('x')
-                .unwrap_or_else(|| panic!("KCL_BENCH_SIZES: {size:?} is not LEASESxWORKERS[w]"));
+                .unwrap_or_else(|| panic!("KCL_BENCH_SIZES: {size:?} is not LEASESxWORKERS[s|w]"));
             Size {
                 leases: l.trim().parse().expect("leases is a number"),
                 workers: w.trim().parse().expect("workers is a number"),
-                watchers,
+                setup,
             }
         })
         .collect()
