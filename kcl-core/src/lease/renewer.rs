@@ -9,7 +9,7 @@
 //! Renewals are spread over the interval: each lease has a fixed slot among
 //! [`RENEWAL_SLOTS`] (a hash of its key), and the renewer ticks once per slot, renewing the
 //! leases of that slot. A worker holding a thousand leases thus sends about a hundred
-//! renewals every 300 ms rather than a thousand at once every 3 s, which a table's
+//! renewals every 350 ms rather than a thousand at once every 3.5 s, which a table's
 //! partition (1,000 write units a second) or a provisioned table's capacity would throttle.
 //! A lease is still renewed once per `renewal_interval`, the first time within one interval
 //! of its take (which counts as a write).
