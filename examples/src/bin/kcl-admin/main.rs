@@ -27,7 +27,7 @@
 //! (`AWS_ENDPOINT_URL_DYNAMODB` / `AWS_ENDPOINT_URL_KINESIS` point it at local servers).
 //!
 //! Whether a lease's owner is alive is seen by watching: the table is read, read again
-//! `--observe` later (default 4 s, a renewal interval of the library's defaults and a third),
+//! `--observe` later (default about 4.7 s, a renewal interval of the library's defaults and a third),
 //! and a lease whose counter moved is *active*. Commands that write refuse leases of live
 //! workers unless `--force`; every write is conditional on the lease as read.
 //!

@@ -26,7 +26,7 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub(crate) struct Watch {
     /// How long to watch the lease table for renewals, e.g. 500ms, 4s; 0 does not watch.
-    /// Default: the library's default renewal interval and a third (4s).
+    /// Default: the library's default renewal interval and a third (about 4.7s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     observe: Option<Duration>,
 }
@@ -210,6 +210,7 @@ mod tests {
     fn the_default_window_is_a_renewal_interval_and_a_third() {
         let renewal = LeaseConfig::default().renewal_interval;
         assert!(default_window() > renewal);
-        assert_eq!(default_window(), Duration::from_secs(4));
+        // 3.5 s and a third.
+        assert_eq!(default_window(), Duration::from_nanos(4_666_666_666));
     }
 }
