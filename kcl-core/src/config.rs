@@ -743,31 +743,58 @@ impl WorkerConfig {
     /// It is the sum of the bounds of the shutdown's steps:
     /// - the step the worker is in when asked: its lease writes already sent, one
     ///   `lease.request_timeout` (reads are dropped, and no further write is sent);
+    /// - with [`LeaseConfig::watchers`], finding the watchers to offer the leases to:
+    ///   [`WorkerConfig::succession_wait`], `slot_check_interval + lease.request_timeout`
+    ///   (a watcher first gives up its slot; when no other watcher is live, the worker
+    ///   processes on until a member takes a slot, or releases its leases unoffered);
     /// - offering the held leases to the other workers, the offers sent together: one
     ///   `lease.request_timeout` (an offer without an answer by then is given up: the lease is
     ///   released to any worker instead);
     /// - processing on while the receivers notice the offers: `lease.taker_interval +
     ///   lease.handoff_poll_interval`, at most half the `shutdown_timeout`;
+    /// - with watchers, checking that the receivers still watch and moving the offers of
+    ///   those that stopped meanwhile to a watcher that did not: two `lease.request_timeout`
+    ///   (waiting for a member to take a slot ends with the succession wait above);
     /// - the processors finishing their batch and `shutdown_requested`: `shutdown_timeout`,
     ///   after which they are aborted;
     /// - the releases still retrying after that: one `lease.lease_duration`, after which they
     ///   are given up (past it, a lease left to expire would have been free sooner);
     /// - the lease renewer's last renewals: one `lease.request_timeout`.
     ///
-    /// With the defaults, 38.2 s. A process that must be gone by some time after SIGTERM
-    /// (Kubernetes' `terminationGracePeriodSeconds`) can check this against it.
+    /// With the defaults, 54.2 s (38.2 s without watchers). A process that must be gone by
+    /// some time after SIGTERM (Kubernetes' `terminationGracePeriodSeconds`) can check this
+    /// against it.
     pub fn shutdown_deadline(&self) -> Duration {
         let call = self.lease.request_timeout;
+        let recheck = match self.lease.watchers {
+            Some(_) => call.saturating_add(call),
+            None => Duration::ZERO,
+        };
         [
             call,
+            self.succession_wait(),
             call,
             self.offer_wait(),
+            recheck,
             self.shutdown_timeout,
             self.lease.lease_duration,
             call,
         ]
         .into_iter()
         .fold(Duration::ZERO, Duration::saturating_add)
+    }
+
+    /// With [`LeaseConfig::watchers`], the longest a worker shutting down looks for watchers
+    /// to offer its leases to: a member's next slot check and its take of the slot, so a
+    /// slot this worker (or another watcher stopping) gave up is taken meanwhile. Zero
+    /// without watchers.
+    pub fn succession_wait(&self) -> Duration {
+        match &self.lease.watchers {
+            Some(watchers) => watchers
+                .slot_check_interval
+                .saturating_add(self.lease.request_timeout),
+            None => Duration::ZERO,
+        }
     }
 
     /// How long a worker shutting down keeps processing after offering its leases, so that
@@ -919,10 +946,15 @@ mod tests {
 
     #[test]
     fn the_shutdown_deadline_adds_up_the_shutdown_steps() {
-        // 2 s in flight + 2 s offers + 2.2 s offer wait + 20 s processors + 10 s releases +
-        // 2 s renewer.
-        assert_eq!(config().shutdown_deadline(), Duration::from_millis(38_200));
-        let short = config().with_shutdown_timeout(Duration::from_secs(2));
+        // 2 s in flight + 12 s finding watchers + 2 s offers + 2.2 s offer wait + 4 s
+        // rechecking the receivers + 20 s processors + 10 s releases + 2 s renewer.
+        assert_eq!(config().shutdown_deadline(), Duration::from_millis(54_200));
+        let without_watchers = config().with_lease(LeaseConfig::default().with_watchers(None));
+        assert_eq!(
+            without_watchers.shutdown_deadline(),
+            Duration::from_millis(38_200)
+        );
+        let short = without_watchers.with_shutdown_timeout(Duration::from_secs(2));
         // The offer wait is at most half the shutdown timeout.
         assert_eq!(
             short.shutdown_deadline(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use kcl_core::testing::{Fault, Faulty, Hang, InMemoryLeaseStore, InMemoryStream, LeaseCall};
-use kcl_core::{Checkpoint, Error, Lease};
+use kcl_core::{Checkpoint, Error, Lease, LeaseConfig, Watchers};
 use tokio::time::Instant;
 
 /// Stands for "at once" in paused time: far below any interval or timeout of the worker.
@@ -116,7 +116,9 @@ async fn a_shutdown_that_would_overrun_is_cut_at_the_shutdown_deadline() {
         always_panic: Some(failing),
         ..Faults::default()
     };
-    let config = config("w1");
+    // No watchers: their steps count in the deadline, and this lone worker would never take
+    // them, leaving the releases room to finish.
+    let config = config("w1").with_lease(LeaseConfig::default().with_watchers(None));
     let deadline = config.shutdown_deadline();
     let w1 = start_on(
         config,
@@ -158,4 +160,66 @@ async fn a_shutdown_that_would_overrun_is_cut_at_the_shutdown_deadline() {
     };
     assert_eq!(task, "worker shutdown");
     assert!(problem.contains("shutdown deadline"), "{problem}");
+}
+
+// A watcher shutting down looks for another watcher to offer its leases to, and with none
+// waits for a member to take a slot. When the slot calls hang too (its slot's release, every
+// read of the slots, every offer), those steps end at their bounds and the shutdown still
+// ends within the deadline, which counts them.
+#[tokio::test(start_paused = true)]
+async fn a_watchers_shutdown_whose_slot_calls_hang_ends_within_the_shutdown_deadline() {
+    const SHARDS: u32 = 20;
+    const HANGS: usize = 200;
+    let stream = Arc::new(InMemoryStream::new("test-stream", SHARDS));
+    let store = Arc::new(InMemoryLeaseStore::new("test-app"));
+    // Another live worker without a slot: one that could take the slot, so the watcher waits.
+    let other = keep_alive(&store, "shardId-000000000000", "other");
+    let faulty = Arc::new(Faulty::new(store.clone()));
+    let watchers = Watchers::default().with_count(1).with_min_workers(1);
+    let config = config("w1").with_lease(LeaseConfig::default().with_watchers(Some(watchers)));
+    let (deadline, succession) = (config.shutdown_deadline(), config.succession_wait());
+    let w1 = start_on(
+        config,
+        stream.clone(),
+        faulty.clone(),
+        &Log::default(),
+        &Faults::default(),
+    );
+    let slot = "kcl-watcher-slot-0";
+    wait_until(
+        "w1 holds its share and watches",
+        Duration::from_secs(60),
+        || {
+            owners(&store).get("w1") == Some(&(SHARDS as usize / 2))
+                && store
+                    .leases()
+                    .iter()
+                    .any(|l| l.lease_key == slot && l.owner.as_deref() == Some("w1"))
+        },
+    )
+    .await;
+    for _ in 0..HANGS {
+        faulty.hang_next(LeaseCall::Get, Hang::Lost);
+        faulty.hang_next(LeaseCall::Update("release"), Hang::Lost);
+        faulty.hang_next(LeaseCall::Update("handoff request"), Hang::Lost);
+    }
+
+    let asked = Instant::now();
+    w1.shutdown.cancel();
+    let outcome = tokio::time::timeout(deadline * 2, w1.task)
+        .await
+        .expect("run returns")
+        .expect("worker task");
+    let took = asked.elapsed();
+    assert!(
+        took <= deadline,
+        "stopped after {took:?}, past the shutdown deadline {deadline:?}"
+    );
+    assert!(outcome.is_ok(), "{outcome:?}");
+    assert!(
+        took >= succession,
+        "the search for a watcher used its whole wait ({took:?})"
+    );
+    assert!(faulty.hung_calls() > 0, "slot calls did hang");
+    other.abort();
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::*;
 use kcl_core::testing::{InMemoryLeaseStore, InMemoryStream};
-use kcl_core::{LeaseConfig, LeaseStore, OperationUsage, Watchers, is_watcher_slot};
+use kcl_core::{LeaseConfig, LeaseStore, LeaseUpdate, OperationUsage, Watchers, is_watcher_slot};
 use tokio::time::Instant;
 
 fn lease_config() -> LeaseConfig {
@@ -192,6 +192,109 @@ async fn a_graceful_shutdown_hands_over_to_the_watchers_and_a_new_worker_gets_it
         "a new worker held its share {:?} after it started",
         joined.elapsed()
     );
+    for worker in fleet {
+        worker.stop().await.unwrap();
+    }
+}
+
+// Both watchers stop together (a deploy batch holding both). Each gives its slot back
+// first and reads the slots afresh, so neither offers its leases to the other; with no live
+// watcher left, each processes on until members take the slots, and offers its leases to
+// them. No lease waits for a reservation to lapse, none is taken by force, and no record is
+// delivered twice.
+#[tokio::test(start_paused = true)]
+async fn both_watchers_stopping_together_hand_over_to_the_members_that_replace_them() {
+    const LEASES: usize = 40;
+    const RECORDS: usize = 400;
+    let (stream, store, log, lease) = setup(LEASES);
+    let mut expected = put(&stream, 0, RECORDS);
+    let mut fleet = balanced_fleet(6, LEASES, &lease, &stream, &store, &log).await;
+    wait_until("records consumed", Duration::from_secs(30), || {
+        log.count() == RECORDS
+    })
+    .await;
+    let watching = watchers(&fleet);
+    let second = fleet.remove(watching[1]);
+    let first = fleet.remove(watching[0]);
+    merge(&mut expected, put(&stream, RECORDS, 2 * RECORDS));
+
+    let started = Instant::now();
+    let (a, b) = tokio::join!(first.stop(), second.stop());
+    a.unwrap();
+    b.unwrap();
+    let stopped = started.elapsed();
+    for l in shard_leases(&store) {
+        if l.owner.is_none() {}
+    }
+    for l in store.leases() {
+        if is_watcher_slot(&l.lease_key) {}
+    }
+    let took = all_held_within(&fleet, LEASES, "handed over", lease.taker_interval).await;
+    eprintln!("both watchers stopped after {stopped:?}; their leases were held {took:?} after");
+    assert!(
+        stopped
+            <= lease.taker_interval + config("any").with_lease(lease.clone()).succession_wait() * 2,
+        "{stopped:?}"
+    );
+    assert_eq!(watchers(&fleet).len(), 2, "members took both slots");
+    let forced: u64 = fleet.iter().map(|w| w.status.borrow().forced_takes).sum();
+    assert_eq!(forced, 0, "handed over, not taken by force");
+    wait_until("every record", Duration::from_secs(30), || {
+        log.count() >= 2 * RECORDS
+    })
+    .await;
+    assert_exactly_once_in_order(&log, &expected);
+    for worker in fleet {
+        worker.stop().await.unwrap();
+    }
+}
+
+// A worker offered some of its leases to a watcher that stops right after (it read the slot
+// as held just before the watcher gave it back). At the end of its offer wait it reads the
+// slots again and moves those offers to the watcher that still watches, so they are not
+// left reserved for a worker that will never take them. The watcher that stops is played by
+// a renewal loop on a slot, which never takes an offer.
+#[tokio::test(start_paused = true)]
+async fn offers_to_a_watcher_that_stopped_meanwhile_are_moved_to_a_live_one() {
+    const LEASES: usize = 40;
+    let (stream, store, log, lease) = setup(LEASES);
+    let ghost_slot = "kcl-watcher-slot-1";
+    let ghost = keep_alive(&store, ghost_slot, "ghost");
+    let mut fleet = start_fleet(0..5, &lease, &stream, &store, &log);
+    wait_until("balanced", Duration::from_secs(120), || {
+        evenly_held(&fleet, LEASES) && watchers(&fleet).len() == 1
+    })
+    .await;
+
+    let stopping = fleet.remove(a_member(&fleet));
+    let stop = tokio::spawn(stopping.stop());
+    // The offers are out; the ghost gives its slot back during the offer wait.
+    tokio::time::sleep(lease.taker_interval / 2).await;
+    ghost.abort();
+    let slot = store.get_lease(ghost_slot).await.unwrap().unwrap();
+    let offered_to_ghost = shard_leases(&store)
+        .iter()
+        .filter(|l| l.handoff_to.as_deref() == Some("ghost"))
+        .count();
+    assert!(offered_to_ghost > 0, "the ghost was offered leases");
+    store
+        .update_lease(ghost_slot, &slot.fence(), &LeaseUpdate::Release)
+        .await
+        .unwrap();
+    stop.await.unwrap().unwrap();
+
+    let took = all_held_within(&fleet, LEASES, "handed over", lease.taker_interval).await;
+    eprintln!(
+        "{offered_to_ghost} offers to the ghost moved; all leases held {took:?} after the stop"
+    );
+    assert!(
+        shard_leases(&store)
+            .iter()
+            .all(|l| l.handoff_to.as_deref() != Some("ghost")),
+        "nothing left reserved for the ghost"
+    );
+    let forced: u64 = fleet.iter().map(|w| w.status.borrow().forced_takes).sum();
+    assert_eq!(forced, 0, "handed over, not taken by force");
     for worker in fleet {
         worker.stop().await.unwrap();
     }

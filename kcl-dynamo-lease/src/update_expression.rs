@@ -75,6 +75,13 @@ pub(crate) fn update_expressions(
             values.insert(":to".to_owned(), AttributeValue::S(to.clone()));
             "SET #handoff = :to"
         }
+        LeaseUpdate::RedirectHandoff { from, to } => {
+            name("#handoff", HANDOFF_TO);
+            condition.push_str(" AND #handoff = :from");
+            values.insert(":from".to_owned(), AttributeValue::S(from.clone()));
+            values.insert(":to".to_owned(), AttributeValue::S(to.clone()));
+            "SET #handoff = :to"
+        }
         LeaseUpdate::Checkpoint { checkpoint } => {
             next_counter();
             name("#checkpoint", CHECKPOINT);

@@ -548,6 +548,35 @@ async fn lease_writes_are_conditional_on_owner_and_counter() {
     let stored = store.get_lease(key).await.unwrap().unwrap();
     assert_eq!(stored, w2, "nothing written by the stale owner");
 
+    // An offer, moved by its owner only from the worker it went to; the counter stays.
+    let offered = store
+        .update_lease(
+            key,
+            &w2.fence(),
+            &LeaseUpdate::RequestHandoff { to: "w3".into() },
+        )
+        .await
+        .unwrap();
+    let redirect = |from: &str| LeaseUpdate::RedirectHandoff {
+        from: from.into(),
+        to: "w4".into(),
+    };
+    match store.update_lease(key, &w2.fence(), &redirect("w9")).await {
+        Err(Error::LeaseConditionFailed {
+            current: Some(current),
+            ..
+        }) => assert_eq!(current.handoff_to.as_deref(), Some("w3")),
+        other => panic!("a redirect from a worker not offered to: {other:?}"),
+    }
+    let redirected = store
+        .update_lease(key, &offered.fence(), &redirect("w3"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (redirected.handoff_to.as_deref(), redirected.counter),
+        (Some("w4"), w2.counter)
+    );
+
     let checkpointed = store
         .update_lease(
             key,

@@ -208,7 +208,9 @@ impl HeldLease {
         };
         match result {
             Ok(lease) => {
-                if let LeaseUpdate::RequestHandoff { to } = update {
+                if let LeaseUpdate::RequestHandoff { to }
+                | LeaseUpdate::RedirectHandoff { to, .. } = update
+                {
                     *self.offered_to.lock().unwrap_or_else(|e| e.into_inner()) = Some(to.clone());
                 }
                 // A request shows up in the answer of any write (our own offer excepted).

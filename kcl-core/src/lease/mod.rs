@@ -33,8 +33,9 @@
 //! (`shutdown_requested`), and releases the lease, keeping `handoffTo` as a reservation. The
 //! requester takes it as soon as it sees it released: no records are delivered twice and the
 //! shard pauses only for the checkpoint and two writes. A worker shutting down offers its
-//! leases to live workers the same way. Others leave a reserved lease alone until it has sat
-//! unchanged for the handoff timeout.
+//! leases to live workers the same way, and moves an offer whose receiver went away before
+//! taking it ([`LeaseUpdate::RedirectHandoff`]). Others leave a reserved lease alone until it
+//! has sat unchanged for the handoff timeout.
 
 pub(crate) mod held;
 pub(crate) mod lineage;
@@ -163,6 +164,15 @@ pub enum LeaseUpdate {
         /// The worker that is to own the lease next.
         to: String,
     },
+    /// Written by the owner: moves its pending offer to another worker (the one it offered
+    /// the lease to went away before taking it). Allowed only while the handoff pending is
+    /// to `from`. The counter does not change.
+    RedirectHandoff {
+        /// The worker the lease was offered to.
+        from: String,
+        /// The worker that is to own the lease next.
+        to: String,
+    },
     /// Store a checkpoint; resets the owner-switch count.
     Checkpoint {
         /// The new checkpoint.
@@ -190,7 +200,7 @@ impl LeaseUpdate {
                 next.owner_switches_since_checkpoint += 1;
                 next.handoff_to = None;
             }
-            LeaseUpdate::RequestHandoff { to } => {
+            LeaseUpdate::RequestHandoff { to } | LeaseUpdate::RedirectHandoff { to, .. } => {
                 next.counter = lease.counter;
                 next.handoff_to = Some(to.clone());
             }
@@ -210,6 +220,7 @@ impl LeaseUpdate {
     pub fn allowed(&self, lease: &Lease) -> bool {
         match self {
             LeaseUpdate::RequestHandoff { .. } => lease.handoff_to.is_none(),
+            LeaseUpdate::RedirectHandoff { from, .. } => lease.handoff_to.as_ref() == Some(from),
             _ => true,
         }
     }
@@ -220,6 +231,7 @@ impl LeaseUpdate {
             LeaseUpdate::Renew => "renew",
             LeaseUpdate::Take { .. } => "take",
             LeaseUpdate::RequestHandoff { .. } => "handoff request",
+            LeaseUpdate::RedirectHandoff { .. } => "handoff redirect",
             LeaseUpdate::Checkpoint { .. } => "checkpoint",
             LeaseUpdate::Release => "release",
             LeaseUpdate::RecordChildren { .. } => "record children",
@@ -443,6 +455,22 @@ mod tests {
         }
         .apply(&released);
         assert_eq!(taken.handoff_to, None, "a take ends the handoff");
+    }
+
+    #[test]
+    fn an_offer_is_redirected_only_from_the_worker_it_went_to() {
+        let lease = Lease::new("shardId-0", Checkpoint::TrimHorizon);
+        let redirect = LeaseUpdate::RedirectHandoff {
+            from: "w2".into(),
+            to: "w3".into(),
+        };
+        assert!(!redirect.allowed(&lease), "no offer pending");
+        let offered = LeaseUpdate::RequestHandoff { to: "w2".into() }.apply(&lease);
+        assert!(redirect.allowed(&offered));
+        let redirected = redirect.apply(&offered);
+        assert_eq!(redirected.counter, lease.counter);
+        assert_eq!(redirected.handoff_to.as_deref(), Some("w3"));
+        assert!(!redirect.allowed(&redirected), "already moved");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::watching::Receivers;
 use super::{Coordinator, MAX_CONCURRENT_LEASE_CALLS, SETUP_ATTEMPTS, concurrently};
 use crate::backoff::{SeedSource, retry};
 use crate::config::WorkerConfig;
@@ -30,17 +31,26 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
 
     /// Before stopping: offers each held lease to the least loaded other live worker (a
     /// handoff request written by the owner), then keeps processing for one taking interval
-    /// so the receivers see the offers and watch for the releases.
+    /// so the receivers see the offers and watch for the releases. With watchers, the offers
+    /// go only to watchers (see [`Coordinator::find_offer_receivers`]), and offers to a
+    /// watcher that stopped meanwhile are moved to one that did not.
     pub(super) async fn offer_leases_before_stopping(&mut self) {
         let me = self.config.worker_id.clone();
-        let watchers = self.offer_receivers();
-        let receivers: Vec<(usize, String)> = self
-            .worker_loads
-            .iter()
-            .filter(|(w, _)| **w != me)
-            .filter(|(w, _)| watchers.as_ref().is_none_or(|only| only.contains(*w)))
-            .map(|(w, c)| (*c, w.clone()))
-            .collect();
+        let succession_deadline = Instant::now() + self.config.succession_wait();
+        let receivers: Vec<(usize, String)> =
+            match self.find_offer_receivers(succession_deadline).await {
+                Receivers::Anyone => self
+                    .worker_loads
+                    .iter()
+                    .filter(|(w, _)| **w != me)
+                    .map(|(w, c)| (*c, w.clone()))
+                    .collect(),
+                Receivers::Watchers(watchers) => watchers
+                    .into_iter()
+                    .map(|w| (self.worker_loads.get(&w).copied().unwrap_or(0), w))
+                    .collect(),
+                Receivers::Nobody => return,
+            };
         let leases = self.held.all();
         if receivers.is_empty() || leases.is_empty() {
             return;
@@ -56,13 +66,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 (lease, to, result)
             }
         });
-        let mut offered = 0usize;
+        let mut landed = Vec::new();
         let answers = async {
             while let Some((lease, to, result)) = sent.next().await {
                 match result {
                     Ok(_) => {
                         debug!(lease_key = %lease.lease_key(), to = %to, "offered lease");
-                        offered += 1;
+                        landed.push((lease, to));
                     }
                     // Already asked for by another worker: the release goes to that one.
                     Err(e) => {
@@ -80,18 +90,24 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .is_err()
         {
             debug!(
-                offered,
+                offered = landed.len(),
                 "not every offer was answered in time; those leases are released to any worker"
             );
         }
         let wait = self.config.offer_wait();
         info!(
-            offered,
+            offered = landed.len(),
             receivers = workers,
             ?wait,
             "offered leases to other workers; processing until they watch"
         );
-        let deadline = Instant::now() + wait;
+        self.process_until(Instant::now() + wait).await;
+        self.redirect_offers(landed, succession_deadline).await;
+    }
+
+    /// Keeps processing (acting on consumers that exit: shard ends, failures) until
+    /// `deadline`.
+    pub(super) async fn process_until(&mut self, deadline: Instant) {
         loop {
             tokio::select! {
                 biased;
@@ -233,7 +249,7 @@ pub(super) async fn release_lease(
 
 /// Assigns each lease to the least loaded receiver, counting the leases assigned before it.
 /// `receivers` are (load, worker id) and must not be empty.
-fn assign_offers(
+pub(super) fn assign_offers(
     leases: Vec<Arc<HeldLease>>,
     mut receivers: Vec<(usize, String)>,
 ) -> Vec<(Arc<HeldLease>, String)> {

@@ -14,15 +14,17 @@
 //! pause, a partition) and goes on scanning can only send takes that fail, exactly like any
 //! worker with an old view. Watching only decides how soon expiries are seen.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::Coordinator;
-use super::shutdown::release_lease;
+use futures::StreamExt;
+
+use super::shutdown::{assign_offers, release_lease};
+use super::{Coordinator, concurrently};
 use crate::config::Watchers;
 use crate::error::ErrorKind;
 use crate::lease::held::{HeldLease, HeldLeases};
@@ -30,6 +32,17 @@ use crate::lease::taker::LeaseObservations;
 use crate::lease::watch::{new_slot, slot_keys};
 use crate::lease::{Lease, LeaseUpdate};
 use crate::processor::RecordProcessorFactory;
+
+/// Whom a worker shutting down offers its leases to.
+pub(super) enum Receivers {
+    /// The least loaded other workers: there are no watchers, or the fleet is too small for
+    /// them.
+    Anyone,
+    /// Only these watchers: members would not see an offer before the release.
+    Watchers(BTreeSet<String>),
+    /// Nobody: no watcher was left, so the leases are released unoffered.
+    Nobody,
+}
 
 /// A worker's part in watching, when the fleet has [`Watchers`].
 pub(super) struct Watch {
@@ -174,18 +187,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         }
     }
 
-    /// The workers to offer leases to at shutdown, when they are to be limited to the
-    /// watchers: a member reads the table too rarely to see an offer before the lease is
-    /// released, a watcher sees it within a taker interval.
-    /// A watcher counts only while its slot was seen renewed lately: one that crashed still
-    /// owns its slot for a lease duration, and a lease offered to it would wait out the
-    /// handoff timeout.
-    pub(super) fn offer_receivers(&self) -> Option<BTreeSet<String>> {
-        let watch = self.watch.as_ref().filter(|w| w.active)?;
+    /// The workers that hold a slot and were seen renewing it lately (this one excepted).
+    /// One that crashed still owns its slot for a lease duration, and a lease offered to it
+    /// would wait out the handoff timeout.
+    fn live_watchers(&self, now: Instant) -> BTreeSet<String> {
+        let Some(watch) = &self.watch else {
+            return BTreeSet::new();
+        };
         let me = self.config.worker_id.as_str();
-        let now = Instant::now();
         let lately = self.config.lease.renewal_interval * 2;
-        let live: BTreeSet<String> = watch
+        watch
             .seen_slots
             .iter()
             .filter(|slot| {
@@ -196,8 +207,183 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             })
             .filter_map(|slot| slot.owner.clone())
             .filter(|owner| owner != me)
+            .collect()
+    }
+
+    /// Whether `worker` held a slot at this worker's last read of the slots.
+    fn holds_a_slot(&self, worker: &str) -> bool {
+        self.watch.as_ref().is_some_and(|watch| {
+            watch
+                .seen_slots
+                .iter()
+                .any(|slot| slot.owner.as_deref() == Some(worker))
+        })
+    }
+
+    /// Reads the slots and takes note of them; false if the read failed or did not answer
+    /// by `deadline`.
+    async fn read_slots(&mut self, deadline: Instant) -> bool {
+        let Some(watch) = &self.watch else {
+            return false;
+        };
+        let keys = watch.slots.clone();
+        let store = self.store.clone();
+        match tokio::time::timeout_at(deadline, store.get_leases(&keys)).await {
+            Ok(Ok(scan)) => {
+                self.slots_read(scan.leases, Instant::now());
+                true
+            }
+            Ok(Err(e)) => {
+                debug!(error = %crate::ErrorChain(&e), "reading the watcher slots failed");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn slots_read(&mut self, slots: Vec<Lease>, now: Instant) {
+        if let Some(watch) = &mut self.watch {
+            watch.observations.observe_some(&slots, now);
+            watch.seen_slots = slots;
+        }
+    }
+
+    /// At shutdown: whom to offer this worker's leases to. Without watching (no watchers,
+    /// or a fleet too small for them), anyone. Otherwise only watchers: a member reads the
+    /// table too rarely to see an offer before the lease is released, a watcher sees it
+    /// within a taker interval.
+    ///
+    /// A watcher first gives its slot back, so a member replaces it at its next slot check.
+    /// Then the slots are read afresh (not trusted from the last read: the other watcher may
+    /// be stopping too). Two watchers stopping together cannot both count the other as a
+    /// receiver: each releases its slot before it reads, so whichever reads last sees the
+    /// other's slot released. (One may still offer to the other: see
+    /// [`Coordinator::redirect_offers`].) With no other live watcher, the worker processes on
+    /// until a member takes a slot, for up to [`WorkerConfig::succession_wait`]; if none does,
+    /// its leases are released unoffered, for whichever worker watches next to take at once,
+    /// rather than reserved for a member that would not see them before the reservation lapses.
+    ///
+    /// [`WorkerConfig::succession_wait`]: crate::WorkerConfig::succession_wait
+    pub(super) async fn find_offer_receivers(&mut self, deadline: Instant) -> Receivers {
+        if !self.watch.as_ref().is_some_and(|w| w.active) {
+            return Receivers::Anyone;
+        }
+        // Given up at the deadline: the slot, no longer renewed, then expires.
+        let _ = tokio::time::timeout_at(deadline, self.release_slot()).await;
+        let poll = self.config.lease.handoff_poll_interval;
+        let mut waited = false;
+        loop {
+            self.read_slots(deadline).await;
+            let live = self.live_watchers(Instant::now());
+            if !live.is_empty() {
+                if waited {
+                    info!(watchers = ?live, "a member took a watcher slot: offering leases to the watchers");
+                }
+                return Receivers::Watchers(live);
+            }
+            // Only a worker that holds no slot can take one: with none known, nobody will.
+            let takers = self
+                .worker_loads
+                .keys()
+                .filter(|w| **w != self.config.worker_id && !self.holds_a_slot(w))
+                .count();
+            let next = Instant::now() + poll;
+            if takers == 0 {
+                info!("no other worker to take a watcher slot: releasing the leases unoffered");
+                return Receivers::Nobody;
+            }
+            if next >= deadline {
+                info!(
+                    waited = ?self.config.succession_wait(),
+                    "no watcher took a slot in time: releasing the leases unoffered"
+                );
+                return Receivers::Nobody;
+            }
+            if !waited {
+                info!("no other live watcher: processing until a member takes a slot");
+                waited = true;
+            }
+            self.process_until(next).await;
+        }
+    }
+
+    /// After the offer wait: moves each offer whose receiver no longer watches (it stopped
+    /// at the same time, and read its slot as held before this worker's release was visible,
+    /// or crashed) to a watcher that still does. With no live watcher, it processes on until
+    /// a member takes a slot, up to the end of the [`WorkerConfig::succession_wait`] that
+    /// began the shutdown (or one call's time if that is past); the moves get one call's time.
+    /// An offer not moved stays, a reservation that lapses after the handoff timeout.
+    ///
+    /// [`WorkerConfig::succession_wait`]: crate::WorkerConfig::succession_wait
+    pub(super) async fn redirect_offers(
+        &mut self,
+        offers: Vec<(Arc<HeldLease>, String)>,
+        succession_deadline: Instant,
+    ) {
+        if offers.is_empty() || !self.watch.as_ref().is_some_and(|w| w.active) {
+            return;
+        }
+        let call = self.config.lease.request_timeout;
+        let until = succession_deadline.max(Instant::now() + call);
+        let poll = self.config.lease.handoff_poll_interval;
+        let (live, stale) = loop {
+            self.read_slots(until).await;
+            let live = self.live_watchers(Instant::now());
+            let stale: Vec<(Arc<HeldLease>, String)> = offers
+                .iter()
+                .filter(|(lease, to)| !live.contains(to) && !lease.is_lost())
+                .cloned()
+                .collect();
+            if stale.is_empty() {
+                return;
+            }
+            if !live.is_empty() {
+                break (live, stale);
+            }
+            let next = Instant::now() + poll;
+            if next >= until {
+                warn!(
+                    leases = stale.len(),
+                    "the workers these leases were offered to stopped watching, and no watcher took their place in time; the leases are taken when their reservations lapse"
+                );
+                return;
+            }
+            self.process_until(next).await;
+        };
+        let deadline = Instant::now() + call;
+        let from: BTreeMap<String, String> = stale
+            .iter()
+            .map(|(lease, to)| (lease.lease_key().to_owned(), to.clone()))
             .collect();
-        (!live.is_empty()).then_some(live)
+        let receivers = live
+            .into_iter()
+            .map(|w| (self.worker_loads.get(&w).copied().unwrap_or(0), w))
+            .collect();
+        let moves = assign_offers(stale.into_iter().map(|(l, _)| l).collect(), receivers);
+        let store = self.store.clone();
+        let mut moved = 0usize;
+        let sends = concurrently(moves, None, |(lease, to)| {
+            let store = store.clone();
+            let redirect = LeaseUpdate::RedirectHandoff {
+                from: from[lease.lease_key()].clone(),
+                to,
+            };
+            async move { (lease.write(store.as_ref(), &redirect).await, redirect) }
+        })
+        .for_each(|(result, redirect)| {
+            match result {
+                Ok(lease) => {
+                    moved += 1;
+                    info!(lease_key = %lease.lease_key, ?redirect, "moved an offer to a live watcher");
+                }
+                Err(e) => debug!(error = %crate::ErrorChain(&e), "offer not moved"),
+            }
+            std::future::ready(())
+        });
+        // Dropping a redirect halfway is harmless, as for an offer: it does not move the
+        // counter, and whichever receiver it names gets the reservation.
+        let _ = tokio::time::timeout_at(deadline, sends).await;
+        info!(moved, "offers to workers that stopped watching moved");
     }
 
     /// Reads the slots; creates missing ones; takes a free, expired or orphaned one.
@@ -230,9 +416,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             }
         };
         let now = Instant::now();
+        self.slots_read(slots.clone(), now);
         let Some(watch) = &mut self.watch else { return };
-        watch.observations.observe_some(&slots, now);
-        watch.seen_slots = slots.clone();
         for key in keys
             .iter()
             .filter(|k| !slots.iter().any(|s| &s.lease_key == *k))

@@ -251,6 +251,9 @@ impl LeaseStore for Monitored {
             LeaseUpdate::Release => {
                 self.terms.lock().unwrap().insert(key.to_owned(), None);
             }
+            LeaseUpdate::RedirectHandoff { .. } => {
+                covered(&self.observed, |c| c.offers_redirected += 1);
+            }
             LeaseUpdate::Checkpoint { checkpoint } => {
                 let owner = self.terms.lock().unwrap().get(key).cloned().flatten();
                 if owner.is_none() || owner != fence.owner {

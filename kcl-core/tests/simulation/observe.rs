@@ -151,6 +151,9 @@ pub(crate) struct Coverage {
     pub(crate) watcher_seeds: u64,
     /// Watcher slots taken from another worker (a watcher that crashed, paused or stopped).
     pub(crate) slots_taken_over: u64,
+    /// Offers moved by a worker shutting down from a watcher that stopped meanwhile to a live
+    /// one.
+    pub(crate) offers_redirected: u64,
     /// Eventually consistent scans that read some item behind its latest write.
     pub(crate) lagged_scans: u64,
     /// Takes refused by their fence (planned on a lease that had moved since it was read).
@@ -207,6 +210,7 @@ impl std::ops::AddAssign for Coverage {
         self.stale_scan_seeds += o.stale_scan_seeds;
         self.watcher_seeds += o.watcher_seeds;
         self.slots_taken_over += o.slots_taken_over;
+        self.offers_redirected += o.offers_redirected;
         self.lagged_scans += o.lagged_scans;
         self.fenced_takes += o.fenced_takes;
         self.flushes += o.flushes;
