@@ -27,7 +27,7 @@
 //! ends the process at once with exit 0, without taking a lease. A second SIGTERM or SIGINT
 //! exits at once, with 143 or 130 as a shell reports a killed process; the leases not released
 //! yet expire. Once a shutdown has begun, the process is gone within the worker's shutdown
-//! deadline (`WorkerConfig::shutdown_deadline`: 38.2 s with the defaults, less with a shorter
+//! deadline (`WorkerConfig::shutdown_deadline`: 54.2 s with the defaults, less with a shorter
 //! `--shutdown-timeout` or lease settings) plus 2 s for the final flush of the output; a
 //! process still running then (an output that no longer drains, say) logs an error and exits
 //! 1.
