@@ -37,20 +37,21 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     pub(super) async fn offer_leases_before_stopping(&mut self) {
         let me = self.config.worker_id.clone();
         let succession_deadline = Instant::now() + self.config.succession_wait();
-        let receivers: Vec<(usize, String)> =
-            match self.find_offer_receivers(succession_deadline).await {
-                Receivers::Anyone => self
-                    .worker_loads
-                    .iter()
-                    .filter(|(w, _)| **w != me)
-                    .map(|(w, c)| (*c, w.clone()))
-                    .collect(),
-                Receivers::Watchers(watchers) => watchers
-                    .into_iter()
-                    .map(|w| (self.worker_loads.get(&w).copied().unwrap_or(0), w))
-                    .collect(),
-                Receivers::Nobody => return,
-            };
+        let found = self.find_offer_receivers(succession_deadline).await;
+        let fresh_receivers = matches!(found, Receivers::Watchers(_, true));
+        let receivers: Vec<(usize, String)> = match found {
+            Receivers::Anyone => self
+                .worker_loads
+                .iter()
+                .filter(|(w, _)| **w != me)
+                .map(|(w, c)| (*c, w.clone()))
+                .collect(),
+            Receivers::Watchers(watchers, _) => watchers
+                .into_iter()
+                .map(|w| (self.worker_loads.get(&w).copied().unwrap_or(0), w))
+                .collect(),
+            Receivers::Nobody => return,
+        };
         let leases = self.held.all();
         if receivers.is_empty() || leases.is_empty() {
             return;
@@ -94,7 +95,19 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 "not every offer was answered in time; those leases are released to any worker"
             );
         }
-        let wait = self.config.offer_wait();
+        // A watcher that only just took its slot may be in the middle of its first read of the
+        // table, and see the offers a round later: give it one more taker interval, out of
+        // what is left of the succession wait (so the shutdown deadline holds).
+        let wait = match (
+            fresh_receivers,
+            succession_deadline.checked_duration_since(Instant::now()),
+        ) {
+            (true, Some(left)) => self
+                .config
+                .offer_wait()
+                .max(left.min(self.config.offer_wait() + self.config.lease.taker_interval)),
+            _ => self.config.offer_wait(),
+        };
         info!(
             offered = landed.len(),
             receivers = workers,

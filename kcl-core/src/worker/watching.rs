@@ -38,8 +38,9 @@ pub(super) enum Receivers {
     /// The least loaded other workers: there are no watchers, or the fleet is too small for
     /// them.
     Anyone,
-    /// Only these watchers: members would not see an offer before the release.
-    Watchers(BTreeSet<String>),
+    /// Only these watchers: members would not see an offer before the release. True if the
+    /// worker waited for one of them to take a slot.
+    Watchers(BTreeSet<String>, bool),
     /// Nobody: no watcher was left, so the leases are released unoffered.
     Nobody,
 }
@@ -104,6 +105,14 @@ impl Watch {
         !self.active || self.holds_slot()
     }
 
+    /// Whether some workers of the fleet may read the table rarely: this worker judges the
+    /// fleet big enough for watchers, or some slot is held (the fleet watched, and members
+    /// that have not noticed it shrink still read rarely). Never in a fleet that was never
+    /// big enough: no slot is ever taken there.
+    fn fleet_watches(&self) -> bool {
+        self.active || self.seen_slots.iter().any(|slot| slot.owner.is_some())
+    }
+
     /// Keeps the flag the shard syncer reads in step.
     fn publish(&self) {
         self.watching
@@ -119,10 +128,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
 
     /// Whether this worker is one of the fleet's watchers: it takes every free lease, not
     /// only its share, since the members read the table too rarely to take theirs in time.
+    /// A slot holder is a watcher whatever it judged the fleet's size: in a fleet that just
+    /// shrank below `min_workers`, members that have not read the table since still read it
+    /// rarely, and the slot holders are the only workers sure to see a free lease soon.
     pub(super) fn is_watcher(&self) -> bool {
-        self.watch
-            .as_ref()
-            .is_some_and(|w| w.active && w.holds_slot())
+        self.watch.as_ref().is_some_and(Watch::holds_slot)
     }
 
     /// Whether a taking round (a read of the whole table) is due: always for a watcher; for
@@ -249,7 +259,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     }
 
     /// At shutdown: whom to offer this worker's leases to. Without watching (no watchers,
-    /// or a fleet too small for them), anyone. Otherwise only watchers: a member reads the
+    /// or a fleet too small for them that never watched), anyone. Otherwise only watchers: a member reads the
     /// table too rarely to see an offer before the lease is released, a watcher sees it
     /// within a taker interval.
     ///
@@ -265,7 +275,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     ///
     /// [`WorkerConfig::succession_wait`]: crate::WorkerConfig::succession_wait
     pub(super) async fn find_offer_receivers(&mut self, deadline: Instant) -> Receivers {
-        if !self.watch.as_ref().is_some_and(|w| w.active) {
+        if !self.watch.as_ref().is_some_and(Watch::fleet_watches) {
             return Receivers::Anyone;
         }
         // Given up at the deadline: the slot, no longer renewed, then expires.
@@ -279,7 +289,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 if waited {
                     info!(watchers = ?live, "a member took a watcher slot: offering leases to the watchers");
                 }
-                return Receivers::Watchers(live);
+                return Receivers::Watchers(live, waited);
             }
             // Only a worker that holds no slot can take one: with none known, nobody will.
             let takers = self
@@ -311,7 +321,8 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
     /// at the same time, and read its slot as held before this worker's release was visible,
     /// or crashed) to a watcher that still does. With no live watcher, it processes on until
     /// a member takes a slot, up to the end of the [`WorkerConfig::succession_wait`] that
-    /// began the shutdown (or one call's time if that is past); the moves get one call's time.
+    /// began the shutdown (or one call's time if that is past); the moves get one call's time,
+    /// and then an offer wait if the succession wait has that much left.
     /// An offer not moved stays, a reservation that lapses after the handoff timeout.
     ///
     /// [`WorkerConfig::succession_wait`]: crate::WorkerConfig::succession_wait
@@ -320,7 +331,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         offers: Vec<(Arc<HeldLease>, String)>,
         succession_deadline: Instant,
     ) {
-        if offers.is_empty() || !self.watch.as_ref().is_some_and(|w| w.active) {
+        if offers.is_empty() || !self.watch.as_ref().is_some_and(Watch::fleet_watches) {
             return;
         }
         let call = self.config.lease.request_timeout;
@@ -384,6 +395,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         // counter, and whichever receiver it names gets the reservation.
         let _ = tokio::time::timeout_at(deadline, sends).await;
         info!(moved, "offers to workers that stopped watching moved");
+        // The new receivers see the moved offers at their next round: process on for an
+        // offer wait, out of what is left of the succession wait (the shutdown deadline
+        // holds). Without the time, they take the leases at that round instead, reserved.
+        if moved > 0 {
+            let wait_until = succession_deadline.min(Instant::now() + self.config.offer_wait());
+            self.process_until(wait_until).await;
+        }
     }
 
     /// Reads the slots; creates missing ones; takes a free, expired or orphaned one.
