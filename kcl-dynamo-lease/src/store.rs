@@ -23,10 +23,8 @@ use tracing::{debug, info};
 
 pub(crate) use crate::errors::build_error;
 use crate::errors::classify;
-use crate::schema::{
-    LEASE_COUNTER, LEASE_KEY, LEASE_OWNER, lease_from_item, lease_to_item, number,
-};
-use crate::update_expression::update_expressions;
+use crate::schema::{LEASE_COUNTER, LEASE_KEY, LEASE_OWNER, lease_from_item, lease_to_item};
+use crate::update_expression::{fence_condition, update_expressions};
 
 /// A lease table in DynamoDB, named after the application.
 ///
@@ -371,25 +369,13 @@ impl LeaseStore for DynamoLeaseStore {
     }
 
     async fn delete_lease(&self, lease_key: &str, fence: &LeaseFence) -> Result<()> {
-        let mut values = HashMap::from([(":expected_counter".to_owned(), number(fence.counter))]);
-        let owner_condition = match &fence.owner {
-            Some(owner) => {
-                values.insert(
-                    ":expected_owner".to_owned(),
-                    AttributeValue::S(owner.clone()),
-                );
-                "#owner = :expected_owner"
-            }
-            None => "attribute_not_exists(#owner)",
-        };
+        let (condition, values) = fence_condition(fence);
         let result = self
             .client
             .delete_item()
             .table_name(&self.table)
             .key(LEASE_KEY, AttributeValue::S(lease_key.to_owned()))
-            .condition_expression(format!(
-                "attribute_exists(#key) AND #counter = :expected_counter AND {owner_condition}"
-            ))
+            .condition_expression(condition)
             .expression_attribute_names("#key", LEASE_KEY)
             .expression_attribute_names("#owner", LEASE_OWNER)
             .expression_attribute_names("#counter", LEASE_COUNTER)

@@ -18,17 +18,10 @@ pub(crate) type UpdateRequest = (
     HashMap<String, AttributeValue>,
 );
 
-/// The condition and update expressions of one lease update. (DynamoDB rejects names and
-/// values that the expressions do not use, so each update adds only its own.)
-pub(crate) fn update_expressions(
-    fence: &LeaseFence,
-    update: &LeaseUpdate,
-) -> Result<UpdateRequest> {
-    let mut names = HashMap::from([
-        ("#key".to_owned(), LEASE_KEY.to_owned()),
-        ("#owner".to_owned(), LEASE_OWNER.to_owned()),
-        ("#counter".to_owned(), LEASE_COUNTER.to_owned()),
-    ]);
+/// The condition that a lease is as `fence` saw it: it exists (an update must never create a
+/// lease that was deleted), with the fence's counter and owner (or none), and the values the
+/// condition uses. It names `#key`, `#owner` and `#counter`.
+pub(crate) fn fence_condition(fence: &LeaseFence) -> (String, HashMap<String, AttributeValue>) {
     let mut values = HashMap::from([(":expected_counter".to_owned(), number(fence.counter))]);
     let owner_condition = match &fence.owner {
         Some(owner) => {
@@ -40,9 +33,23 @@ pub(crate) fn update_expressions(
         }
         None => "attribute_not_exists(#owner)",
     };
-    // attribute_exists(#key): an update must never create a lease that was deleted.
-    let mut condition =
+    let condition =
         format!("attribute_exists(#key) AND #counter = :expected_counter AND {owner_condition}");
+    (condition, values)
+}
+
+/// The condition and update expressions of one lease update. (DynamoDB rejects names and
+/// values that the expressions do not use, so each update adds only its own.)
+pub(crate) fn update_expressions(
+    fence: &LeaseFence,
+    update: &LeaseUpdate,
+) -> Result<UpdateRequest> {
+    let mut names = HashMap::from([
+        ("#key".to_owned(), LEASE_KEY.to_owned()),
+        ("#owner".to_owned(), LEASE_OWNER.to_owned()),
+        ("#counter".to_owned(), LEASE_COUNTER.to_owned()),
+    ]);
+    let (mut condition, mut values) = fence_condition(fence);
     let mut name = |placeholder: &str, attribute: &str| {
         names.insert(placeholder.to_owned(), attribute.to_owned());
     };
