@@ -101,7 +101,7 @@ async fn renewal_rides_out_throttling_and_server_errors_within_the_lease_duratio
     .await;
 
     // 10 s of trouble with a 10 s lease: 4 s of throttling, then 6 s of every other write
-    // failing with a 500. Renewals every 3 s must get through often enough.
+    // failing with a 500. Renewals every 3.5 s must get through often enough.
     proxy.inject(Rule::on("UpdateItem", Fault::THROTTLING));
     tokio::time::sleep(Duration::from_secs(4)).await;
     proxy.clear();

@@ -24,7 +24,7 @@ use kcl_core::testing::InMemoryStream;
 use kcl_core::{
     CancellationToken, Checkpointer, InitialPosition, LeaseConfig, LeaseStore, OperationUsage,
     Record, RecordProcessor, StreamClient, Watchers, Worker, WorkerConfig, WorkerStatus,
-    async_trait,
+    async_trait, is_watcher_slot,
 };
 use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::{dynamodb, unique, wait_for};
@@ -36,6 +36,8 @@ use tokio::time::Instant;
 const READ_PRICE_PER_MILLION: f64 = 0.125;
 const WRITE_PRICE_PER_MILLION: f64 = 0.625;
 const SECONDS_PER_HOUR: f64 = 3600.0;
+/// How often the lease table is read to time the pauses of a shutdown.
+const PAUSE_READ_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait for a fleet to hold every lease, balanced.
 const PATIENCE: Duration = Duration::from_secs(600);
 
@@ -56,6 +58,7 @@ impl RecordProcessor for Idle {
 }
 
 struct Running {
+    id: String,
     shutdown: CancellationToken,
     task: JoinHandle<kcl_core::Result<()>>,
     status: watch::Receiver<WorkerStatus>,
@@ -123,8 +126,9 @@ async fn measure(size: Size, window: Duration) -> Measured {
     let rss_before = resident_bytes();
     let started = Instant::now();
     let spawn = |i: usize| {
+        let id = format!("w{i}");
         let config = WorkerConfig::new(&app, &app)
-            .with_worker_id(format!("w{i}"))
+            .with_worker_id(&id)
             .with_initial_position(InitialPosition::TrimHorizon)
             .with_lease(size.lease_config());
         let store: Arc<dyn LeaseStore> = Arc::new(DynamoLeaseStore::new(dynamodb.clone(), &app));
@@ -134,6 +138,7 @@ async fn measure(size: Size, window: Duration) -> Measured {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker.run(shutdown.clone()));
         Running {
+            id,
             shutdown,
             task,
             status,
@@ -166,7 +171,8 @@ async fn measure(size: Size, window: Duration) -> Measured {
         "{leases} x {workers}: the fleet lost its balance while measured"
     );
     let moves = if workers > 1 {
-        Some(moves(&mut fleet, leases, || spawn(workers)).await)
+        let store = DynamoLeaseStore::new(dynamodb.clone(), &app);
+        Some(moves(&mut fleet, leases, &store, || spawn(workers)).await)
     } else {
         None
     };
@@ -217,9 +223,95 @@ struct Moves {
     crash: f64,
     /// Seconds from a worker's graceful shutdown to the others holding every lease.
     shutdown: f64,
+    /// How long its leases went unowned in that shutdown.
+    pause: Pause,
+    /// Both watchers stopping at once, in a fleet that watches: seconds until the others hold
+    /// every lease, and their leases' pauses.
+    both_watchers: Option<(f64, Pause)>,
 }
 
-async fn moves(fleet: &mut Vec<Running>, leases: usize, spawn: impl FnOnce() -> Running) -> Moves {
+/// How long the leases of stopping workers went unowned, from the first read of the table
+/// that found one released to the first that found another worker holding it.
+#[derive(Clone, Copy)]
+struct Pause {
+    /// Seconds, the longest of the leases handed over.
+    longest: f64,
+    /// Seconds, their median (leases whose handoff fell between two reads count as 0).
+    median: f64,
+    /// Seconds between two reads of the table on average: the figures' resolution.
+    read: f64,
+}
+
+impl std::fmt::Display for Pause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.2} s, median {:.2} s ({:.0} ms)",
+            self.longest,
+            self.median,
+            self.read * 1000.0
+        )
+    }
+}
+
+/// While the `stopping` workers shut down, until `done`: how long their leases went unowned
+/// (the watcher slots left out: a slot given back waits for a member's slot check).
+async fn pauses(store: &dyn LeaseStore, stopping: &[String], done: impl Fn() -> bool) -> Pause {
+    let mut unowned_since: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut handed: BTreeMap<String, Duration> = BTreeMap::new();
+    let (mut reads, begun) = (0u32, Instant::now());
+    let mut last = false;
+    let mut started = Instant::now();
+    while !last {
+        last = done();
+        // Spaced out: back to back, 1,000-item Scans would load DynamoDB Local and slow the
+        // very handoffs measured.
+        tokio::time::sleep_until(started + PAUSE_READ_INTERVAL).await;
+        started = Instant::now();
+        let scan = store.list_leases().await.expect("the lease table reads");
+        let now = Instant::now();
+        reads += 1;
+        for lease in scan
+            .leases
+            .into_iter()
+            .filter(|l| !is_watcher_slot(&l.lease_key))
+        {
+            match lease.owner.as_deref() {
+                None => {
+                    unowned_since.entry(lease.lease_key).or_insert(now);
+                }
+                Some(owner) if !stopping.iter().any(|s| s == owner) => {
+                    if let Some(since) = unowned_since.remove(&lease.lease_key) {
+                        handed.insert(lease.lease_key, now - since);
+                    }
+                }
+                // Still the stopping worker's: a pause of 0 unless a later read finds it
+                // released.
+                Some(_) => {
+                    handed.entry(lease.lease_key).or_default();
+                }
+            }
+        }
+    }
+    assert!(
+        unowned_since.is_empty(),
+        "every lease held again: {unowned_since:?}"
+    );
+    let mut all: Vec<f64> = handed.values().map(Duration::as_secs_f64).collect();
+    all.sort_by(f64::total_cmp);
+    Pause {
+        longest: all.last().copied().unwrap_or(0.0),
+        median: all.get(all.len() / 2).copied().unwrap_or(0.0),
+        read: (begun.elapsed() / reads.max(1)).as_secs_f64(),
+    }
+}
+
+async fn moves(
+    fleet: &mut Vec<Running>,
+    leases: usize,
+    store: &dyn LeaseStore,
+    spawn: impl FnOnce() -> Running,
+) -> Moves {
     let started = Instant::now();
     fleet.push(spawn());
     wait_for("a new worker balanced in", PATIENCE, || {
@@ -237,19 +329,75 @@ async fn moves(fleet: &mut Vec<Running>, leases: usize, spawn: impl FnOnce() -> 
     eprintln!("{leases} leases: a crashed worker's leases taken in {crash:.1} s");
 
     let stopped = fleet.remove(0);
-    stopped.shutdown.cancel();
-    let shutdown = until_all_held(fleet, leases, "a stopped worker's leases handed over").await;
-    stopped
-        .task
-        .await
-        .expect("worker did not panic")
-        .expect("worker stopped cleanly");
-    eprintln!("{leases} leases: a stopped worker's leases held elsewhere in {shutdown:.1} s");
+    let (shutdown, pause) = stop_together(fleet, leases, store, vec![stopped]).await;
+    eprintln!(
+        "{leases} leases: a stopped worker's leases held elsewhere in {shutdown:.1} s; unowned at most {pause}"
+    );
+
+    // A deploy batch holding both watchers: they stop at once. Only in a fleet that watches
+    // (some worker reads the table rarely) and has members left to take over.
+    let watches = statuses(fleet).iter().any(|s| !s.watcher);
+    if watches {
+        // Members take the slots of the watchers that left at their next slot checks.
+        wait_for("two watchers again", PATIENCE, || {
+            let now = statuses(fleet);
+            async move { now.iter().filter(|s| s.watcher).count() == 2 }
+        })
+        .await;
+    }
+    let watching: Vec<usize> = (0..fleet.len())
+        .filter(|i| fleet[*i].status.borrow().watcher)
+        .collect();
+    let both_watchers = if watches && watching.len() == 2 && fleet.len() >= 4 {
+        let second = fleet.remove(watching[1]);
+        let first = fleet.remove(watching[0]);
+        let (took, pause) = stop_together(fleet, leases, store, vec![first, second]).await;
+        eprintln!(
+            "{leases} leases: both watchers stopped together; their leases held elsewhere in {took:.1} s; unowned at most {pause}"
+        );
+        Some((took, pause))
+    } else {
+        None
+    };
     Moves {
         join,
         crash,
         shutdown,
+        pause,
+        both_watchers,
     }
+}
+
+/// Stops `stopping` at once; returns the seconds until `fleet` holds every lease, and the
+/// pauses of the stopping workers' leases (see [`pauses`]).
+async fn stop_together(
+    fleet: &[Running],
+    leases: usize,
+    store: &dyn LeaseStore,
+    stopping: Vec<Running>,
+) -> (f64, Pause) {
+    let ids: Vec<String> = stopping.iter().map(|w| w.id.clone()).collect();
+    for worker in &stopping {
+        worker.shutdown.cancel();
+    }
+    let held_elsewhere = std::sync::atomic::AtomicBool::new(false);
+    let (took, pause) = tokio::join!(
+        async {
+            let took = until_all_held(fleet, leases, "a stopped worker's leases handed over").await;
+            held_elsewhere.store(true, std::sync::atomic::Ordering::SeqCst);
+            took
+        },
+        pauses(store, &ids, || held_elsewhere
+            .load(std::sync::atomic::Ordering::SeqCst)),
+    );
+    for worker in stopping {
+        worker
+            .task
+            .await
+            .expect("worker did not panic")
+            .expect("worker stopped cleanly");
+    }
+    (took, pause)
 }
 
 fn per_hour(units: f64, window: f64) -> f64 {
@@ -373,14 +521,29 @@ async fn main() {
         );
     }
     println!(
-        "\nLease moves (lease-level: a lease held by a worker, not records):\n\n| leases × workers | a worker joins → balanced (its taking rounds) | a worker crashes → all its leases taken | a worker shuts down → all its leases held elsewhere |\n|---|---|---|---|"
+        "\nLease moves (lease-level: a lease held by a worker, not records):\n\n| leases × workers | a worker joins → balanced (its taking rounds) | a worker crashes → all its leases taken | a worker shuts down → all its leases held elsewhere | how long its leases went unowned: longest, median (one table read) |\n|---|---|---|---|---|"
     );
     for m in &results {
         if let Some(moves) = &m.moves {
             println!(
-                "| {} | {:.1} s ({}) | {:.1} s | {:.1} s |",
-                m.label, moves.join.0, moves.join.1, moves.crash, moves.shutdown
+                "| {} | {:.1} s ({}) | {:.1} s | {:.1} s | {} |",
+                m.label, moves.join.0, moves.join.1, moves.crash, moves.shutdown, moves.pause
             );
+        }
+    }
+    let together: Vec<(&str, f64, Pause)> = results
+        .iter()
+        .filter_map(|m| {
+            let (took, pause) = m.moves.as_ref()?.both_watchers?;
+            Some((m.label.as_str(), took, pause))
+        })
+        .collect();
+    if !together.is_empty() {
+        println!(
+            "\nBoth watchers stopping at once (a deploy batch holding both):\n\n| leases × workers | all their leases held elsewhere | how long their leases went unowned: longest, median (one table read) |\n|---|---|---|"
+        );
+        for (label, took, pause) in together {
+            println!("| {label} | {took:.1} s | {pause} |");
         }
     }
     println!("\nBy operation (per hour: requests, items, read units, write units):\n");
