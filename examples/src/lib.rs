@@ -53,6 +53,32 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses a size in bytes: `512`, `64KB`, `5MB`, `1GB` (powers of 1024; `KiB`, `MiB` and `GiB`
+/// are accepted too). Zero, and a size too large to count, are errors.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    const KIB: u64 = 1024;
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, ""),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 512, 64KB or 5MB"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "KiB" => KIB,
+        "MB" | "MiB" => KIB * KIB,
+        "GB" | "GiB" => KIB * KIB * KIB,
+        other => return Err(format!("`{text}`: unit `{other}` is not B, KB, MB or GB")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) => Err(format!("`{text}`: a size must be more than 0")),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("`{text}` is too large a size")),
+    }
+}
+
 /// Parses `trim-horizon`, `latest` or `at-timestamp=RFC3339`.
 pub fn parse_initial_position(text: &str) -> Result<InitialPosition, String> {
     match text {
@@ -119,6 +145,19 @@ mod tests {
         assert!(parse_duration("18446744073709551616s").is_err());
         assert!(parse_duration("10h").is_err());
         assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64KB"), Ok(64 * 1024));
+        assert_eq!(parse_size("5MB"), Ok(5 * 1024 * 1024));
+        assert_eq!(parse_size("5MiB"), Ok(5 * 1024 * 1024));
+        assert_eq!(parse_size("1GB"), Ok(1024 * 1024 * 1024));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5TB").is_err());
+        assert!(parse_size("MB").is_err());
+        assert!(parse_size("18446744073709551615GB").is_err());
     }
 
     #[test]
