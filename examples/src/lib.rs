@@ -7,7 +7,10 @@ use kcl_core::{ErrorChain, InitialPosition, Record};
 use serde::Serialize;
 
 pub mod health;
+pub mod signals;
 pub mod summary;
+pub mod worker_args;
+pub mod worker_run;
 
 /// The workspace README, compiled as a doctest so its example cannot rot.
 #[cfg(doctest)]

@@ -32,20 +32,21 @@
 //! process still running then (an output that no longer drains, say) logs an error and exits
 //! 1.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, ErrorChain, FanOutConfig, InitialPosition, LeaseConfig,
-    MetricsConfig, PollingConfig, Record, RecordProcessor, Retrieval, WorkerConfig, async_trait,
+    CancellationToken, Checkpointer, ErrorChain, InitialPosition, Record, RecordProcessor,
+    async_trait,
 };
-use kcl_dynamo_lease::AwsWorkerBuilder;
-use kcl_examples::health::{HealthServer, install_prometheus};
-use kcl_examples::summary::log_summaries;
-use kcl_examples::{parse_duration, parse_initial_position, record_json_line};
+use kcl_examples::record_json_line;
+use kcl_examples::signals::{
+    EXIT_FAILURE, enforce_deadline, exit, handle_signals, unless_shutdown,
+};
+use kcl_examples::worker_args::WorkerArgs;
+use kcl_examples::worker_run::run_worker;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Mutex;
 use tracing::{error, info};
@@ -53,152 +54,11 @@ use tracing::{error, info};
 #[derive(Debug, Parser)]
 #[command(about = "Consume a Kinesis stream and print one JSON line per record")]
 struct Args {
-    /// Application name: workers with the same name share the shards; names the lease table.
-    #[arg(long)]
-    app: String,
-    /// Stream name or ARN.
-    #[arg(long)]
-    stream: String,
-    /// Where shards without a checkpoint start: trim-horizon, latest, at-timestamp=RFC3339.
-    #[arg(long, default_value = "latest", value_parser = parse_initial_position)]
-    initial_position: InitialPosition,
-    /// Worker id (default: host name and a random UUID).
-    #[arg(long)]
-    worker_id: Option<String>,
+    #[command(flatten)]
+    worker: WorkerArgs,
     /// Output file, appended to (default: stdout).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Lease table name (default: the application name).
-    #[arg(long)]
-    lease_table: Option<String>,
-    /// Lease duration, e.g. 10s.
-    #[arg(long, value_parser = parse_duration)]
-    lease_duration: Option<Duration>,
-    /// Lease renewal interval, e.g. 3s.
-    #[arg(long, value_parser = parse_duration)]
-    renewal_interval: Option<Duration>,
-    /// Timeout of one lease-table call, e.g. 2s; shorter than the lease duration minus the
-    /// renewal interval.
-    #[arg(long, value_parser = parse_duration)]
-    lease_request_timeout: Option<Duration>,
-    /// Interval of lease taking rounds, e.g. 2s.
-    #[arg(long, value_parser = parse_duration)]
-    taker_interval: Option<Duration>,
-    /// Interval of shard syncs, e.g. 60s.
-    #[arg(long, value_parser = parse_duration)]
-    shard_sync_interval: Option<Duration>,
-    /// Most leases this worker holds.
-    #[arg(long)]
-    max_leases_per_worker: Option<usize>,
-    /// Most leases asked of other workers per taking round (0: no balancing by handoff).
-    #[arg(long)]
-    max_leases_to_steal: Option<usize>,
-    /// How long a requested handoff may take before the lease is taken anyway, e.g. 10s.
-    #[arg(long, value_parser = parse_duration)]
-    handoff_timeout: Option<Duration>,
-    /// Most records per GetRecords call (1 to 10000).
-    #[arg(long)]
-    max_records: Option<u32>,
-    /// Pause after an empty read, e.g. 1500ms.
-    #[arg(long, value_parser = parse_duration)]
-    idle_time_between_empty_reads: Option<Duration>,
-    /// Batches fetched ahead of processing.
-    #[arg(long)]
-    max_prefetched_batches: Option<usize>,
-    /// How long a graceful shutdown waits for processors, e.g. 20s.
-    #[arg(long, value_parser = parse_duration)]
-    shutdown_timeout: Option<Duration>,
-    /// Serve /metrics (Prometheus text), /healthz and /readyz on this address, e.g.
-    /// 0.0.0.0:9090.
-    #[arg(long, value_parser = parse_socket_addr)]
-    metrics_addr: Option<SocketAddr>,
-    /// Label per-shard metrics with the shard id, and report each shard's lag.
-    #[arg(long)]
-    per_shard_metrics: bool,
-    /// Read with enhanced fan-out (SubscribeToShard) instead of polling GetRecords: the
-    /// consumer (default: named after --app) is registered at start if missing.
-    #[arg(long)]
-    fan_out: bool,
-    /// With --fan-out: the consumer's name.
-    #[arg(long, requires = "fan_out", conflicts_with = "consumer_arn")]
-    consumer_name: Option<String>,
-    /// With --fan-out: a consumer registered beforehand, by ARN (never registered here).
-    #[arg(long, requires = "fan_out")]
-    consumer_arn: Option<String>,
-    /// Interval of the progress line logged at info level (0: none).
-    #[arg(long, value_parser = parse_duration, default_value = "30s")]
-    summary_interval: Duration,
-}
-
-/// `HOST:PORT`, the host a name or an address.
-fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    text.to_socket_addrs()
-        .map_err(|e| format!("`{text}` is not HOST:PORT: {e}"))?
-        .next()
-        .ok_or_else(|| format!("`{text}` resolves to no address"))
-}
-
-impl Args {
-    fn config(&self) -> WorkerConfig {
-        let defaults = LeaseConfig::default();
-        let lease = LeaseConfig::default()
-            .with_lease_duration(self.lease_duration.unwrap_or(defaults.lease_duration))
-            .with_renewal_interval(self.renewal_interval.unwrap_or(defaults.renewal_interval))
-            .with_request_timeout(
-                self.lease_request_timeout
-                    .unwrap_or(defaults.request_timeout),
-            )
-            .with_taker_interval(self.taker_interval.unwrap_or(defaults.taker_interval))
-            .with_shard_sync_interval(
-                self.shard_sync_interval
-                    .unwrap_or(defaults.shard_sync_interval),
-            )
-            .with_max_leases_per_worker(
-                self.max_leases_per_worker
-                    .unwrap_or(defaults.max_leases_per_worker),
-            )
-            .with_max_leases_to_steal(
-                self.max_leases_to_steal
-                    .unwrap_or(defaults.max_leases_to_steal),
-            )
-            .with_handoff_timeout(self.handoff_timeout.unwrap_or(defaults.handoff_timeout));
-        let polling_defaults = PollingConfig::default();
-        let polling = PollingConfig::default()
-            .with_max_records(self.max_records.unwrap_or(polling_defaults.max_records))
-            .with_idle_time_between_empty_reads(
-                self.idle_time_between_empty_reads
-                    .unwrap_or(polling_defaults.idle_time_between_empty_reads),
-            )
-            .with_max_prefetched_batches(
-                self.max_prefetched_batches
-                    .unwrap_or(polling_defaults.max_prefetched_batches),
-            );
-        let mut config = WorkerConfig::new(&self.app, &self.stream)
-            .with_initial_position(self.initial_position)
-            .with_lease(lease)
-            .with_polling(polling);
-        if let Some(id) = &self.worker_id {
-            config = config.with_worker_id(id);
-        }
-        if let Some(table) = &self.lease_table {
-            config = config.with_lease_table_name(table);
-        }
-        if let Some(timeout) = self.shutdown_timeout {
-            config = config.with_shutdown_timeout(timeout);
-        }
-        if self.fan_out {
-            let mut fan_out = FanOutConfig::default();
-            if let Some(name) = &self.consumer_name {
-                fan_out = fan_out.with_consumer_name(name);
-            }
-            if let Some(arn) = &self.consumer_arn {
-                fan_out = fan_out.with_consumer_arn(arn);
-            }
-            config = config.with_retrieval(Retrieval::FanOut(fan_out));
-        }
-        config.with_metrics(MetricsConfig::default().with_per_shard(self.per_shard_metrics))
-    }
 }
 
 type Output = Arc<Mutex<Box<dyn AsyncWrite + Send + Unpin>>>;
@@ -300,112 +160,10 @@ async fn open_output(
     })
 }
 
-/// A signal that stops the consumer.
-#[derive(Clone, Copy, Debug)]
-enum StopSignal {
-    Term,
-    Int,
-}
-
-impl StopSignal {
-    fn name(self) -> &'static str {
-        match self {
-            StopSignal::Term => "SIGTERM",
-            StopSignal::Int => "SIGINT",
-        }
-    }
-
-    /// The exit status of a process killed by this signal, as shells report it (128 + the
-    /// signal's number): what a second signal ends the process with.
-    fn exit_code(self) -> i32 {
-        const SIGNALLED: i32 = 128;
-        const SIGINT: i32 = 2;
-        const SIGTERM: i32 = 15;
-        SIGNALLED
-            + match self {
-                StopSignal::Term => SIGTERM,
-                StopSignal::Int => SIGINT,
-            }
-    }
-}
-
-/// Exit code of a run that failed, or of a shutdown that overran its deadline.
-const EXIT_FAILURE: i32 = 1;
-
 /// Time allowed beyond the worker's shutdown deadline for the final flush of the output. The
 /// processors flush after each batch, so a healthy final flush has nothing to write; this
 /// only bounds one stuck on an output that no longer drains.
 const FINAL_FLUSH_MARGIN: Duration = Duration::from_secs(2);
-
-/// From now on, the first SIGTERM or SIGINT cancels `shutdown`, and a second one ends the
-/// process at once.
-fn handle_signals(shutdown: CancellationToken) -> std::io::Result<()> {
-    use tokio::signal::unix::{Signal, SignalKind, signal};
-    async fn next(term: &mut Signal, int: &mut Signal) -> StopSignal {
-        tokio::select! {
-            _ = term.recv() => StopSignal::Term,
-            _ = int.recv() => StopSignal::Int,
-        }
-    }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        let first = next(&mut term, &mut int).await;
-        info!(
-            "{}: shutting down (a second SIGTERM or SIGINT exits at once)",
-            first.name()
-        );
-        shutdown.cancel();
-        let second = next(&mut term, &mut int).await;
-        let code = second.exit_code();
-        error!(
-            code,
-            "second signal ({}): exiting at once, without finishing the shutdown; leases not \
-             released will expire",
-            second.name()
-        );
-        exit(code);
-    });
-    Ok(())
-}
-
-/// Once a shutdown has begun (a signal, the output gone, the worker stopped), ends the process
-/// if it still runs `deadline` later.
-fn enforce_deadline(shutdown: CancellationToken, deadline: Duration) {
-    tokio::spawn(async move {
-        shutdown.cancelled().await;
-        tokio::time::sleep(deadline).await;
-        error!(
-            ?deadline,
-            "the shutdown did not finish within its deadline (the worker's shutdown deadline and \
-             the final flush); exiting"
-        );
-        exit(EXIT_FAILURE);
-    });
-}
-
-/// Runs a start-up step, unless a shutdown is asked for first: then `None`, and the step is
-/// dropped (an open blocked on its thread stays blocked until the process exits).
-async fn unless_shutdown<T>(
-    shutdown: &CancellationToken,
-    step: impl Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => None,
-        done = step => Some(done),
-    }
-}
-
-/// Ends the process with `code`, never by returning from `main`: dropping the runtime waits
-/// for its blocking threads, and one may be blocked for good (an open of a FIFO that no
-/// process reads, a write to a pipe that no longer drains). `std::process::exit` flushes
-/// stdout unless another thread is writing to it (such a stuck write), so this never hangs;
-/// the logs go to stderr, which is not buffered.
-fn exit(code: i32) -> ! {
-    let _ = std::io::Write::flush(&mut std::io::stderr());
-    std::process::exit(code)
-}
 
 #[tokio::main]
 async fn main() {
@@ -424,9 +182,10 @@ async fn main() {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // First of all: a signal at any time from here is a shutdown.
     let shutdown = CancellationToken::new();
-    handle_signals(shutdown.clone())?;
-    let config = args.config();
+    handle_signals(shutdown.clone(), "leases not released will expire")?;
+    let config = args.worker.config(InitialPosition::Latest);
     config.validate()?;
+    // The final flush of the output is bounded too.
     let deadline = config.shutdown_deadline() + FINAL_FLUSH_MARGIN;
     enforce_deadline(shutdown.clone(), deadline);
 
@@ -460,71 +219,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             gone: gone.clone(),
         }
     };
-    // Bound before the worker starts, so a taken port fails the start-up. The recorder is
-    // installed before the worker exists: instruments are registered as it creates them.
-    let health = match args.metrics_addr {
-        Some(addr) => {
-            let prometheus = install_prometheus(&[("application", &args.app)])
-                .map_err(|e| format!("installing the Prometheus recorder: {e}"))?;
-            Some((HealthServer::bind(addr).await?, prometheus))
-        }
-        None => None,
-    };
-    let lease_duration = config.lease.lease_duration;
-    let worker = AwsWorkerBuilder::new(&sdk, config).build(factory)?;
-    info!(worker_id = worker.worker_id(), shutdown_deadline = ?deadline, "starting");
-    // The helpers run until the worker has stopped, and are awaited: a failure is reported.
-    let helpers_stop = CancellationToken::new();
-    let mut helpers = tokio::task::JoinSet::new();
-    if let Some((server, prometheus)) = health {
-        info!(address = %server.local_addr()?, "serving /metrics, /healthz and /readyz");
-        let serve = server.serve(
-            prometheus,
-            worker.status(),
-            lease_duration,
-            shutdown.clone(),
-            helpers_stop.clone(),
-        );
-        helpers.spawn(async move { serve.await.map_err(|e| format!("metrics server: {e}")) });
-    }
-    if !args.summary_interval.is_zero() {
-        let summaries = log_summaries(worker.status(), args.summary_interval, helpers_stop.clone());
-        helpers.spawn(async move {
-            summaries.await;
-            Ok(())
-        });
-    }
-    // A helper that fails (the metrics server) shuts the worker down gracefully; the worker's
-    // future is never dropped midway, which would abandon its leases.
-    let run = worker.run(shutdown.clone());
-    tokio::pin!(run);
-    let mut helper_failure: Option<String> = None;
-    let outcome = loop {
-        tokio::select! {
-            outcome = &mut run => break outcome,
-            Some(joined) = helpers.join_next(), if helper_failure.is_none() => {
-                let failure = match joined {
-                    Ok(Ok(())) => continue,
-                    Ok(Err(e)) => e,
-                    Err(e) => format!("a helper task failed: {}", ErrorChain(&e)),
-                };
-                error!(error = %failure, "shutting down");
-                helper_failure = Some(failure);
-                shutdown.cancel();
-            }
-        }
-    };
-    // What is left (the final flush) is bounded by the deadline too, also after a fatal error.
-    shutdown.cancel();
-    helpers_stop.cancel();
-    while let Some(joined) = helpers.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %e, "a helper task failed"),
-            Err(e) => error!(error = %ErrorChain(&e), "a helper task failed"),
-        }
-    }
-    outcome?;
+    let helper_failure = run_worker(&sdk, config, &args.worker, factory, shutdown).await?;
     if let Some(error) = gone.take() {
         return Err(format!("the output {} is closed: {error}", gone.name).into());
     }
