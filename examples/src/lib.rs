@@ -1,4 +1,5 @@
-//! Helpers shared by the example CLIs (`kcl-consumer`, `kcl-producer`).
+//! Helpers shared by the example CLIs (`kcl-consumer`, `kcl-producer`, `kcl-agent`,
+//! `kcl-archive`), and the building blocks of the agent and the archive.
 
 use std::time::{Duration, SystemTime};
 
@@ -6,6 +7,7 @@ use base64::Engine;
 use kcl_core::{ErrorChain, InitialPosition, Record};
 use serde::Serialize;
 
+pub mod archive;
 pub mod health;
 pub mod signals;
 pub mod summary;
