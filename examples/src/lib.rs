@@ -7,8 +7,10 @@ use base64::Engine;
 use kcl_core::{ErrorChain, InitialPosition, Record};
 use serde::Serialize;
 
+pub mod agent;
 pub mod archive;
 pub mod health;
+pub mod kpl;
 pub mod signals;
 pub mod summary;
 pub mod worker_args;
