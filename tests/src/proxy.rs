@@ -3,9 +3,9 @@
 //! Requests are forwarded unchanged (the local servers accept any SigV4 signature, so the
 //! signed `Host` of the proxy does not matter). Rules match the operation (the `X-Amz-Target`
 //! header, e.g. `UpdateItem`) and answer with an AWS error (throttling, 500), delay the
-//! request, hold it without ever answering, drop the connection, forward it and drop the
-//! answer, or break off or silence a streamed answer (an event stream) after a while. The
-//! proxy also counts
+//! request or its answer, hold it without ever answering, drop the connection, forward it and
+//! drop the answer, break off or silence a streamed answer (an event stream) after a while, or
+//! fail some entries of a `PutRecords` call (a partial failure). The proxy also counts
 //! requests per operation, which the benchmarks use to report DynamoDB requests per lease.
 
 use std::collections::BTreeMap;
@@ -38,6 +38,9 @@ pub enum Fault {
     },
     /// Wait, then forward.
     Delay(Duration),
+    /// Forward (the request takes effect), then wait before answering: a call that is slow
+    /// to acknowledge, so a client killed meanwhile never learns that it succeeded.
+    DelayAnswer(Duration),
     /// Never forward nor answer: the request hangs (until the proxy stops), as one stuck on a
     /// dead pooled connection. Only the client's own timeout ends it.
     Hang,
@@ -51,6 +54,16 @@ pub enum Fault {
     /// Forward, pass the answer on as it streams for this long, then pass nothing more while
     /// keeping the connection open: an event stream gone silent.
     SilenceAfter(Duration),
+    /// A `PutRecords` partial failure: forward the call without every `every`-th entry (the
+    /// `every`-th, the `2 × every`-th, …), and answer for those entries
+    /// `ProvisionedThroughputExceededException`, in place, with `FailedRecordCount` counting
+    /// them, as Kinesis does when a shard is over its limit. The entries failed are recorded
+    /// ([`FaultProxy::failed_entries`]). The SDK speaks JSON (`application/x-amz-json-1.1`)
+    /// for `PutRecords`, and so does kinesis-mock.
+    FailSomePutRecords {
+        /// Fail every `every`-th entry of each call (1: all of them).
+        every: usize,
+    },
 }
 
 impl Fault {
@@ -122,6 +135,8 @@ struct State {
     rules: Vec<(Rule, usize)>,
     requests: BTreeMap<String, usize>,
     faults: BTreeMap<String, usize>,
+    /// Entries failed by [`Fault::FailSomePutRecords`]: (partition key, data).
+    failed_entries: Vec<(String, Vec<u8>)>,
 }
 
 /// A running proxy; stopped when dropped.
@@ -262,6 +277,12 @@ impl FaultProxy {
         self.state.lock().unwrap().faults.clone()
     }
 
+    /// The `PutRecords` entries failed by [`Fault::FailSomePutRecords`], in the order failed,
+    /// as (partition key, data).
+    pub fn failed_entries(&self) -> Vec<(String, Vec<u8>)> {
+        self.state.lock().unwrap().failed_entries.clone()
+    }
+
     /// Forgets the counts.
     pub fn reset_counts(&self) {
         let mut state = self.state.lock().unwrap();
@@ -331,10 +352,35 @@ async fn handle(
             return Err(dropped("the test proxy stopped"));
         }
         Some(Fault::DropConnection) => return Err(dropped("connection dropped by the test proxy")),
-        Some(Fault::DropAnswer | Fault::CutAfter(_) | Fault::SilenceAfter(_)) | None => {}
+        Some(
+            Fault::DropAnswer
+            | Fault::DelayAnswer(_)
+            | Fault::CutAfter(_)
+            | Fault::SilenceAfter(_)
+            | Fault::FailSomePutRecords { .. },
+        )
+        | None => {}
     }
     let (mut parts, body) = request.into_parts();
-    let body = body.collect().await.map_err(dropped)?.to_bytes();
+    let mut body = body.collect().await.map_err(dropped)?.to_bytes();
+    let mut failed_at = Vec::new();
+    if let Some(Fault::FailSomePutRecords { every }) = fault {
+        let (kept, failed) = remove_entries(&body, every).map_err(dropped)?;
+        failed_at = failed.iter().map(|(i, _, _)| *i).collect();
+        state
+            .lock()
+            .unwrap()
+            .failed_entries
+            .extend(failed.into_iter().map(|(_, key, data)| (key, data)));
+        let Some(kept) = kept else {
+            // Every entry fails: nothing to forward.
+            return Ok(put_records_answer(&[], &failed_at));
+        };
+        body = kept;
+        parts
+            .headers
+            .insert(hyper::header::CONTENT_LENGTH, body.len().into());
+    }
     let path = parts
         .uri
         .path_and_query()
@@ -354,8 +400,89 @@ async fn handle(
         .map_err(dropped)?;
     match fault {
         Some(Fault::DropAnswer) => Err(dropped("answer dropped by the test proxy")),
+        Some(Fault::DelayAnswer(d)) => {
+            tokio::time::sleep(d).await;
+            Ok(answer.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed()))
+        }
         Some(Fault::CutAfter(d)) => Ok(answer.map(|body| cut_short(body, d, false, stop))),
         Some(Fault::SilenceAfter(d)) => Ok(answer.map(|body| cut_short(body, d, true, stop))),
+        Some(Fault::FailSomePutRecords { .. }) if answer.status() == StatusCode::OK => {
+            let body = answer
+                .into_body()
+                .collect()
+                .await
+                .map_err(dropped)?
+                .to_bytes();
+            let answer: serde_json::Value = serde_json::from_slice(&body).map_err(dropped)?;
+            let records = answer["Records"].as_array().cloned().unwrap_or_default();
+            Ok(put_records_answer(&records, &failed_at))
+        }
         _ => Ok(answer.map(|body| body.map_err(|e| -> BoxError { Box::new(e) }).boxed())),
     }
+}
+
+/// A `PutRecords` request without every `every`-th entry (`None` when none is left), and the
+/// entries taken out: (index, partition key, data).
+#[allow(clippy::type_complexity)]
+fn remove_entries(
+    body: &[u8],
+    every: usize,
+) -> Result<(Option<Bytes>, Vec<(usize, String, Vec<u8>)>), String> {
+    use base64::Engine as _;
+    let mut request: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("PutRecords request: {e}"))?;
+    let records = request["Records"]
+        .as_array_mut()
+        .ok_or("PutRecords request without Records")?;
+    let mut kept = Vec::new();
+    let mut failed = Vec::new();
+    for (i, record) in std::mem::take(records).into_iter().enumerate() {
+        if (i + 1) % every.max(1) == 0 {
+            let key = record["PartitionKey"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(record["Data"].as_str().unwrap_or_default())
+                .map_err(|e| format!("PutRecords entry data: {e}"))?;
+            failed.push((i, key, data));
+        } else {
+            kept.push(record);
+        }
+    }
+    if kept.is_empty() {
+        return Ok((None, failed));
+    }
+    *records = kept;
+    let body = serde_json::to_vec(&request).expect("JSON serializes");
+    Ok((Some(Bytes::from(body)), failed))
+}
+
+/// A `PutRecords` answer: the upstream's results `put`, with a throughput error inserted at
+/// each index of `failed_at`.
+fn put_records_answer(put: &[serde_json::Value], failed_at: &[usize]) -> Response<ProxyBody> {
+    let total = put.len() + failed_at.len();
+    let mut put = put.iter();
+    let mut records = Vec::with_capacity(total);
+    let mut failed = 0;
+    for i in 0..total {
+        if failed_at.contains(&i) {
+            records.push(serde_json::json!({
+                "ErrorCode": "ProvisionedThroughputExceededException",
+                "ErrorMessage": "Rate exceeded for shard (injected by the test proxy)",
+            }));
+        } else if let Some(record) = put.next() {
+            if record.get("ErrorCode").is_some() {
+                failed += 1;
+            }
+            records.push(record.clone());
+        }
+    }
+    failed += failed_at.len();
+    let body = serde_json::json!({ "FailedRecordCount": failed, "Records": records });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-amz-json-1.1")
+        .body(whole(Bytes::from(body.to_string())))
+        .expect("valid response")
 }
