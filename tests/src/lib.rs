@@ -5,6 +5,7 @@
 //! Without those servers every test fails with a message saying how to start them: an
 //! integration test never passes by skipping.
 
+pub mod bench_server;
 pub mod buffering;
 pub mod kpl;
 pub mod process;

@@ -2,7 +2,7 @@
 //! buffers a shard's records and stores them as gzip-compressed, newline-delimited objects
 //! under `PREFIX/YYYY/MM/DD/HH/` in S3 or a directory, checkpointing only what is stored.
 //!
-//! - [`line`]: one record, one line (text as is, anything else base64 behind a marker);
+//! - [`line`](mod@line): one record, one line (text as is, anything else base64 behind a marker);
 //! - [`object_name`]: where an object goes, named after its first record;
 //! - [`buffer`]: what is held and when it must be stored (pure);
 //! - [`store`]: S3 or a directory;

@@ -43,7 +43,6 @@
 
 mod latency;
 mod memory;
-mod server;
 mod throughput;
 
 use std::collections::BTreeMap;
@@ -52,8 +51,8 @@ use kcl_core::{FanOutConfig, PollingConfig, Retrieval};
 use kcl_integration_tests::unique;
 use tokio::time::Instant;
 
+use kcl_integration_tests::bench_server::{self as server, Server};
 use latency::{Latency, Reader};
-use server::Server;
 use throughput::{Figure, Shape};
 
 /// The pace of the paced raw loop: Kinesis allows 5 `GetRecords` per second per shard, and
@@ -81,7 +80,7 @@ fn main() {
         .collect::<Vec<_>>()
         .as_slice()
     {
-        ["serve"] => server::serve(),
+        ["serve"] => server::serve(false),
         ["memory", url, stream, prefetch] => memory::child(
             url,
             stream,
@@ -141,7 +140,7 @@ fn part(name: &str) -> bool {
 }
 
 async fn bench(runs: usize) {
-    let server = Server::start();
+    let server = Server::start(false);
     eprintln!("ferrokinesis 0.7.0 at {} (child process)", server.url);
     let sdk = kcl_integration_tests::sdk_config().await;
     let config = aws_sdk_kinesis::config::Builder::from(&sdk)

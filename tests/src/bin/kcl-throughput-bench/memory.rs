@@ -18,8 +18,8 @@ use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::{dynamodb, unique};
 use serde::{Deserialize, Serialize};
 
-use crate::server::Process;
 use crate::throughput::{Shape, fill};
+use kcl_integration_tests::bench_server::Process;
 
 /// Shards of the memory stream: "many", as one worker of a large fleet holds.
 const SHARDS: i32 = 16;

@@ -17,7 +17,7 @@ use kcl_dynamo_lease::DynamoLeaseStore;
 use kcl_integration_tests::{dynamodb, kpl, unique};
 use tokio::time::Instant;
 
-use crate::server::Process;
+use kcl_integration_tests::bench_server::Process;
 
 /// Shards of the bench streams: several, so per-shard parallelism shows, few enough that each
 /// shard holds many batches.

@@ -1,12 +1,20 @@
-//! The Kinesis server of the bench (ferrokinesis in a child process) and what the bench reads
-//! of a process from `/proc`: CPU time and resident memory.
+//! The Kinesis server of the benches (ferrokinesis in a child process of the bench binary,
+//! so that the CPU the bench process spends is not the server's) and what a bench reads of a
+//! process from `/proc`: CPU time and resident memory.
+//!
+//! A bench binary that uses [`Server`] answers `BINARY serve [--enforce-limits]` by calling
+//! [`serve`].
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// Runs ferrokinesis until stdin closes, printing its address first.
-pub(crate) fn serve() {
+/// Runs ferrokinesis until stdin closes, printing its address first. With `enforce_limits`,
+/// each shard takes at most 1,000 records and 1 MiB a second, as Kinesis does: more gets
+/// `ProvisionedThroughputExceededException` entries in `PutRecords` answers.
+// The address goes to the parent through stdout.
+#[allow(clippy::print_stdout)]
+pub fn serve(enforce_limits: bool) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -17,6 +25,7 @@ pub(crate) fn serve() {
             delete_stream_ms: 0,
             update_stream_ms: 0,
             shard_limit: 1000,
+            enforce_limits,
             ..Default::default()
         };
         let (app, _store) = ferrokinesis::create_app(options);
@@ -35,17 +44,20 @@ pub(crate) fn serve() {
     });
 }
 
-/// The ferrokinesis child process and its address.
+/// The ferrokinesis child process and its address; stopped when dropped.
 #[derive(Debug)]
-pub(crate) struct Server {
+pub struct Server {
     child: Child,
-    pub(crate) url: String,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
 }
 
 impl Server {
-    pub(crate) fn start() -> Self {
+    /// Starts `THIS_BINARY serve` (with `--enforce-limits` when asked) and reads its address.
+    pub fn start(enforce_limits: bool) -> Self {
         let mut child = Command::new(std::env::current_exe().expect("own path"))
             .arg("serve")
+            .args(enforce_limits.then_some("--enforce-limits"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -71,8 +83,10 @@ impl Drop for Server {
 
 /// A process whose CPU and memory the bench reads: this one or a child.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Process {
+pub enum Process {
+    /// The bench itself.
     This,
+    /// A child process, by pid.
     Child(u32),
 }
 
@@ -86,7 +100,7 @@ impl Process {
     }
 
     /// User + system CPU time.
-    pub(crate) fn cpu_time(self) -> Duration {
+    pub fn cpu_time(self) -> Duration {
         let stat = self.proc_file("stat");
         // Fields after the command name, which is in parentheses and may hold spaces.
         let rest = &stat[stat.rfind(')').expect("comm") + 2..];
@@ -96,7 +110,7 @@ impl Process {
     }
 
     /// (resident now, peak resident) in bytes: `VmRSS` and `VmHWM`.
-    pub(crate) fn resident(self) -> (u64, u64) {
+    pub fn resident(self) -> (u64, u64) {
         let status = self.proc_file("status");
         let kib = |name: &str| -> u64 {
             status
