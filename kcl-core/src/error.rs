@@ -294,6 +294,26 @@ pub enum Error {
         problem: String,
     },
 
+    /// A string that should name a stream of a multi-stream application
+    /// (`ACCOUNT:STREAM:CREATION_EPOCH`, or a stream ARN) does not.
+    #[error("`{value}` is not a stream identity: {problem}")]
+    InvalidStreamIdentity {
+        /// The rejected string.
+        value: String,
+        /// Why it was rejected.
+        problem: &'static str,
+    },
+
+    /// A lease key that should be a multi-stream one (`ACCOUNT:STREAM:CREATION_EPOCH:SHARD_ID`)
+    /// is not.
+    #[error("`{key}` is not a multi-stream lease key: {problem}")]
+    InvalidLeaseKey {
+        /// The rejected key.
+        key: String,
+        /// Why it was rejected.
+        problem: &'static str,
+    },
+
     /// A string that should be a Kinesis sequence number is not one.
     #[error("`{value}` is not a sequence number: {problem}")]
     InvalidSequenceNumber {
@@ -401,6 +421,8 @@ impl Error {
             | Error::LeaseTableSchema { .. }
             | Error::InvalidLeaseItem { .. }
             | Error::InvalidSequenceNumber { .. }
+            | Error::InvalidStreamIdentity { .. }
+            | Error::InvalidLeaseKey { .. }
             | Error::CheckpointBeforeLast { .. }
             | Error::CheckpointBeyondDelivered { .. }
             | Error::ShardEndNotCheckpointed { .. }

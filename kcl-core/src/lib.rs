@@ -23,6 +23,7 @@ mod published;
 mod sequence;
 mod shard_sync;
 mod stream;
+mod stream_identity;
 mod subscription;
 #[cfg(feature = "test-util")]
 pub mod testing;
@@ -51,6 +52,7 @@ pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
 pub use stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
+pub use stream_identity::{MultiStreamLeaseKey, StreamIdentity};
 pub use subscription::{ConsumerStatus, ShardSubscription, StreamConsumer, SubscriptionEvent};
 pub use worker::{Worker, WorkerStatus};
 
