@@ -20,8 +20,19 @@
 //! that would leave the owner with fewer than it keeps itself, and a lease counts for the
 //! worker it is being handed to as soon as it is requested, so two workers never take leases
 //! back and forth.
+//!
+//! # Several streams
+//! In a multi-stream table (lease keys `ACCOUNT:STREAM:EPOCH:SHARD`, see
+//! [`MultiStreamLeaseKey`](crate::MultiStreamLeaseKey)) the rules above count every lease alike,
+//! and the stream decides *which* leases move: among free leases of one reason, this worker
+//! takes first from the stream it holds fewest of; from a worker it asks, it asks for a lease
+//! of the stream where that worker holds the most more than it does. So each stream's shards
+//! spread over the fleet as they are taken, instead of one worker ending up with one stream.
+//! How many leases move never depends on the streams, so balancing converges exactly as with
+//! one stream; a table of one stream (single-stream keys are one group) is decided exactly as
+//! before.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -276,6 +287,8 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
     // 8 rounds that way).
     let seed = shuffle_key(input.seed, me);
     let mut counts: BTreeMap<&str, usize> = BTreeMap::from([(me, 0)]);
+    // Leases counted for each worker, per stream.
+    let mut per_stream: HashMap<(&str, &str), usize> = HashMap::new();
     let mut free: Vec<(TakeReason, u64, &Lease)> = Vec::new();
     // Leases each other worker owns and could be asked for (no handoff pending).
     let mut requestable: BTreeMap<&str, Vec<&Lease>> = BTreeMap::new();
@@ -285,6 +298,9 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
             Standing::Finished => continue,
             Standing::CountsFor(worker) => {
                 *counts.entry(worker).or_default() += 1;
+                *per_stream
+                    .entry((worker, stream_of(&lease.lease_key)))
+                    .or_default() += 1;
                 if worker != me && lease.handoff_to.is_none() {
                     requestable.entry(worker).or_default().push(lease);
                 }
@@ -310,16 +326,31 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
     };
 
     // 1. Free leases, best reasons first; what is reserved for or orphaned by this worker is
-    //    its own already, the rest only up to the fair share.
+    //    its own already, the rest only up to the fair share. Within a reason, from the
+    //    stream this worker holds fewest of.
     free.sort_by(|a, b| (a.0, a.1, &a.2.lease_key).cmp(&(b.0, b.1, &b.2.lease_key)));
     let mut holding = mine;
-    for (reason, _, lease) in free {
-        let wanted = match reason {
+    for (reason, leases) in by_reason_and_stream(free) {
+        let wanted = |holding: usize| match reason {
             TakeReason::Reserved | TakeReason::Orphaned => holding < cap,
             _ if input.take_every_free => holding < cap,
             _ => holding < ceil.min(cap),
         };
-        if wanted {
+        let mut streams: Vec<(&str, VecDeque<&Lease>)> = leases.into_iter().collect();
+        while wanted(holding) {
+            // The stream this worker holds fewest of, ties in a per-worker order.
+            let Some((stream, queue)) = streams
+                .iter_mut()
+                .filter(|(_, queue)| !queue.is_empty())
+                .min_by_key(|(stream, _)| {
+                    let held = per_stream.get(&(me, *stream)).copied().unwrap_or(0);
+                    (held, shuffle_key(seed, stream), *stream)
+                })
+            else {
+                break;
+            };
+            let lease = queue.pop_front().expect("filtered non-empty");
+            *per_stream.entry((me, *stream)).or_default() += 1;
             plan.take.push(TakeDecision {
                 lease_key: lease.lease_key.clone(),
                 fence: lease.fence(),
@@ -355,16 +386,59 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
             break;
         };
         victim.0 -= 1;
-        let lease = requestable
-            .get_mut(victim.2)
-            .and_then(Vec::pop)
+        let victim_id = victim.2;
+        let candidates = requestable.get_mut(victim_id).expect("checked non-empty");
+        // The stream where the victim holds the most more than this worker; among equals
+        // (always, with one stream) the last in the shuffled order.
+        let surplus = |lease: &Lease| {
+            let stream = stream_of(&lease.lease_key);
+            let theirs = per_stream.get(&(victim_id, stream)).copied().unwrap_or(0);
+            let ours = per_stream.get(&(me, stream)).copied().unwrap_or(0);
+            theirs as i64 - ours as i64
+        };
+        let (index, _) = candidates
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, lease)| (surplus(lease), *i))
             .expect("checked non-empty");
+        let lease = candidates.remove(index);
+        let stream = stream_of(&lease.lease_key);
+        if let Some(theirs) = per_stream.get_mut(&(victim_id, stream)) {
+            *theirs = theirs.saturating_sub(1);
+        }
+        *per_stream.entry((me, stream)).or_default() += 1;
         plan.request_handoff.push(HandoffRequest {
             lease_key: lease.lease_key.clone(),
             fence: lease.fence(),
         });
     }
     plan
+}
+
+/// The stream of a lease, to spread each stream's leases: the multi-stream key without its
+/// shard id (`ACCOUNT:STREAM:EPOCH`). A single-stream key (a shard id, no `:`) is in the one
+/// group `""`.
+fn stream_of(lease_key: &str) -> &str {
+    lease_key.rsplit_once(':').map_or("", |(stream, _)| stream)
+}
+
+/// Free leases (sorted by reason, then shuffled order) grouped by reason, and within a reason
+/// by stream, each stream's leases in that order.
+fn by_reason_and_stream(
+    free: Vec<(TakeReason, u64, &Lease)>,
+) -> Vec<(TakeReason, BTreeMap<&str, VecDeque<&Lease>>)> {
+    let mut groups: Vec<(TakeReason, BTreeMap<&str, VecDeque<&Lease>>)> = Vec::new();
+    for (reason, _, lease) in free {
+        if groups.last().is_none_or(|(last, _)| *last != reason) {
+            groups.push((reason, BTreeMap::new()));
+        }
+        let (_, streams) = groups.last_mut().expect("pushed above");
+        streams
+            .entry(stream_of(&lease.lease_key))
+            .or_default()
+            .push_back(lease);
+    }
+    groups
 }
 
 /// A per-seed pseudo-random position of a key (FNV-1a, then a splitmix64 finaliser).

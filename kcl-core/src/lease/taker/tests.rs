@@ -420,12 +420,21 @@ struct Fleet {
 
 impl Fleet {
     fn new(owners: &[Option<usize>], workers: usize) -> Self {
+        Fleet::of_streams(owners, workers, 0)
+    }
+
+    /// A fleet whose leases belong to `streams` streams in turn (multi-stream keys), or to
+    /// one stream with single-stream keys when `streams` is 0.
+    fn of_streams(owners: &[Option<usize>], workers: usize, streams: usize) -> Self {
         let workers: Vec<String> = (0..workers).map(|i| format!("w{i}")).collect();
         let table = owners
             .iter()
             .enumerate()
             .map(|(i, owner)| {
-                let key = format!("shardId-{i:012}");
+                let key = match streams {
+                    0 => format!("shardId-{i:012}"),
+                    n => multi_stream_key(i % n, i),
+                };
                 let owner = owner.map(|o| workers[o % workers.len()].as_str());
                 (key.clone(), lease(&key, owner, 1))
             })
@@ -492,6 +501,19 @@ impl Fleet {
         counts
     }
 
+    /// Leases owned per (worker, stream).
+    fn per_stream(&self) -> BTreeMap<(String, String), usize> {
+        let mut counts = BTreeMap::new();
+        for l in self.table.values() {
+            if let Some(o) = &l.owner {
+                *counts
+                    .entry((o.clone(), stream_of(&l.lease_key).to_owned()))
+                    .or_default() += 1;
+            }
+        }
+        counts
+    }
+
     fn balanced(&self) -> bool {
         let n = self.table.len();
         let k = self.workers.len();
@@ -505,6 +527,10 @@ impl Fleet {
                 .values()
                 .all(|c| (n / k..=n.div_ceil(k)).contains(c))
     }
+}
+
+fn multi_stream_key(stream: usize, shard: usize) -> String {
+    format!("123456789012:stream-{stream}:1700000000:shardId-{shard:012}")
 }
 
 fn arb_fleet() -> impl Strategy<Value = (Vec<Option<usize>>, usize, u64)> {
@@ -567,6 +593,130 @@ proptest! {
         for w in fleet.workers.clone() {
             let plan = fleet.turn(&w, &snapshot, seed);
             prop_assert!(plan.take.is_empty() && plan.request_handoff.is_empty());
+        }
+    }
+}
+
+#[test]
+fn free_leases_of_several_streams_are_taken_evenly_from_each() {
+    let t0 = Instant::now();
+    let mut leases: Vec<Lease> = (0..12)
+        .map(|i| lease(&multi_stream_key(i % 3, i), None, 0))
+        .collect();
+    leases.extend((12..16).map(|i| lease(&multi_stream_key(3, i), Some("w2"), 1)));
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let held = BTreeSet::new();
+    // 16 leases, 2 workers: 8 each, taken from the three free streams as evenly as can be.
+    let plan = plan(&input("me", &leases, &held, &obs, t0));
+    assert_eq!(plan.take.len(), 8);
+    let mut per_stream: BTreeMap<&str, usize> = BTreeMap::new();
+    for d in &plan.take {
+        *per_stream.entry(stream_of(&d.lease_key)).or_default() += 1;
+    }
+    let counts: Vec<usize> = per_stream.values().copied().collect();
+    assert_eq!(per_stream.len(), 3, "{per_stream:?}");
+    assert!(
+        counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+        "{per_stream:?}"
+    );
+}
+
+#[test]
+fn a_new_worker_asks_for_the_streams_its_victim_holds_most_of() {
+    let t0 = Instant::now();
+    // w1 holds 4 leases of stream 0 and 2 of stream 1; a new worker asks for 3 and ends with
+    // 2 of stream 0 and 1 of stream 1, as w1 does.
+    let leases: Vec<Lease> = (0..6)
+        .map(|i| lease(&multi_stream_key(usize::from(i >= 4), i), Some("w1"), 1))
+        .collect();
+    let mut obs = LeaseObservations::new();
+    obs.observe(&leases, t0);
+    let held = BTreeSet::new();
+    let plan = plan(&input("me", &leases, &held, &obs, t0));
+    assert!(plan.take.is_empty());
+    let mut asked: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &plan.request_handoff {
+        *asked.entry(stream_of(&r.lease_key)).or_default() += 1;
+    }
+    assert_eq!(
+        asked,
+        BTreeMap::from([
+            ("123456789012:stream-0:1700000000", 2),
+            ("123456789012:stream-1:1700000000", 1)
+        ])
+    );
+}
+
+#[test]
+fn single_stream_keys_are_one_group_and_multi_stream_keys_name_their_stream() {
+    assert_eq!(stream_of("shardId-000000000001"), "");
+    assert_eq!(
+        stream_of("123456789012:orders:1700000000:shardId-000000000001"),
+        "123456789012:orders:1700000000"
+    );
+}
+
+proptest! {
+    /// Leases of several streams converge as one stream's do: the streams decide which
+    /// leases move, never how many.
+    #[test]
+    fn several_streams_converge_like_one((owners, workers, seed) in arb_fleet(), streams in 1usize..5) {
+        let mut fleet = Fleet::of_streams(&owners, workers, streams);
+        let mut rounds = 0u64;
+        while !fleet.balanced() {
+            rounds += 1;
+            prop_assert!(rounds <= 8, "not balanced after 8 rounds: {:?}", fleet.counts());
+            let snapshot = fleet.leases();
+            let mut plans = Vec::new();
+            for w in fleet.workers.clone() {
+                plans.push((w.clone(), fleet.turn(&w, &snapshot, seed ^ rounds)));
+            }
+            let order = (seed ^ rounds) as usize % plans.len();
+            plans.rotate_left(order);
+            for (w, plan) in &plans {
+                fleet.apply(w, plan);
+            }
+        }
+        let snapshot = fleet.leases();
+        for w in fleet.workers.clone() {
+            let plan = fleet.turn(&w, &snapshot, seed);
+            prop_assert!(plan.take.is_empty() && plan.request_handoff.is_empty());
+        }
+    }
+
+    /// Streams of equal size taken from scratch by workers in turn (a fleet starting, or
+    /// streams discovered together): every worker holds each stream's fair share, give or
+    /// take one.
+    #[test]
+    fn each_stream_spreads_over_the_fleet(
+        workers in 1usize..7,
+        streams in 1usize..6,
+        shards in 1usize..9,
+        seed in any::<u64>(),
+    ) {
+        let owners = vec![None; streams * shards];
+        let mut fleet = Fleet::of_streams(&owners, workers, streams);
+        let mut rounds = 0u64;
+        while !fleet.balanced() {
+            rounds += 1;
+            prop_assert!(rounds <= 4, "not balanced after 4 rounds: {:?}", fleet.counts());
+            for w in fleet.workers.clone() {
+                let snapshot = fleet.leases();
+                let plan = fleet.turn(&w, &snapshot, seed ^ rounds);
+                fleet.apply(&w, &plan);
+            }
+        }
+        let per_stream = fleet.per_stream();
+        for w in &fleet.workers {
+            for s in 0..streams {
+                let stream = stream_of(&multi_stream_key(s, 0)).to_owned();
+                let held = per_stream.get(&(w.clone(), stream)).copied().unwrap_or(0);
+                prop_assert!(
+                    held + 1 >= shards / workers && held <= shards.div_ceil(workers) + 1,
+                    "{w} holds {held} of stream {s} ({shards} shards, {workers} workers): {per_stream:?}"
+                );
+            }
         }
     }
 }
