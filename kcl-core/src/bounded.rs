@@ -23,6 +23,7 @@ use crate::lease::{
     Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
 };
 use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
+use crate::stream_identity::StreamIdentity;
 use crate::subscription::{ShardSubscription, StreamConsumer};
 
 async fn bounded<T>(
@@ -88,6 +89,16 @@ impl StreamClient for BoundedStream {
             "GetRecords",
             self.timeout,
             self.inner.get_records(shard_id, shard_iterator, limit),
+        )
+        .await
+    }
+
+    async fn stream_identity(&self) -> Result<StreamIdentity> {
+        bounded(
+            Service::Kinesis,
+            "DescribeStreamSummary",
+            self.timeout,
+            self.inner.stream_identity(),
         )
         .await
     }

@@ -1,6 +1,9 @@
 //! [`KinesisStreamClient`]: the [`StreamClient`] for Amazon Kinesis, on the AWS SDK for Rust.
 
+mod streams_by_prefix;
 mod subscription;
+
+pub use streams_by_prefix::StreamsByPrefix;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,6 +20,7 @@ use crate::sequence::SequenceNumber;
 use crate::stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
+use crate::stream_identity::StreamIdentity;
 use crate::subscription::{ShardSubscription, StreamConsumer};
 
 /// Reads one Kinesis data stream through the AWS SDK.
@@ -248,6 +252,31 @@ impl StreamClient for KinesisStreamClient {
                 return Ok(shards);
             }
         }
+    }
+
+    async fn stream_identity(&self) -> Result<StreamIdentity> {
+        const OPERATION: &str = "DescribeStreamSummary";
+        let request = self.client.describe_stream_summary();
+        let request = if self.is_arn() {
+            request.stream_arn(&self.stream)
+        } else {
+            request.stream_name(&self.stream)
+        };
+        let output = request
+            .send()
+            .await
+            .map_err(|e| self.error(OPERATION, None, e))?;
+        let summary = output
+            .stream_description_summary()
+            .ok_or_else(|| bad_answer(OPERATION, "no stream description".into()))?;
+        let created = summary.stream_creation_timestamp().secs();
+        let created = u64::try_from(created).map_err(|_| {
+            bad_answer(
+                OPERATION,
+                format!("the stream's creation time {created} is before 1970"),
+            )
+        })?;
+        StreamIdentity::from_arn(summary.stream_arn(), created)
     }
 
     async fn get_shard_iterator(

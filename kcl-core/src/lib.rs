@@ -24,6 +24,7 @@ mod sequence;
 mod shard_sync;
 mod stream;
 mod stream_identity;
+mod stream_tracker;
 mod subscription;
 #[cfg(feature = "test-util")]
 pub mod testing;
@@ -40,7 +41,7 @@ pub use config::{
 };
 pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]
-pub use kinesis::KinesisStreamClient;
+pub use kinesis::{KinesisStreamClient, StreamsByPrefix};
 pub use lease::usage::{CapacityUnits, LeaseTableUsage, OperationUsage};
 pub use lease::watch::{WATCHER_SLOT_PREFIX, is_watcher_slot};
 pub use lease::{
@@ -53,6 +54,9 @@ pub use stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
 pub use stream_identity::{MultiStreamLeaseKey, StreamIdentity};
+pub use stream_tracker::{
+    FixedStreams, FormerStreams, LeasedStream, StreamConfig, StreamTracker, TrackerFn,
+};
 pub use subscription::{ConsumerStatus, ShardSubscription, StreamConsumer, SubscriptionEvent};
 pub use worker::{Worker, WorkerStatus};
 

@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::sequence::{ExtendedSequenceNumber, SequenceNumber};
+use crate::stream_identity::StreamIdentity;
 use crate::subscription::{ShardSubscription, StreamConsumer};
 
 /// A data record as delivered to a [`RecordProcessor`](crate::RecordProcessor).
@@ -251,6 +252,15 @@ pub trait StreamClient: Send + Sync + fmt::Debug + 'static {
         shard_iterator: &str,
         limit: u32,
     ) -> Result<RecordsPage>;
+
+    /// The stream's identity for multi-stream lease keys: its account, name and creation time
+    /// (`DescribeStreamSummary`). A stream deleted and created again has another identity.
+    /// Clients that cannot tell keep the default, which answers [`Error::Unsupported`].
+    async fn stream_identity(&self) -> Result<StreamIdentity> {
+        Err(Error::Unsupported {
+            operation: "DescribeStreamSummary",
+        })
+    }
 
     /// The enhanced fan-out consumer named `consumer` (a name on this stream, or a consumer
     /// ARN), or `None` when there is none. Clients that only poll keep the default, which

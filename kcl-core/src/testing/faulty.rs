@@ -14,6 +14,7 @@ use crate::lease::{
 };
 use crate::published::Published;
 use crate::stream::{RecordsPage, Shard, StartingPosition, StreamClient};
+use crate::stream_identity::StreamIdentity;
 use crate::subscription::{ShardSubscription, StreamConsumer, SubscriptionEvent};
 
 /// What a [`Faulty`] wrapper does to the calls going through it.
@@ -199,6 +200,10 @@ impl<T: StreamClient + ?Sized> StreamClient for Faulty<T> {
         self.inner
             .get_records(shard_id, shard_iterator, limit)
             .await
+    }
+    async fn stream_identity(&self) -> Result<StreamIdentity> {
+        self.gate(Service::Kinesis, "DescribeStreamSummary").await?;
+        self.inner.stream_identity().await
     }
     async fn describe_stream_consumer(&self, consumer: &str) -> Result<Option<StreamConsumer>> {
         self.gate(Service::Kinesis, "DescribeStreamConsumer")

@@ -25,7 +25,7 @@ pub use conformance::check_create_in_lineage;
 pub use faulty::{Fault, Faulty, Hang, LeaseCall};
 pub use lease_store::{InMemoryLeaseStore, ScanPaging};
 pub use stale_reads::StaleReads;
-pub use stream::InMemoryStream;
+pub use stream::{IN_MEMORY_ACCOUNT, IN_MEMORY_CREATION_EPOCH, InMemoryStream};
 pub use subscription::{OpenSubscription, SubscriptionFault};
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -15,6 +15,7 @@ use crate::sequence::SequenceNumber;
 use crate::stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
+use crate::stream_identity::StreamIdentity;
 use crate::subscription::{ShardSubscription, StreamConsumer};
 
 /// Shard iterators expire after five minutes, as in Kinesis.
@@ -176,9 +177,25 @@ pub struct InMemoryStream {
     puts: AtomicU64,
     /// How long each `GetRecords` takes to answer (Tokio time).
     get_records_latency: Mutex<std::time::Duration>,
+    /// When the stream was created, in seconds since the epoch (its identity).
+    creation_epoch: u64,
 }
 
+/// The account of every in-memory stream (kinesis-mock's too).
+pub const IN_MEMORY_ACCOUNT: &str = "000000000000";
+/// The creation time of an in-memory stream unless set with
+/// [`InMemoryStream::with_creation_epoch`]: 2023-11-14T22:13:20Z.
+pub const IN_MEMORY_CREATION_EPOCH: u64 = 1_700_000_000;
+
 impl InMemoryStream {
+    /// The same stream, as if created at `epoch` (seconds since the Unix epoch): a stream
+    /// deleted and created again under its name has a later one.
+    #[must_use]
+    pub fn with_creation_epoch(mut self, epoch: u64) -> Self {
+        self.creation_epoch = epoch;
+        self
+    }
+
     /// A stream of `shard_count` open shards splitting the hash key space evenly.
     pub fn new(name: impl Into<String>, shard_count: u32) -> Self {
         let stream = InMemoryStream {
@@ -190,6 +207,7 @@ impl InMemoryStream {
             exists: std::sync::atomic::AtomicBool::new(true),
             puts: AtomicU64::new(0),
             get_records_latency: Mutex::new(std::time::Duration::ZERO),
+            creation_epoch: IN_MEMORY_CREATION_EPOCH,
         };
         let width = u128::MAX / u128::from(shard_count.max(1));
         {
@@ -456,6 +474,11 @@ impl InMemoryStream {
 impl StreamClient for InMemoryStream {
     fn stream_name(&self) -> &str {
         &self.name
+    }
+
+    async fn stream_identity(&self) -> Result<StreamIdentity> {
+        self.check_exists()?;
+        StreamIdentity::new(IN_MEMORY_ACCOUNT, &self.name, self.creation_epoch)
     }
 
     async fn list_shards(&self) -> Result<Vec<Shard>> {
