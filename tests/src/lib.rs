@@ -39,6 +39,17 @@ fn require(var: &str) -> String {
     }
 }
 
+/// The local S3 server's endpoint (`AWS_ENDPOINT_URL_S3`); panics when it is not set.
+pub fn require_s3() -> String {
+    match std::env::var("AWS_ENDPOINT_URL_S3") {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "AWS_ENDPOINT_URL_S3 is not set: the archive and pipeline tests need the local S3 \
+             server. Run them with `scripts/test`, which installs and starts it."
+        ),
+    }
+}
+
 /// The SDK configuration for the local servers (endpoints, region and keys from the
 /// environment). Panics when the servers' variables are missing.
 pub async fn sdk_config() -> aws_config::SdkConfig {

@@ -15,19 +15,10 @@ use kcl_examples::archive::{ArchiveError, DirStore, ObjectStore, S3Store};
 use kcl_integration_tests::process::Logged;
 use kcl_integration_tests::proxy::{Fault, FaultProxy, Rule};
 use kcl_integration_tests::{
-    PATIENCE, create_stream, example_binary, kinesis, put_raw, put_records, records, sdk_config,
-    unique, wait_for,
+    PATIENCE, create_stream, example_binary, kinesis, put_raw, put_records, records, require_s3,
+    sdk_config, unique, wait_for,
 };
 use tokio::process::Command;
-
-fn require_s3() -> String {
-    std::env::var("AWS_ENDPOINT_URL_S3").unwrap_or_else(|_| {
-        panic!(
-            "AWS_ENDPOINT_URL_S3 is not set: the archive tests need the local S3 server. Run \
-             the tests with `scripts/test`, which installs and starts it."
-        )
-    })
-}
 
 /// `kcl-archive run` with short lease timings, reading from the start of the stream.
 fn archive_command(app: &str, stream: &str, worker: &str) -> Command {

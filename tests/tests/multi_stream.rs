@@ -5,8 +5,8 @@
 use std::time::{Duration, SystemTime};
 
 use kcl_core::{
-    Error, InitialPosition, KinesisStreamClient, MultiStreamLeaseKey, StreamClient,
-    StreamTracker, StreamsByPrefix,
+    Error, InitialPosition, KinesisStreamClient, MultiStreamLeaseKey, StreamClient, StreamTracker,
+    StreamsByPrefix,
 };
 use kcl_integration_tests::{PATIENCE, create_stream, kinesis, unique, wait_for};
 

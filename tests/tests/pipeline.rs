@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use kcl_integration_tests::process::Logged;
 use kcl_integration_tests::{
-    PATIENCE, create_stream, example_binary, kinesis, sdk_config, split_shard, unique, wait_for,
+    PATIENCE, create_stream, example_binary, kinesis, require_s3, sdk_config, split_shard, unique,
+    wait_for,
 };
 use tokio::process::Command;
 
@@ -21,15 +22,6 @@ const CLIENTS: usize = 12;
 const BURST: usize = 50;
 const BURST_PAUSE: Duration = Duration::from_millis(50);
 const MARKER: &str = "#kcl-base64:";
-
-fn require_s3() -> String {
-    std::env::var("AWS_ENDPOINT_URL_S3").unwrap_or_else(|_| {
-        panic!(
-            "AWS_ENDPOINT_URL_S3 is not set: the pipeline test needs the local S3 server. Run \
-             the tests with `scripts/test`, which installs and starts it."
-        )
-    })
-}
 
 /// One access-log line: its number in the log, its client and its number among the client's.
 fn access_line(n: usize, client: usize, client_seq: usize) -> String {
