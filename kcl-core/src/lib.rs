@@ -24,6 +24,7 @@ mod sequence;
 mod shard_sync;
 mod stream;
 mod stream_identity;
+mod stream_sync_schedule;
 mod stream_tracker;
 mod subscription;
 #[cfg(feature = "test-util")]
@@ -54,6 +55,7 @@ pub use stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
 };
 pub use stream_identity::{MultiStreamLeaseKey, StreamIdentity};
+pub use stream_sync_schedule::SyncSchedule;
 pub use stream_tracker::{
     FixedStreams, FormerStreams, LeasedStream, StreamConfig, StreamTracker, TrackerFn,
 };
