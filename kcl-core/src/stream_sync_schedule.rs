@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, shuffle_key};
 use crate::config::RetryConfig;
 use crate::stream_identity::StreamIdentity;
 
@@ -60,7 +60,7 @@ impl SyncSchedule {
         let interval = u64::try_from(self.interval.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        Duration::from_millis(position(self.seed, &stream.to_string()) % interval)
+        Duration::from_millis(shuffle_key(self.seed, &stream.to_string()) % interval)
     }
 
     /// The streams whose sync is due at `now`, earliest first.
@@ -93,25 +93,13 @@ impl SyncSchedule {
     pub fn failed(&mut self, stream: &StreamIdentity, now: Instant) {
         let (retry, seed, interval) = (&self.retry, self.seed, self.interval);
         if let Some(entry) = self.entries.get_mut(stream) {
-            let delays = entry
-                .throttled
-                .get_or_insert_with(|| retry.backoff(seed ^ position(seed, &stream.to_string())));
+            let delays = entry.throttled.get_or_insert_with(|| {
+                retry.backoff(seed ^ shuffle_key(seed, &stream.to_string()))
+            });
             let delay = delays.next().unwrap_or(interval).min(interval);
             entry.next = now + delay;
         }
     }
-}
-
-/// A per-seed pseudo-random position of a name (FNV-1a, then a splitmix64 finaliser).
-fn position(seed: u64, name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 #[cfg(test)]

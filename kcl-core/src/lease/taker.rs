@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backoff::shuffle_key;
 use crate::lease::{Lease, LeaseFence};
 
 /// What this worker has seen of each lease: its counter and when that counter last changed.
@@ -439,18 +440,6 @@ fn by_reason_and_stream(
             .push_back(lease);
     }
     groups
-}
-
-/// A per-seed pseudo-random position of a key (FNV-1a, then a splitmix64 finaliser).
-fn shuffle_key(seed: u64, key: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for b in key.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 #[cfg(test)]

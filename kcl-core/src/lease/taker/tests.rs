@@ -501,6 +501,74 @@ impl Fleet {
         counts
     }
 
+    /// Workers take turns, each seeing the table as the previous one left it, until the fleet
+    /// is balanced; fails after `max_rounds` rounds.
+    fn take_turns_until_balanced(
+        &mut self,
+        seed: u64,
+        max_rounds: u64,
+    ) -> Result<(), TestCaseError> {
+        let mut rounds = 0u64;
+        while !self.balanced() {
+            rounds += 1;
+            prop_assert!(
+                rounds <= max_rounds,
+                "not balanced after {max_rounds} rounds: {:?}",
+                self.counts()
+            );
+            for w in self.workers.clone() {
+                let snapshot = self.leases();
+                let plan = self.turn(&w, &snapshot, seed ^ rounds);
+                self.apply(&w, &plan);
+            }
+        }
+        Ok(())
+    }
+
+    /// All workers decide on the same snapshot, then their writes race (first one wins),
+    /// until the fleet is balanced; fails after `max_rounds` rounds. Returns the writes that
+    /// took effect.
+    fn decide_at_once_until_balanced(
+        &mut self,
+        seed: u64,
+        max_rounds: u64,
+    ) -> Result<usize, TestCaseError> {
+        let mut rounds = 0u64;
+        let mut moves = 0usize;
+        while !self.balanced() {
+            rounds += 1;
+            prop_assert!(
+                rounds <= max_rounds,
+                "not balanced after {max_rounds} rounds: {:?}",
+                self.counts()
+            );
+            let snapshot = self.leases();
+            let mut plans = Vec::new();
+            for w in self.workers.clone() {
+                plans.push((w.clone(), self.turn(&w, &snapshot, seed ^ rounds)));
+            }
+            let order = (seed ^ rounds) as usize % plans.len();
+            plans.rotate_left(order);
+            for (w, plan) in &plans {
+                moves += self.apply(w, plan);
+            }
+        }
+        Ok(moves)
+    }
+
+    /// Stable: nobody takes or asks for anything any more.
+    fn still(&mut self, seed: u64) -> Result<(), TestCaseError> {
+        for w in self.workers.clone() {
+            let snapshot = self.leases();
+            let plan = self.turn(&w, &snapshot, seed);
+            prop_assert!(
+                plan.take.is_empty() && plan.request_handoff.is_empty(),
+                "{w} still moves leases in a balanced fleet: {plan:?}"
+            );
+        }
+        Ok(())
+    }
+
     /// Leases owned per (worker, stream).
     fn per_stream(&self) -> BTreeMap<(String, String), usize> {
         let mut counts = BTreeMap::new();
@@ -548,52 +616,18 @@ proptest! {
     #[test]
     fn taking_turns_converges_to_a_balanced_fleet_and_stays_there((owners, workers, seed) in arb_fleet()) {
         let mut fleet = Fleet::new(&owners, workers);
-        let mut rounds = 0;
-        while !fleet.balanced() {
-            rounds += 1;
-            prop_assert!(rounds <= 4, "not balanced after 4 rounds: {:?}", fleet.counts());
-            for w in fleet.workers.clone() {
-                let snapshot = fleet.leases();
-                let plan = fleet.turn(&w, &snapshot, seed ^ rounds);
-                fleet.apply(&w, &plan);
-            }
-        }
-        // Stable: nobody takes or asks for anything any more.
-        for w in fleet.workers.clone() {
-            let snapshot = fleet.leases();
-            let plan = fleet.turn(&w, &snapshot, seed);
-            prop_assert!(plan.take.is_empty() && plan.request_handoff.is_empty(),
-                "{w} still moves leases in a balanced fleet: {plan:?}");
-        }
+        fleet.take_turns_until_balanced(seed, 4)?;
+        fleet.still(seed)?;
     }
 
     /// All workers decide on the same snapshot, then their writes race (first one wins).
     #[test]
     fn deciding_at_once_converges_without_oscillating((owners, workers, seed) in arb_fleet()) {
         let mut fleet = Fleet::new(&owners, workers);
-        let mut rounds = 0u64;
-        let mut moves = 0usize;
-        while !fleet.balanced() {
-            rounds += 1;
-            prop_assert!(rounds <= 8, "not balanced after 8 rounds: {:?}", fleet.counts());
-            let snapshot = fleet.leases();
-            let mut plans = Vec::new();
-            for w in fleet.workers.clone() {
-                plans.push((w.clone(), fleet.turn(&w, &snapshot, seed ^ rounds)));
-            }
-            let order = (seed ^ rounds) as usize % plans.len();
-            plans.rotate_left(order);
-            for (w, plan) in &plans {
-                moves += fleet.apply(w, plan);
-            }
-        }
+        let moves = fleet.decide_at_once_until_balanced(seed, 8)?;
         let n = owners.len();
         prop_assert!(moves <= 3 * n + workers, "{moves} moves for {n} leases");
-        let snapshot = fleet.leases();
-        for w in fleet.workers.clone() {
-            let plan = fleet.turn(&w, &snapshot, seed);
-            prop_assert!(plan.take.is_empty() && plan.request_handoff.is_empty());
-        }
+        fleet.still(seed)?;
     }
 }
 
@@ -663,26 +697,8 @@ proptest! {
     #[test]
     fn several_streams_converge_like_one((owners, workers, seed) in arb_fleet(), streams in 1usize..5) {
         let mut fleet = Fleet::of_streams(&owners, workers, streams);
-        let mut rounds = 0u64;
-        while !fleet.balanced() {
-            rounds += 1;
-            prop_assert!(rounds <= 8, "not balanced after 8 rounds: {:?}", fleet.counts());
-            let snapshot = fleet.leases();
-            let mut plans = Vec::new();
-            for w in fleet.workers.clone() {
-                plans.push((w.clone(), fleet.turn(&w, &snapshot, seed ^ rounds)));
-            }
-            let order = (seed ^ rounds) as usize % plans.len();
-            plans.rotate_left(order);
-            for (w, plan) in &plans {
-                fleet.apply(w, plan);
-            }
-        }
-        let snapshot = fleet.leases();
-        for w in fleet.workers.clone() {
-            let plan = fleet.turn(&w, &snapshot, seed);
-            prop_assert!(plan.take.is_empty() && plan.request_handoff.is_empty());
-        }
+        fleet.decide_at_once_until_balanced(seed, 8)?;
+        fleet.still(seed)?;
     }
 
     /// Streams of equal size taken from scratch by workers in turn (a fleet starting, or
@@ -697,16 +713,7 @@ proptest! {
     ) {
         let owners = vec![None; streams * shards];
         let mut fleet = Fleet::of_streams(&owners, workers, streams);
-        let mut rounds = 0u64;
-        while !fleet.balanced() {
-            rounds += 1;
-            prop_assert!(rounds <= 4, "not balanced after 4 rounds: {:?}", fleet.counts());
-            for w in fleet.workers.clone() {
-                let snapshot = fleet.leases();
-                let plan = fleet.turn(&w, &snapshot, seed ^ rounds);
-                fleet.apply(&w, &plan);
-            }
-        }
+        fleet.take_turns_until_balanced(seed, 4)?;
         let per_stream = fleet.per_stream();
         for w in &fleet.workers {
             for s in 0..streams {
