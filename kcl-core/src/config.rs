@@ -6,9 +6,11 @@
 
 use std::time::{Duration, SystemTime};
 
+mod multi_stream;
 mod retrieval;
 mod watchers;
 
+pub use multi_stream::MultiStreamConfig;
 pub use retrieval::{ConsumerRef, FanOutConfig, MIN_SUBSCRIBE_BACKOFF, Retrieval};
 pub use watchers::Watchers;
 
@@ -627,7 +629,8 @@ pub struct WorkerConfig {
     /// The application name: workers with the same name share the stream's shards. Names the
     /// lease table unless [`WorkerConfig::lease_table_name`] is set.
     pub application_name: String,
-    /// The stream's name or ARN (`arn:...`).
+    /// The stream's name or ARN (`arn:...`). In multi-stream mode, where a tracker names the
+    /// streams, only a label for logs and metrics.
     pub stream: String,
     /// This worker's id, unique per process. Default: host name, `-`, and a random UUID.
     pub worker_id: String,
@@ -653,6 +656,8 @@ pub struct WorkerConfig {
     /// Seed of the worker's random choices (backoff jitter, lease order). Default `None`: seeded
     /// from the OS. Set it to replay a run exactly in a simulation.
     pub rng_seed: Option<u64>,
+    /// How a multi-stream worker follows its streams; ignored in single-stream mode.
+    pub multi_stream: MultiStreamConfig,
 }
 
 impl WorkerConfig {
@@ -671,7 +676,15 @@ impl WorkerConfig {
             metrics: MetricsConfig::default(),
             shutdown_timeout: Duration::from_secs(20),
             rng_seed: None,
+            multi_stream: MultiStreamConfig::default(),
         }
+    }
+
+    /// Sets [`WorkerConfig::multi_stream`].
+    #[must_use]
+    pub fn with_multi_stream(mut self, multi_stream: MultiStreamConfig) -> Self {
+        self.multi_stream = multi_stream;
+        self
     }
 
     /// Sets [`WorkerConfig::worker_id`].
@@ -837,6 +850,7 @@ impl WorkerConfig {
         self.lease.validate()?;
         self.polling.validate()?;
         self.processing.validate()?;
+        self.multi_stream.validate()?;
         if let Retrieval::FanOut(fan_out) = &self.retrieval {
             fan_out.validate(&self.application_name)?;
         }

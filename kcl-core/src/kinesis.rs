@@ -1,8 +1,10 @@
 //! [`KinesisStreamClient`]: the [`StreamClient`] for Amazon Kinesis, on the AWS SDK for Rust.
 
+mod stream_clients;
 mod streams_by_prefix;
 mod subscription;
 
+pub use stream_clients::KinesisStreamClients;
 pub use streams_by_prefix::StreamsByPrefix;
 
 use std::sync::Arc;

@@ -37,19 +37,19 @@ pub use aws::AwsSdkError;
 pub use checkpoint::Checkpointer;
 pub use config::{
     ConsumerRef, FanOutConfig, InitialPosition, LeaseConfig, MAX_SETTING_DURATION,
-    MIN_SUBSCRIBE_BACKOFF, PollingConfig, ProcessingConfig, Retrieval, RetryConfig, Watchers,
-    WorkerConfig,
+    MIN_SUBSCRIBE_BACKOFF, MultiStreamConfig, PollingConfig, ProcessingConfig, Retrieval,
+    RetryConfig, Watchers, WorkerConfig,
 };
 pub use error::{BoxError, Error, ErrorChain, ErrorKind, Result, Service};
 #[cfg(feature = "kinesis")]
-pub use kinesis::{KinesisStreamClient, StreamsByPrefix};
+pub use kinesis::{KinesisStreamClient, KinesisStreamClients, StreamsByPrefix};
 pub use lease::usage::{CapacityUnits, LeaseTableUsage, OperationUsage};
 pub use lease::watch::{WATCHER_SLOT_PREFIX, is_watcher_slot};
 pub use lease::{
     Lease, LeaseCreation, LeaseFence, LeaseScan, LeaseStore, LeaseUpdate, LineageGuard,
 };
 pub use metrics::MetricsConfig;
-pub use processor::{RecordProcessor, RecordProcessorFactory};
+pub use processor::{PerStream, RecordProcessor, RecordProcessorFactory, ShardContext};
 pub use sequence::{Checkpoint, ExtendedSequenceNumber, SequenceNumber};
 pub use stream::{
     ChildShard, HashKeyRange, Record, RecordsPage, Shard, StartingPosition, StreamClient,
@@ -57,7 +57,8 @@ pub use stream::{
 pub use stream_identity::{MultiStreamLeaseKey, StreamIdentity};
 pub use stream_sync_schedule::SyncSchedule;
 pub use stream_tracker::{
-    FixedStreams, FormerStreams, LeasedStream, StreamConfig, StreamTracker, TrackerFn,
+    FixedStreams, FormerStreams, LeasedStream, StreamClients, StreamConfig, StreamTracker,
+    TrackerFn,
 };
 pub use subscription::{ConsumerStatus, ShardSubscription, StreamConsumer, SubscriptionEvent};
 pub use worker::{Worker, WorkerStatus};

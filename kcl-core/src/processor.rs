@@ -6,6 +6,7 @@ use crate::checkpoint::Checkpointer;
 use crate::error::BoxError;
 use crate::sequence::Checkpoint;
 use crate::stream::Record;
+use crate::stream_identity::StreamIdentity;
 
 /// Processes the records of one shard. The worker creates one per shard lease it holds (with
 /// a [`RecordProcessorFactory`]) and calls it from one task, so calls never overlap.
@@ -102,15 +103,74 @@ pub trait RecordProcessor: Send + 'static {
     }
 }
 
+/// The shard a processor is created for: its id and, in multi-stream mode, its stream.
+#[derive(Clone, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub struct ShardContext {
+    /// The shard's id, e.g. `shardId-000000000001`.
+    pub shard_id: String,
+    /// The stream the shard belongs to; `None` in single-stream mode.
+    pub stream: Option<StreamIdentity>,
+}
+
+impl ShardContext {
+    /// The context of `shard_id` of `stream` (`None`: single-stream mode).
+    pub fn new(shard_id: impl Into<String>, stream: Option<StreamIdentity>) -> Self {
+        ShardContext {
+            shard_id: shard_id.into(),
+            stream,
+        }
+    }
+}
+
 /// Creates a [`RecordProcessor`] for each shard a worker starts processing.
 ///
-/// Any `Fn(&str) -> P` closure is a factory.
+/// Any `Fn(&str) -> P` closure is a factory; a multi-stream application whose processors
+/// need their stream wraps a `Fn(&ShardContext) -> P` closure in [`PerStream`].
 pub trait RecordProcessorFactory: Send + Sync + 'static {
     /// The processor type.
     type Processor: RecordProcessor;
 
     /// A new processor for `shard_id`.
     fn create_processor(&self, shard_id: &str) -> Self::Processor;
+
+    /// A new processor for `shard`: the worker calls this one. Default: [`create_processor`]
+    /// with the shard id, so a factory that does not care about the stream implements only
+    /// that.
+    ///
+    /// [`create_processor`]: RecordProcessorFactory::create_processor
+    fn create_processor_for(&self, shard: &ShardContext) -> Self::Processor {
+        self.create_processor(&shard.shard_id)
+    }
+}
+
+/// A factory from a `Fn(&ShardContext) -> P` closure: its processors know their stream.
+///
+/// ```
+/// # use kcl_core::{PerStream, ShardContext};
+/// # struct Print { stream: String }
+/// let factory = PerStream(|shard: &ShardContext| Print {
+///     stream: shard.stream.as_ref().map_or("", |s| s.stream_name()).to_owned(),
+/// });
+/// # let _ = factory;
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct PerStream<F>(pub F);
+
+impl<F, P> RecordProcessorFactory for PerStream<F>
+where
+    F: Fn(&ShardContext) -> P + Send + Sync + 'static,
+    P: RecordProcessor,
+{
+    type Processor = P;
+
+    fn create_processor(&self, shard_id: &str) -> P {
+        (self.0)(&ShardContext::new(shard_id, None))
+    }
+
+    fn create_processor_for(&self, shard: &ShardContext) -> P {
+        (self.0)(shard)
+    }
 }
 
 impl<F, P> RecordProcessorFactory for F

@@ -27,18 +27,18 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::{SeedSource, retry};
-use crate::config::WorkerConfig;
+use crate::config::{InitialPosition, WorkerConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::invalid_items::InvalidItems;
 use crate::lease::{Lease, LeaseCreation, LeaseStore, LineageGuard, lineage};
 use crate::sequence::Checkpoint;
 use crate::stream::{Shard, StreamClient};
+use crate::worker::SyncRequests;
 
 /// Attempts of each call of one sync.
 const SYNC_ATTEMPTS: usize = 5;
@@ -60,10 +60,18 @@ async fn create(
     }
 }
 
+/// Keeps one stream's leases in step with its shards. In multi-stream mode `store` is the
+/// stream's view of the table ([`StreamLeases`](crate::lease::stream_view::StreamLeases)),
+/// keyed by shard id, which also stamps the leases with the stream.
 #[derive(Debug)]
 pub(crate) struct ShardSyncer {
     pub(crate) stream: Arc<dyn StreamClient>,
     pub(crate) store: Arc<dyn LeaseStore>,
+    /// In single-stream mode, the stream's name or ARN: a table whose leases name another
+    /// stream is refused, and new leases are stamped with it. `None` in multi-stream mode.
+    pub(crate) stream_name: Option<String>,
+    /// Where the stream's shards without a checkpoint start.
+    pub(crate) initial_position: InitialPosition,
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) seeds: Arc<SeedSource>,
     /// Lease items that do not decode, reported once per worker: shared with the
@@ -74,13 +82,17 @@ pub(crate) struct ShardSyncer {
 }
 
 impl ShardSyncer {
-    /// Syncs every `shard_sync_interval` and whenever `trigger` is notified, until `stop`.
+    /// Syncs every `shard_sync_interval` and whenever a sync is requested, until `stop`.
     ///
     /// # Errors
     /// [`Error::StreamNotFound`] when the stream was deleted, and
     /// [`Error::LeaseTableOfAnotherStream`] when the table is another stream's; other failures
     /// are logged and retried at the next sync.
-    pub(crate) async fn run(mut self, trigger: Arc<Notify>, stop: CancellationToken) -> Result<()> {
+    pub(crate) async fn run(
+        mut self,
+        requests: Arc<SyncRequests>,
+        stop: CancellationToken,
+    ) -> Result<()> {
         let every = self.config.lease.shard_sync_interval;
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -88,7 +100,9 @@ impl ShardSyncer {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
-                _ = trigger.notified() => {}
+                _ = requests.requested() => {
+                    requests.take();
+                }
                 _ = tick.tick() => {
                     // With watchers, only they sync on the interval: a member's sync would
                     // cost a strongly consistent scan for nothing the watchers miss.
@@ -225,7 +239,9 @@ impl ShardSyncer {
         let mut scan = scan;
         // Watcher slots are no shards' leases: never plan or delete them.
         scan.take_watcher_slots();
-        crate::lease::check_stream(store.table_name(), &scan.leases, &self.config.stream)?;
+        if let Some(stream) = &self.stream_name {
+            crate::lease::check_stream(store.table_name(), &scan.leases, stream)?;
+        }
         self.invalid_items.scanned(ticket, &scan.invalid);
         // An item that does not decode still occupies its key: never create over it.
         let mut leases = scan.leases;
@@ -235,9 +251,15 @@ impl ShardSyncer {
             }
         }
         let mut created = 0usize;
-        let stream_name = crate::lease::stream_name_of(&self.config.stream).to_owned();
-        for new in lineage::leases_to_create(&shards, &leases, &self.config.initial_position) {
-            let lease = new.lease.with_stream_name(&stream_name);
+        let stream_name = self
+            .stream_name
+            .as_deref()
+            .map(|s| crate::lease::stream_name_of(s).to_owned());
+        for new in lineage::leases_to_create(&shards, &leases, &self.initial_position) {
+            let lease = match &stream_name {
+                Some(name) => new.lease.with_stream_name(name),
+                None => new.lease,
+            };
             let guard = new.guard;
             let made = retry(
                 "create lease",

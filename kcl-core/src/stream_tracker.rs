@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::config::InitialPosition;
 use crate::error::Result;
+use crate::stream::StreamClient;
 use crate::stream_identity::StreamIdentity;
 
 /// One stream to consume, and where its shards without a checkpoint start.
@@ -53,6 +55,23 @@ impl StreamConfig {
 pub trait StreamTracker: Send + Sync + fmt::Debug + 'static {
     /// The streams to consume.
     async fn streams(&self) -> Result<Vec<StreamConfig>>;
+}
+
+/// The client of each stream a multi-stream worker consumes: any
+/// `Fn(&str) -> Arc<dyn StreamClient>` closure, given the name or ARN the tracker listed, or
+/// [`KinesisStreamClients`](crate::KinesisStreamClients).
+pub trait StreamClients: Send + Sync + 'static {
+    /// The client of `stream` (a name or an ARN).
+    fn client(&self, stream: &str) -> Arc<dyn StreamClient>;
+}
+
+impl<F> StreamClients for F
+where
+    F: Fn(&str) -> Arc<dyn StreamClient> + Send + Sync + 'static,
+{
+    fn client(&self, stream: &str) -> Arc<dyn StreamClient> {
+        self(stream)
+    }
 }
 
 /// A fixed list of streams.

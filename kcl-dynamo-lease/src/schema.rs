@@ -40,6 +40,8 @@ pub const HANDOFF_TO: &str = "handoffTo";
 /// attribute in multi-stream mode (with its stream identifier); in single-stream mode it
 /// ignores it, as it ignores every attribute it does not know.
 pub const STREAM_NAME: &str = "streamName";
+/// A multi-stream lease's shard id (its key is `ACCOUNT:NAME:EPOCH:SHARD_ID`).
+pub const SHARD_ID: &str = "shardId";
 /// Java KCL 3.x only: the worker that must checkpoint and shut down before the lease's new
 /// `leaseOwner` may process it (set by the Java leader during a graceful handoff, removed when
 /// the old owner lets go). A Java 3.x worker does not renew a lease whose `checkpointOwner`
@@ -91,6 +93,9 @@ pub fn lease_to_item(lease: &Lease) -> HashMap<String, AttributeValue> {
     if let Some(stream) = &lease.stream_name {
         item.insert(STREAM_NAME.to_owned(), AttributeValue::S(stream.clone()));
     }
+    if let Some(shard_id) = &lease.shard_id {
+        item.insert(SHARD_ID.to_owned(), AttributeValue::S(shard_id.clone()));
+    }
     if let Some(range) = lease.hash_key_range {
         item.insert(
             STARTING_HASH_KEY.to_owned(),
@@ -133,6 +138,7 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
     let owner = decoder.optional_string(LEASE_OWNER)?;
     let handoff_to = decoder.optional_string(HANDOFF_TO)?;
     let stream_name = decoder.optional_string(STREAM_NAME)?;
+    let shard_id = decoder.optional_string(SHARD_ID)?;
     let counter = decoder.required_number(LEASE_COUNTER)?;
     let sub_sequence_number = decoder
         .optional_number(CHECKPOINT_SUB_SEQUENCE_NUMBER)?
@@ -162,6 +168,7 @@ pub fn lease_from_item(table: &str, item: &HashMap<String, AttributeValue>) -> R
     lease.hash_key_range = hash_key_range;
     lease.handoff_to = handoff_to;
     lease.stream_name = stream_name;
+    lease.shard_id = shard_id;
     Ok(lease)
 }
 
@@ -393,6 +400,7 @@ mod tests {
             proptest::option::of((any::<u128>(), any::<u128>())),
             proptest::option::of("[a-z0-9-]{1,40}"),
             proptest::option::of("[a-zA-Z0-9_.-]{1,128}"),
+            proptest::option::of("shardId-[0-9]{12}"),
         )
             .prop_map(
                 |(
@@ -406,6 +414,7 @@ mod tests {
                     range,
                     handoff_to,
                     stream_name,
+                    shard_id,
                 )| {
                     let mut lease = Lease::new(key, checkpoint).with_parents(parents);
                     lease.owner = owner;
@@ -418,6 +427,7 @@ mod tests {
                     });
                     lease.handoff_to = handoff_to;
                     lease.stream_name = stream_name;
+                    lease.shard_id = shard_id;
                     lease
                 },
             )
@@ -454,7 +464,7 @@ mod tests {
                     Just(LEASE_KEY), Just(LEASE_OWNER), Just(LEASE_COUNTER), Just(CHECKPOINT),
                     Just(CHECKPOINT_SUB_SEQUENCE_NUMBER), Just(OWNER_SWITCHES_SINCE_CHECKPOINT),
                     Just(PARENT_SHARD_ID), Just(CHILD_SHARD_IDS), Just(STARTING_HASH_KEY),
-                    Just(ENDING_HASH_KEY), Just(HANDOFF_TO), Just(STREAM_NAME),
+                    Just(ENDING_HASH_KEY), Just(HANDOFF_TO), Just(STREAM_NAME), Just(SHARD_ID),
                 ], proptest::option::of(arb_value())),
                 0..5,
             ),

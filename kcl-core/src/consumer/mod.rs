@@ -51,10 +51,11 @@ use crate::counters::Counters;
 use crate::error::{BoxError, Error, ErrorChain};
 use crate::lease::LeaseStore;
 use crate::lease::held::HeldLease;
-use crate::processor::{RecordProcessor, RecordProcessorFactory};
+use crate::processor::{RecordProcessor, RecordProcessorFactory, ShardContext};
 use crate::published::Published;
 use crate::sequence::Checkpoint;
-use crate::stream::{ChildShard, Record, StartingPosition, StreamClient};
+use crate::stream::{ChildShard, Record, StartingPosition};
+use crate::worker::ActiveStream;
 use batch::{Batches, FetchedBatch};
 use fan_out::FanOutReader;
 use poller::Poller;
@@ -134,8 +135,11 @@ fn panic_message(payload: Box<dyn Any + Send>) -> String {
 
 pub(crate) struct ShardConsumer<F: RecordProcessorFactory> {
     pub(crate) lease: Arc<HeldLease>,
+    /// The shard the lease is of (in multi-stream mode the lease key is longer).
+    pub(crate) shard: ShardContext,
     pub(crate) store: Arc<dyn LeaseStore>,
-    pub(crate) stream: Arc<dyn StreamClient>,
+    /// The shard's stream: its client, initial position and fan-out consumer.
+    pub(crate) stream: Arc<ActiveStream>,
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) seeds: Arc<SeedSource>,
     pub(crate) factory: Arc<F>,
@@ -145,8 +149,6 @@ pub(crate) struct ShardConsumer<F: RecordProcessorFactory> {
     pub(crate) parents_done: Arc<Published<BTreeSet<String>>>,
     pub(crate) stats: Arc<ShardStats>,
     pub(crate) progress: Arc<Progress>,
-    /// In fan-out mode: the registered consumer the shard is read as.
-    pub(crate) consumer_arn: Option<Arc<str>>,
 }
 
 /// What reads a session's records ahead of the processor.
@@ -248,10 +250,10 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
         backoff: &mut Backoff,
         attempts: &mut usize,
     ) -> Result<F::Processor, Interrupt> {
-        let shard_id = self.lease.lease_key();
+        let shard_id = self.shard.shard_id.as_str();
         loop {
             let created = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                self.factory.create_processor(shard_id)
+                self.factory.create_processor_for(&self.shard)
             }));
             let failure: BoxError = match created {
                 Err(payload) => {
@@ -273,7 +275,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             };
             let Some(delay) = backoff.next() else {
                 return Err(Interrupt::Failed(processor_error(
-                    shard_id,
+                    self.lease.lease_key(),
                     "initialize",
                     *attempts,
                     failure,
@@ -293,7 +295,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
                 children: Vec::new(),
             };
         }
-        if let Some(exit) = self.wait_for_parents(&lease.parent_shard_ids).await {
+        if let Some(exit) = self.wait_for_parents(&lease.parent_keys()).await {
             return exit;
         }
         let retry = self
@@ -365,12 +367,12 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
 
     /// One reading session from the checkpoint: a new iterator, a new processor, a poller.
     async fn session(&self, checkpointer: &mut Checkpointer, attempts: &mut usize) -> SessionEnd {
-        let shard_id = self.lease.lease_key().to_owned();
+        let shard_id = self.shard.shard_id.clone();
         let checkpoint = checkpointer.last_checkpoint().clone();
         checkpointer.start_session();
         let lost = self.lease.lost_token().clone();
         let handoff = self.lease.handoff_token().clone();
-        let start = starting_position(&checkpoint, &self.config.initial_position, &shard_id);
+        let start = starting_position(&checkpoint, &self.stream.initial_position, &shard_id);
         let budget = self.config.polling.max_prefetched_bytes;
         let batches = Batches {
             shard_id: shard_id.clone(),
@@ -384,9 +386,9 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             budget_bytes: budget,
             stats: self.stats.clone(),
         };
-        let reader = match (&self.config.retrieval, &self.consumer_arn) {
+        let reader = match (&self.config.retrieval, &self.stream.consumer_arn) {
             (Retrieval::FanOut(fan_out), Some(consumer_arn)) => Reader::FanOut(FanOutReader {
-                stream: self.stream.clone(),
+                stream: self.stream.client.clone(),
                 shard_id: shard_id.clone(),
                 consumer_arn: consumer_arn.clone(),
                 config: fan_out.clone(),
@@ -397,7 +399,7 @@ impl<F: RecordProcessorFactory> ShardConsumer<F> {
             }),
             _ => {
                 let poller = Poller {
-                    stream: self.stream.clone(),
+                    stream: self.stream.client.clone(),
                     shard_id: shard_id.clone(),
                     config: self.config.polling.clone(),
                     seeds: self.seeds.clone(),

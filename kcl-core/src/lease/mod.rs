@@ -40,6 +40,7 @@
 pub(crate) mod held;
 pub(crate) mod lineage;
 pub(crate) mod renewer;
+pub(crate) mod stream_view;
 pub(crate) mod taker;
 pub(crate) mod usage;
 pub(crate) mod watch;
@@ -78,8 +79,14 @@ pub struct Lease {
     pub handoff_to: Option<String>,
     /// The name of the stream whose shard this is (`streamName`), so that a lease table is
     /// never shared by two streams unnoticed ([`Error::LeaseTableOfAnotherStream`]). `None` on
-    /// leases written by the Java KCL or by versions before it: those fit any stream.
+    /// leases written by the Java KCL or by versions before it: those fit any stream. In
+    /// multi-stream mode, the stream's identity `ACCOUNT:NAME:CREATION_EPOCH`, as the Java
+    /// KCL writes it.
     pub stream_name: Option<String>,
+    /// In multi-stream mode, the shard's id (`shardId`); the lease key is then
+    /// `ACCOUNT:NAME:CREATION_EPOCH:SHARD_ID`. `None` in single-stream mode, where the lease
+    /// key is the shard id.
+    pub shard_id: Option<String>,
 }
 
 impl Lease {
@@ -96,6 +103,7 @@ impl Lease {
             hash_key_range: None,
             handoff_to: None,
             stream_name: None,
+            shard_id: None,
         }
     }
 
@@ -132,6 +140,22 @@ impl Lease {
     pub fn is_finished(&self) -> bool {
         self.checkpoint.is_shard_end()
     }
+
+    /// The lease keys of the parent shards: the parents are stored as shard ids (as the Java
+    /// KCL stores them), and a multi-stream lease's parents are shards of its own stream.
+    pub(crate) fn parent_keys(&self) -> BTreeSet<String> {
+        let prefix = key_prefix(&self.lease_key);
+        self.parent_shard_ids
+            .iter()
+            .map(|p| format!("{prefix}{p}"))
+            .collect()
+    }
+}
+
+/// What a lease key puts before the shard id: `ACCOUNT:NAME:EPOCH:` for a multi-stream key,
+/// nothing for a single-stream one (shard ids never contain `:`).
+pub(crate) fn key_prefix(lease_key: &str) -> &str {
+    lease_key.rfind(':').map_or("", |i| &lease_key[..=i])
 }
 
 /// The state a conditional lease write expects to find: the owner and the counter.
@@ -260,6 +284,22 @@ pub(crate) fn check_stream(table: &str, leases: &[Lease], stream: &str) -> Resul
             table: table.to_owned(),
             table_stream: other.to_owned(),
             stream: stream.to_owned(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// In multi-stream mode: the first lease that is not a multi-stream lease, as an error (the
+/// table is a single-stream application's, whose leases are keyed by shard id). Watcher slots
+/// are taken out of the scan before.
+pub(crate) fn check_multi_stream(table: &str, leases: &[Lease]) -> Result<()> {
+    match leases.iter().find(|l| key_prefix(&l.lease_key).is_empty()) {
+        Some(single) => Err(Error::LeaseTableOfAnotherStream {
+            table: table.to_owned(),
+            table_stream: single.stream_name.clone().unwrap_or_else(|| {
+                format!("a single-stream application (lease `{}`)", single.lease_key)
+            }),
+            stream: "a multi-stream application".to_owned(),
         }),
         None => Ok(()),
     }

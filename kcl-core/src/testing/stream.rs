@@ -240,6 +240,12 @@ impl InMemoryStream {
         stream
     }
 
+    /// Deletes the stream: from now on every call fails with [`Error::StreamNotFound`], as
+    /// Kinesis answers `ResourceNotFoundException` for a deleted stream.
+    pub fn delete(&self) {
+        self.exists.store(false, Ordering::SeqCst);
+    }
+
     /// The hash key of a partition key: 128 well-mixed bits (Kinesis uses MD5; any even
     /// spread will do here).
     pub fn hash_key(partition_key: &str) -> u128 {

@@ -10,49 +10,77 @@ use tokio::time::Instant;
 use tracing::{Instrument, error, info, warn};
 
 use super::shutdown::release_lease;
+use super::streams::shard_id_of;
 use super::{Coordinator, MAX_SHARD_COOLDOWN, RunningConsumer};
 use crate::consumer::{Progress, ShardConsumer, ShardExit, ShardStats};
 use crate::counters::Counters;
 use crate::error::{Error, ErrorChain};
 use crate::lease::held::{HeldLease, HeldLeases};
-use crate::processor::RecordProcessorFactory;
+use crate::lease::key_prefix;
+use crate::processor::{RecordProcessorFactory, ShardContext};
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
     pub(super) fn start_consumer(&mut self, lease: Arc<HeldLease>, parents: BTreeSet<String>) {
         let key = lease.lease_key().to_owned();
-        if !parents.is_subset(&self.done_parents) {
-            self.awaited_parents.insert(key.clone(), parents);
-        }
         let stop = self.consumers_stop.child_token();
         let progress = Progress::new();
-        let consumer = ShardConsumer {
-            lease,
-            store: self.store.clone(),
-            stream: self.stream.clone(),
-            config: self.config.clone(),
-            seeds: self.seeds.clone(),
-            factory: self.factory.clone(),
-            shutdown: stop.clone(),
-            parents_done: self.parents_done.clone(),
-            stats: Arc::new(ShardStats::new(
-                self.metrics.clone(),
-                &self.config.metrics,
-                &self.config.stream,
-                &key,
-            )),
-            progress: progress.clone(),
-            consumer_arn: self.consumer_arn.clone(),
+        let stream = self.streams.borrow().get(key_prefix(&key)).cloned();
+        let abort = match stream {
+            Some(stream) => {
+                if !parents.is_subset(&self.done_parents) {
+                    self.awaited_parents.insert(key.clone(), parents);
+                }
+                let consumer = ShardConsumer {
+                    shard: ShardContext::new(shard_id_of(&key), stream.identity.clone()),
+                    lease,
+                    store: self.store.clone(),
+                    config: self.config.clone(),
+                    seeds: self.seeds.clone(),
+                    factory: self.factory.clone(),
+                    shutdown: stop.clone(),
+                    parents_done: self.parents_done.clone(),
+                    stats: Arc::new(ShardStats::new(
+                        self.metrics.clone(),
+                        &self.config.metrics,
+                        &stream.name,
+                        &key,
+                    )),
+                    progress: progress.clone(),
+                    stream,
+                };
+                self.consumers.spawn(consumer.run().in_current_span())
+            }
+            // Its stream left this worker's list between the take and now: the exit of a
+            // consumer asked to stop releases the lease.
+            None => {
+                info!(lease_key = %key, "took a lease of a stream no longer consumed; releasing it");
+                self.consumers.spawn(async { ShardExit::Shutdown })
+            }
         };
-        let abort = self.consumers.spawn(consumer.run().in_current_span());
         self.consumer_leases.insert(abort.id(), key.clone());
         self.running.insert(
             key,
             RunningConsumer {
                 abort,
+                stop,
                 progress,
                 warned_slow: false,
             },
         );
+    }
+
+    /// Asks the consumers of streams no longer consumed to stop: each processor gets
+    /// `shutdown_requested` (to checkpoint), and the exit releases its lease for nobody in
+    /// particular. The leases are deleted once the stream has been gone for the grace period
+    /// (see `multi_stream`), or taken again if it comes back.
+    pub(super) fn stop_consumers_of_former_streams(&mut self) {
+        let streams = self.streams.borrow_and_update().clone();
+        for (key, consumer) in &self.running {
+            if !streams.contains_key(key_prefix(key)) && !consumer.stop.is_cancelled() {
+                info!(lease_key = %key, "its stream is no longer consumed; stopping the shard consumer");
+                consumer.stop.cancel();
+            }
+        }
     }
 
     /// Acts on a consumer's exit, releasing its lease if that is what the exit calls for.
@@ -155,6 +183,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             // lease was offered to, without waiting for the other shards.
             ShardExit::Shutdown => release(&self.held, false),
             ShardExit::Failed(e) => {
+                // A deleted stream: its sync finds out and stops consuming it (in single-stream
+                // mode the worker stops).
+                if matches!(e, Error::StreamNotFound { .. }) {
+                    self.sync_requests.request(&key);
+                }
                 let failures = self.cooldown.get(&key).map_or(1, |(n, _)| *n);
                 error!(lease_key = %key, error = %ErrorChain(&e), failures, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
                 release(&self.held, false)

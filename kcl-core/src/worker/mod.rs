@@ -21,18 +21,22 @@
 
 mod consumers;
 mod fan_out;
+mod multi_stream;
 mod resharding;
 mod shutdown;
 mod status;
+mod streams;
 mod taking;
 mod watching;
+
+pub(crate) use streams::{ActiveStream, SyncRequests};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +60,8 @@ use crate::processor::RecordProcessorFactory;
 use crate::published::Published;
 use crate::shard_sync::ShardSyncer;
 use crate::stream::{HashKeyRange, StreamClient};
+use crate::stream_tracker::{StreamClients, StreamTracker};
+use streams::ActiveStreams;
 
 /// Attempts of a lease-table or stream call made at start-up or at shutdown.
 const SETUP_ATTEMPTS: usize = 5;
@@ -103,7 +109,7 @@ pub use status::WorkerStatus;
 /// ```
 pub struct Worker<F> {
     config: Arc<WorkerConfig>,
-    stream: Arc<dyn StreamClient>,
+    source: Source,
     store: Arc<dyn LeaseStore>,
     factory: Arc<F>,
     status: watch::Sender<WorkerStatus>,
@@ -115,9 +121,32 @@ impl<F> std::fmt::Debug for Worker<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Worker")
             .field("config", &self.config)
-            .field("stream", &self.stream)
+            .field("source", &self.source)
             .field("store", &self.store)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where a worker's streams come from.
+enum Source {
+    /// One stream; lease keys are shard ids.
+    Single(Arc<dyn StreamClient>),
+    /// The streams a tracker lists; lease keys are `ACCOUNT:NAME:EPOCH:SHARD_ID`.
+    Multi {
+        tracker: Arc<dyn StreamTracker>,
+        clients: Arc<dyn StreamClients>,
+    },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Single(stream) => f.debug_tuple("Single").field(stream).finish(),
+            Source::Multi { tracker, .. } => f
+                .debug_struct("Multi")
+                .field("tracker", tracker)
+                .finish_non_exhaustive(),
+        }
     }
 }
 
@@ -133,14 +162,59 @@ impl<F: RecordProcessorFactory> Worker<F> {
         lease_store: Arc<dyn LeaseStore>,
         factory: F,
     ) -> Result<Self> {
-        config.validate()?;
-        // Every call is bounded in time, so nothing can stall the worker; a vanished lease
-        // table, found by any call, ends it.
-        let fatal = Arc::new(Fatal::default());
         let stream: Arc<dyn StreamClient> = Arc::new(BoundedStream {
             inner: stream,
             timeout: config.polling.request_timeout,
         });
+        Self::with_source(config, Source::Single(stream), lease_store, factory)
+    }
+
+    /// A multi-stream worker: it consumes every stream `tracker` lists (asked again every
+    /// [`MultiStreamConfig::stream_discovery_interval`](crate::MultiStreamConfig)), each
+    /// through the client `clients` makes for it, with one lease table for all of them. Lease
+    /// keys are the Java KCL's `ACCOUNT:NAME:CREATION_EPOCH:SHARD_ID`, so a stream deleted and
+    /// recreated under its name is another stream. `config.stream` is only a label for logs
+    /// and metrics. The factory's
+    /// [`create_processor_for`](RecordProcessorFactory::create_processor_for) is told each
+    /// shard's stream (see [`PerStream`](crate::PerStream)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `config` does not validate, or names a fan-out consumer
+    /// by ARN (a consumer belongs to one stream: in multi-stream mode each stream registers
+    /// its own, under the consumer name).
+    pub fn multi_stream(
+        config: WorkerConfig,
+        tracker: Arc<dyn StreamTracker>,
+        clients: Arc<dyn StreamClients>,
+        lease_store: Arc<dyn LeaseStore>,
+        factory: F,
+    ) -> Result<Self> {
+        if let Retrieval::FanOut(fan_out) = &config.retrieval
+            && matches!(fan_out.consumer, Some(crate::config::ConsumerRef::Arn(_)))
+        {
+            return Err(Error::invalid_config(
+                "retrieval.consumer",
+                "a consumer ARN names one stream's consumer; in multi-stream mode name the consumer instead",
+            ));
+        }
+        Self::with_source(
+            config,
+            Source::Multi { tracker, clients },
+            lease_store,
+            factory,
+        )
+    }
+
+    fn with_source(
+        config: WorkerConfig,
+        source: Source,
+        lease_store: Arc<dyn LeaseStore>,
+        factory: F,
+    ) -> Result<Self> {
+        config.validate()?;
+        // Every call is bounded in time, so nothing can stall the worker; a vanished lease
+        // table, found by any call, ends it.
+        let fatal = Arc::new(Fatal::default());
         let contact = Arc::new(LeaseTableContact::default());
         let lease_store: Arc<dyn LeaseStore> = Arc::new(BoundedLeaseStore {
             inner: lease_store,
@@ -151,7 +225,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
         });
         Ok(Worker {
             config: Arc::new(config),
-            stream,
+            source,
             store: lease_store,
             factory: Arc::new(factory),
             status: watch::Sender::new(WorkerStatus::default()),
@@ -201,12 +275,16 @@ impl<F: RecordProcessorFactory> Worker<F> {
         crate::metrics::describe();
         let stream_name = self.config.stream.clone();
         let watch = self.config.lease.watchers.map(watching::Watch::new);
+        let (streams_tx, streams) = watch::channel(Arc::new(ActiveStreams::new()));
         let coordinator = Coordinator {
             watch,
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
             shutdown: shutdown.clone(),
             config: self.config,
-            stream: self.stream,
+            multi_stream: matches!(self.source, Source::Multi { .. }),
+            source: Some(self.source),
+            streams,
+            streams_tx: Arc::new(streams_tx),
             store: self.store,
             factory: self.factory,
             held: Arc::new(HeldLeases::default()),
@@ -224,14 +302,13 @@ impl<F: RecordProcessorFactory> Worker<F> {
             awaited_parents: BTreeMap::new(),
             done_parents: BTreeSet::new(),
             parents_done: Arc::new(Published::new(BTreeSet::new())),
-            sync_trigger: Arc::new(Notify::new()),
-            last_holes: Vec::new(),
+            sync_requests: Arc::new(SyncRequests::default()),
+            last_holes: BTreeMap::new(),
             stopping: false,
             metrics: Arc::new(Counters::default()),
             cooldown: HashMap::new(),
             fatal: self.fatal,
             contact: self.contact,
-            consumer_arn: None,
             published: WorkerMetrics::new(&stream_name),
         };
         let run = coordinator.run().instrument(span.clone());
@@ -264,7 +341,14 @@ impl<F: RecordProcessorFactory> Worker<F> {
 /// The worker's state while it runs.
 struct Coordinator<F> {
     config: Arc<WorkerConfig>,
-    stream: Arc<dyn StreamClient>,
+    /// Where the streams come from, until the start-up takes it.
+    source: Option<Source>,
+    /// The streams consumed now, by lease-key prefix: set once in single-stream mode, by the
+    /// stream sync in multi-stream mode.
+    streams: watch::Receiver<Arc<ActiveStreams>>,
+    streams_tx: Arc<watch::Sender<Arc<ActiveStreams>>>,
+    /// Multi-stream mode: lease keys are `ACCOUNT:NAME:EPOCH:SHARD_ID`.
+    multi_stream: bool,
     store: Arc<dyn LeaseStore>,
     factory: Arc<F>,
     seeds: Arc<SeedSource>,
@@ -296,11 +380,11 @@ struct Coordinator<F> {
     /// Parents known to be finished or gone, published to the waiting consumers.
     done_parents: BTreeSet<String>,
     parents_done: Arc<Published<BTreeSet<String>>>,
-    /// Asks the shard syncer for a full sync now (a shard ended without children, a hole in
-    /// the leases).
-    sync_trigger: Arc<Notify>,
-    /// Hash keys no lease covered at the last taking round.
-    last_holes: Vec<HashKeyRange>,
+    /// Asks the shard syncer for a sync of a stream now (a shard ended without children, a
+    /// hole in the leases, a stream that answered `ResourceNotFound`).
+    sync_requests: Arc<SyncRequests>,
+    /// Hash keys no lease covered at the last taking round, by stream (lease-key prefix).
+    last_holes: BTreeMap<String, Vec<HashKeyRange>>,
     /// Cancelled when the worker is to shut down. Long steps stop starting lease writes once
     /// it is (the ones in flight finish), so the loop acts on it within about one call.
     shutdown: CancellationToken,
@@ -315,8 +399,6 @@ struct Coordinator<F> {
     fatal: Arc<Fatal>,
     /// When a lease-table call last got an answer.
     contact: Arc<LeaseTableContact>,
-    /// In fan-out mode, once registered: the consumer the shards are read as.
-    consumer_arn: Option<Arc<str>>,
     /// The worker-wide metrics, published from each status.
     published: WorkerMetrics,
     /// This worker's part in watching the table, when the fleet has watchers (`None`: every
@@ -327,6 +409,8 @@ struct Coordinator<F> {
 /// A shard consumer task and its handles.
 struct RunningConsumer {
     abort: tokio::task::AbortHandle,
+    /// Asks the consumer to stop gracefully (its stream is no longer consumed).
+    stop: CancellationToken,
     progress: Arc<Progress>,
     /// The watchdog already warned about a long processor callback.
     warned_slow: bool,
@@ -356,6 +440,7 @@ enum Event {
     PollHandoffs,
     PollParents,
     CheckSlots,
+    StreamsChanged,
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -384,54 +469,18 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             ) => initialized,
         };
         initialized?;
-        let mut syncer = ShardSyncer {
-            stream: self.stream.clone(),
-            store: self.store.clone(),
-            config: self.config.clone(),
-            seeds: self.seeds.clone(),
-            invalid_items: self.invalid_items.clone(),
-            watching: self.watch.as_ref().map(|w| w.watching.clone()),
-        };
-        // The first sync runs before anything else: a missing stream stops the worker here.
-        // Nothing is held yet, and a sync may be dropped at any point (see `ShardSyncer::run`),
-        // so a shutdown meanwhile ends the worker at once.
-        let synced = tokio::select! {
+        // The stream sync of either mode: set up (its first sync, or its first discovery)
+        // before anything else. Nothing is held yet, and a sync may be dropped at any point
+        // (see `ShardSyncer::run`), so a shutdown meanwhile ends the worker at once.
+        let sync = tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 info!("worker stopped before it started");
                 return Ok(());
             }
-            synced = syncer.sync_once() => synced,
+            sync = self.start_streams() => sync?,
         };
-        match synced {
-            // A lease store or stream failing for longer than the sync's retries is no reason
-            // to give up a worker (found by the simulation: a worker started during an outage
-            // ended with a transient PutItem error and the fleet never balanced): the
-            // background sync tries again at once, and the taking rounds go on meanwhile.
-            Err(e) if e.is_retryable() => {
-                warn!(error = %ErrorChain(&e), "the first shard sync failed; retrying in the background");
-                self.sync_trigger.notify_one();
-            }
-            Err(e) => return Err(e),
-            Ok(()) => {}
-        }
-        if let Retrieval::FanOut(fan_out) = &self.config.retrieval {
-            // Before any lease is taken: shards are read as this consumer.
-            let active = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    info!("worker stopped before it started");
-                    return Ok(());
-                }
-                active = fan_out::active_consumer(
-                    self.stream.as_ref(),
-                    fan_out,
-                    &self.config.application_name,
-                    &self.seeds,
-                ) => active,
-            };
-            self.consumer_arn = Some(active?.into());
-        }
+        self.streams.borrow_and_update();
         info!(lease_table = %self.store.table_name(), "worker started");
 
         // Background tasks, stopped by this token after the leases are released; each returns
@@ -457,9 +506,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             // shard, so it stays out of `held`.
             background.spawn(renewer("watcher slot renewer", watch.roles.clone()));
         }
-        let (trigger, stop) = (self.sync_trigger.clone(), background_stop.clone());
+        let (requests, stop) = (self.sync_requests.clone(), background_stop.clone());
         background.spawn(
-            async move { ("shard sync", syncer.run(trigger, stop).await) }.in_current_span(),
+            async move {
+                let outcome = match sync {
+                    StreamSync::Single(syncer) => syncer.run(requests, stop).await,
+                    StreamSync::Multi(sync) => sync.run(requests, stop).await,
+                };
+                ("shard sync", outcome)
+            }
+            .in_current_span(),
         );
 
         let lease_config = &self.config.lease;
@@ -494,6 +550,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 _ = handoff_poll.tick(), if !self.incoming.is_empty() => Event::PollHandoffs,
                 _ = parent_poll.tick(), if self.awaits_parents() => Event::PollParents,
                 _ = slot_check.tick(), if self.needs_slot() => Event::CheckSlots,
+                Ok(()) = self.streams.changed() => Event::StreamsChanged,
             };
             match event {
                 Event::Shutdown => break Ok(()),
@@ -521,6 +578,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 Event::PollHandoffs => self.poll_handoffs().await,
                 Event::PollParents => self.poll_parents().await,
                 Event::CheckSlots => self.check_slots().await,
+                Event::StreamsChanged => self.stop_consumers_of_former_streams(),
             }
         };
         if let Err(e) = &outcome {
@@ -550,6 +608,119 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         self.publish_status(None);
         info!("worker stopped");
         outcome
+    }
+}
+
+impl<F> Coordinator<F> {
+    /// True in multi-stream mode (lease keys name their stream).
+    fn is_multi_stream(&self) -> bool {
+        self.multi_stream
+    }
+
+    /// True when this worker consumes the stream of `lease_key`.
+    fn consumes(&self, lease_key: &str) -> bool {
+        self.streams
+            .borrow()
+            .contains_key(crate::lease::key_prefix(lease_key))
+    }
+
+    /// The stream name of `lease_key` for metrics: the configured stream in single-stream
+    /// mode, the stream's name in multi-stream mode.
+    fn stream_label(&self, lease_key: &str) -> String {
+        match crate::lease::key_prefix(lease_key) {
+            "" => self.config.stream.clone(),
+            prefix => crate::MultiStreamLeaseKey::parse(&format!("{prefix}x")).map_or_else(
+                |_| prefix.trim_end_matches(':').to_owned(),
+                |key| key.stream.stream_name().to_owned(),
+            ),
+        }
+    }
+}
+
+/// The background task that keeps the lease table in step with the streams.
+enum StreamSync {
+    Single(ShardSyncer),
+    Multi(multi_stream::MultiStreamSync),
+}
+
+impl<F: RecordProcessorFactory> Coordinator<F> {
+    /// Sets up the streams: in single-stream mode the first shard sync and the fan-out
+    /// consumer, then the one stream is published; in multi-stream mode the first discovery,
+    /// which publishes the streams it found. Returns the sync to run in the background.
+    async fn start_streams(&mut self) -> Result<StreamSync> {
+        let source = self.source.take().ok_or_else(|| Error::TaskFailed {
+            task: "worker".into(),
+            problem: "started twice".into(),
+        })?;
+        let watching = self.watch.as_ref().map(|w| w.watching.clone());
+        let (tracker, clients) = match source {
+            Source::Single(stream) => {
+                let mut syncer = ShardSyncer {
+                    stream: stream.clone(),
+                    store: self.store.clone(),
+                    stream_name: Some(self.config.stream.clone()),
+                    initial_position: self.config.initial_position,
+                    config: self.config.clone(),
+                    seeds: self.seeds.clone(),
+                    invalid_items: self.invalid_items.clone(),
+                    watching,
+                };
+                // The first sync runs before anything else: a missing stream stops the
+                // worker here.
+                match syncer.sync_once().await {
+                    // A lease store or stream failing for longer than the sync's retries is
+                    // no reason to give up a worker (found by the simulation: a worker started
+                    // during an outage ended with a transient PutItem error and the fleet
+                    // never balanced): the background sync tries again at once, and the
+                    // taking rounds go on meanwhile.
+                    Err(e) if e.is_retryable() => {
+                        warn!(error = %ErrorChain(&e), "the first shard sync failed; retrying in the background");
+                        self.sync_requests.request("");
+                    }
+                    Err(e) => return Err(e),
+                    Ok(()) => {}
+                }
+                // Before any lease is taken: shards are read as this consumer.
+                let consumer_arn = match &self.config.retrieval {
+                    Retrieval::FanOut(fan_out) => Some(
+                        fan_out::active_consumer(
+                            stream.as_ref(),
+                            fan_out,
+                            &self.config.application_name,
+                            &self.seeds,
+                        )
+                        .await?
+                        .into(),
+                    ),
+                    Retrieval::Polling => None,
+                };
+                let active = ActiveStream {
+                    identity: None,
+                    name: self.config.stream.clone(),
+                    initial_position: self.config.initial_position,
+                    client: stream,
+                    consumer_arn,
+                };
+                self.streams_tx.send_replace(Arc::new(ActiveStreams::from([(
+                    String::new(),
+                    Arc::new(active),
+                )])));
+                return Ok(StreamSync::Single(syncer));
+            }
+            Source::Multi { tracker, clients } => (tracker, clients),
+        };
+        let mut sync = multi_stream::MultiStreamSync::new(multi_stream::Setup {
+            tracker,
+            clients,
+            store: self.store.clone(),
+            config: self.config.clone(),
+            seeds: self.seeds.clone(),
+            invalid_items: self.invalid_items.clone(),
+            watching,
+            streams: self.streams_tx.clone(),
+        });
+        sync.discover().await;
+        Ok(StreamSync::Multi(sync))
     }
 }
 

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use futures::StreamExt;
 use tracing::{debug, info, warn};
 
+use super::streams::lease_beside;
 use super::{Coordinator, concurrently};
 use crate::error::{Error, ErrorChain, Result};
 use crate::lease::taker::{TakeDecision, TakeReason};
@@ -34,7 +35,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         self.release(key).await;
         self.mark_parents_done([key.to_owned()]);
         if children.is_empty() {
-            self.sync_trigger.notify_one();
+            self.sync_requests.request(key);
             return;
         }
         // A child's lease is created only while every parent has a lease, checked in the
@@ -50,7 +51,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let creatable: Vec<Lease> = children
             .into_iter()
             .map(|child| {
-                Lease::new(&child.shard_id, Checkpoint::TrimHorizon)
+                lease_beside(key, &child.shard_id, Checkpoint::TrimHorizon)
                     .with_parents(child.parent_shard_ids.iter().cloned())
                     .with_hash_key_range(child.hash_key_range)
             })
@@ -63,7 +64,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 // The children's own children are not known here (no shard list). The
                 // parents suffice: while this shard's lease exists, no child's lease
                 // was ever deleted.
-                let guard = LineageGuard::new(lease.parent_shard_ids.iter().cloned(), []);
+                let guard = LineageGuard::new(lease.parent_keys(), []);
                 let created = store.create_lease_in_lineage(&lease, &guard).await;
                 (lease, created)
             }
@@ -92,11 +93,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 }
                 Ok(LeaseCreation::ParentMissing { parent }) => {
                     debug!(child = %lease.lease_key, missing = %parent, "not creating a child before its other parent has a lease");
-                    self.sync_trigger.notify_one();
+                    self.sync_requests.request(key);
                 }
                 Err(e) => {
                     warn!(lease_key = %lease.lease_key, error = %ErrorChain(&e), "creating a child lease failed; a shard sync will");
-                    self.sync_trigger.notify_one();
+                    self.sync_requests.request(key);
                 }
             }
         }
@@ -177,13 +178,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .filter(|p| by_key.get(p.as_str()).is_some_and(|l| l.is_finished()))
             .cloned()
             .collect();
-        let named: BTreeSet<&str> = scan
+        let named: BTreeSet<String> = scan
             .iter()
-            .flat_map(|l| l.parent_shard_ids.iter())
-            .chain(self.awaited_parents.values().flatten())
-            .map(String::as_str)
+            .flat_map(Lease::parent_keys)
+            .chain(self.awaited_parents.values().flatten().cloned())
             .collect();
-        self.done_parents.retain(|p| named.contains(p.as_str()));
+        self.done_parents.retain(|p| named.contains(p));
         self.mark_parents_done(done);
     }
 

@@ -14,7 +14,7 @@ use crate::error::{ErrorKind, Result};
 use crate::lease::held::HeldLease;
 use crate::lease::lineage;
 use crate::lease::taker::{HandoffRequest, TakeDecision, TakeInput, TakeReason, plan};
-use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate};
+use crate::lease::{Lease, LeaseFence, LeaseStore, LeaseUpdate, key_prefix};
 use crate::processor::RecordProcessorFactory;
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -52,9 +52,12 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let slots = scan.take_watcher_slots();
         // Never take a lease of another stream (another deployment with the same application
         // name): its checkpoint is a position in that stream.
-        if let Err(e) =
+        let checked = if self.is_multi_stream() {
+            crate::lease::check_multi_stream(self.store.table_name(), &scan.leases)
+        } else {
             crate::lease::check_stream(self.store.table_name(), &scan.leases, &self.config.stream)
-        {
+        };
+        if let Err(e) = checked {
             self.fatal.raise(e);
             return;
         }
@@ -96,10 +99,27 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .map(|l| l.lease_key().to_owned())
             .chain(self.running.keys().cloned())
             .collect();
+        // The fleet is balanced over the streams this worker consumes: the leases of a stream
+        // it does not (not discovered yet, or gone and waiting for deletion) are neither
+        // taken nor counted, or a worker would keep choosing leases it cannot take.
+        let consumed: Vec<Lease> = if self.is_multi_stream() {
+            scan.leases
+                .iter()
+                .filter(|l| self.consumes(&l.lease_key))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let leases = if self.is_multi_stream() {
+            &consumed
+        } else {
+            &scan.leases
+        };
         let lease_config = &self.config.lease;
         let decisions = plan(&TakeInput {
             worker_id: &self.config.worker_id,
-            leases: &scan.leases,
+            leases,
             held: &held,
             observations: &self.observations,
             now,
@@ -149,17 +169,31 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         self.learn_parents(&scan.leases);
         // An item that does not decode is a lease of unknown range, like an old Java KCL
         // lease without one: the check is inconclusive.
-        let holes = if scan.invalid.is_empty() {
-            lineage::hash_key_holes(&scan.leases)
-        } else {
-            Vec::new()
-        };
-        if !holes.is_empty() && holes == self.last_holes {
-            warn!(
-                ?holes,
-                "hash keys no unfinished lease covers; running a full shard sync"
-            );
-            self.sync_trigger.notify_one();
+        let mut holes = BTreeMap::new();
+        if scan.invalid.is_empty() {
+            let mut by_stream: BTreeMap<&str, Vec<Lease>> = BTreeMap::new();
+            for lease in &scan.leases {
+                by_stream
+                    .entry(key_prefix(&lease.lease_key))
+                    .or_default()
+                    .push(lease.clone());
+            }
+            for (prefix, leases) in by_stream {
+                let found = lineage::hash_key_holes(&leases);
+                if !found.is_empty() {
+                    holes.insert(prefix.to_owned(), found);
+                }
+            }
+        }
+        for (prefix, found) in &holes {
+            if self.last_holes.get(prefix) == Some(found) {
+                warn!(
+                    stream = prefix.trim_end_matches(':'),
+                    holes = ?found,
+                    "hash keys no unfinished lease covers; running a full shard sync"
+                );
+                self.sync_requests.request(prefix);
+            }
         }
         self.last_holes = holes;
         // The next lease of another worker to run out before the next regular round.
@@ -266,7 +300,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             .into_iter()
             .filter(|write| match write {
                 RoundWrite::Take(decision) => self.may_take(decision),
-                RoundWrite::Ask(_) => !self.stopping,
+                RoundWrite::Ask(request) => !self.stopping && self.consumes(&request.lease_key),
             })
             .collect();
         let (store, me) = (self.store.clone(), self.config.worker_id.clone());
@@ -290,6 +324,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             return false;
         }
 
+        // A lease of a stream this worker does not consume (not discovered yet, or gone
+        // from its list): workers that consume it take it.
+        if !self.consumes(&decision.lease_key) {
+            return false;
+        }
         if let Some((failures, until)) = self.cooldown.get(&decision.lease_key)
             && *until > Instant::now()
         {
@@ -312,8 +351,11 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 if decision.reason == TakeReason::Expired {
                     self.counters.leases_taken_expired += 1;
                 }
-                crate::metrics::lease_taken(&self.config.stream, decision.reason.label());
-                let parents = lease.parent_shard_ids.clone();
+                crate::metrics::lease_taken(
+                    &self.stream_label(&lease.lease_key),
+                    decision.reason.label(),
+                );
+                let parents = lease.parent_keys();
                 let held = HeldLease::new(
                     lease,
                     &self.config.worker_id,

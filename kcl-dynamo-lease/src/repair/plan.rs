@@ -9,7 +9,7 @@ use super::{Change, RepairError};
 use crate::schema::{
     CHECKPOINT, CHECKPOINT_OWNER, CHECKPOINT_SUB_SEQUENCE_NUMBER, CHILD_SHARD_IDS, Decoder,
     ENDING_HASH_KEY, HANDOFF_TO, LEASE_COUNTER, LEASE_KEY, LEASE_OWNER,
-    OWNER_SWITCHES_SINCE_CHECKPOINT, PARENT_SHARD_ID, STARTING_HASH_KEY, STREAM_NAME,
+    OWNER_SWITCHES_SINCE_CHECKPOINT, PARENT_SHARD_ID, SHARD_ID, STARTING_HASH_KEY, STREAM_NAME,
     describe_wrong, lease_from_item, number,
 };
 
@@ -173,6 +173,10 @@ pub(crate) fn plan_repair(
     }
     if decoder.optional_string(STREAM_NAME).is_err() {
         plan.remove(STREAM_NAME);
+    }
+    // A multi-stream lease's shard id is also the end of its key, which the worker reads.
+    if decoder.optional_string(SHARD_ID).is_err() {
+        plan.remove(SHARD_ID);
     }
     plan.lease = lease_from_item(table, &plan.item)?;
     Ok(plan)

@@ -1,0 +1,420 @@
+//! The stream sync of a multi-stream worker: one task, owned by the worker's background set
+//! like the single-stream shard sync, that
+//! - asks the tracker for the streams every `stream_discovery_interval`, resolves the
+//!   identity of each new one (`DescribeStreamSummary`) and publishes the set the coordinator
+//!   consumes;
+//! - syncs each stream's shards with its leases on the [`SyncSchedule`] (spread over the
+//!   interval, backing off when throttled), checking first that the stream still has the same
+//!   identity: a stream deleted (`ResourceNotFound`) is no longer consumed, and one recreated
+//!   under its name is followed as the new stream it is;
+//! - deletes the leases of streams that have been missing for the grace period and that no
+//!   live worker holds ([`FormerStreams`]).
+//!
+//! One stream that cannot be reached (throttled, denied, deleted) is logged and retried on its
+//! own schedule: it never stops the others. The task ends only when asked to.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::fan_out;
+use super::streams::{ActiveStream, ActiveStreams, SyncRequests};
+use crate::backoff::{SeedSource, retry};
+use crate::bounded::BoundedStream;
+use crate::config::{Retrieval, WorkerConfig};
+use crate::error::{Error, ErrorChain, ErrorKind, Result};
+use crate::invalid_items::InvalidItems;
+use crate::lease::stream_view::StreamLeases;
+use crate::lease::taker::LeaseObservations;
+use crate::lease::{LeaseStore, key_prefix};
+use crate::shard_sync::ShardSyncer;
+use crate::stream::StreamClient;
+use crate::stream_identity::{MultiStreamLeaseKey, StreamIdentity};
+use crate::stream_sync_schedule::SyncSchedule;
+use crate::stream_tracker::{
+    FormerStreams, LeasedStream, StreamClients, StreamConfig, StreamTracker,
+};
+
+/// Attempts of one stream's identity lookup at discovery.
+const IDENTITY_ATTEMPTS: usize = 3;
+
+/// What the worker hands the stream sync.
+pub(super) struct Setup {
+    pub(super) tracker: Arc<dyn StreamTracker>,
+    pub(super) clients: Arc<dyn StreamClients>,
+    pub(super) store: Arc<dyn LeaseStore>,
+    pub(super) config: Arc<WorkerConfig>,
+    pub(super) seeds: Arc<SeedSource>,
+    pub(super) invalid_items: Arc<InvalidItems>,
+    /// With watchers: whether this worker watches (only watchers sync on the schedule).
+    pub(super) watching: Option<Arc<AtomicBool>>,
+    /// Where the streams consumed now are published.
+    pub(super) streams: Arc<watch::Sender<Arc<ActiveStreams>>>,
+}
+
+/// A stream followed now.
+struct Followed {
+    /// As the tracker listed it.
+    config: StreamConfig,
+    active: Arc<ActiveStream>,
+    syncer: ShardSyncer,
+}
+
+pub(super) struct MultiStreamSync {
+    setup: Setup,
+    followed: BTreeMap<StreamIdentity, Followed>,
+    schedule: SyncSchedule,
+    former: FormerStreams,
+    /// Counters of the leases seen at the last check for former streams: a lease whose
+    /// counter has not moved for a lease duration has no live owner.
+    observations: LeaseObservations,
+}
+
+/// What one stream's sync found.
+enum Synced {
+    Done,
+    /// Throttled or failing for now: retried after a backoff.
+    Failed,
+    /// Deleted (`ResourceNotFound`) or recreated under its name (then `Some` new identity).
+    Gone(Option<StreamIdentity>),
+}
+
+impl MultiStreamSync {
+    pub(super) fn new(setup: Setup) -> Self {
+        let schedule = SyncSchedule::new(
+            setup.config.lease.shard_sync_interval,
+            setup.config.lease.retry,
+            setup.seeds.next_seed(),
+        );
+        MultiStreamSync {
+            setup,
+            followed: BTreeMap::new(),
+            schedule,
+            former: FormerStreams::new(),
+            observations: LeaseObservations::new(),
+        }
+    }
+
+    /// Syncs on the schedule, asks the tracker every discovery interval, and syncs the
+    /// streams the coordinator asks for, until `stop`. Each step may be dropped halfway when
+    /// the worker stops: every write is conditional and idempotent (see
+    /// [`ShardSyncer::run`]).
+    pub(super) async fn run(
+        mut self,
+        requests: Arc<SyncRequests>,
+        stop: CancellationToken,
+    ) -> Result<()> {
+        let every = self.setup.config.multi_stream.stream_discovery_interval;
+        let mut discovery = tokio::time::interval_at(Instant::now() + every, every);
+        discovery.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let next_due = self.schedule.next_due();
+            let step = async {
+                tokio::select! {
+                    biased;
+                    _ = requests.requested() => {
+                        for prefix in requests.take() {
+                            if let Some(stream) = self.by_prefix(&prefix) {
+                                self.sync_now(&stream).await;
+                            }
+                        }
+                    }
+                    _ = discovery.tick() => self.discover().await,
+                    _ = super::sleep_until_some(next_due), if next_due.is_some() => {
+                        self.sync_due().await;
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                () = step => {}
+            }
+        }
+    }
+
+    fn by_prefix(&self, prefix: &str) -> Option<StreamIdentity> {
+        self.followed
+            .keys()
+            .find(|id| key_prefix(&id.lease_key("")) == prefix)
+            .cloned()
+    }
+
+    /// Asks the tracker for the streams, follows the new ones (their first sync at once, so
+    /// a new stream gets its leases within one discovery interval) and drops the ones it no
+    /// longer lists; then deletes the leases of former streams that are due. A tracker that
+    /// fails leaves the streams as they were.
+    pub(super) async fn discover(&mut self) {
+        let listed = match self.setup.tracker.streams().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                warn!(error = %ErrorChain(&e), "the stream tracker failed; consuming the same streams until the next discovery");
+                return;
+            }
+        };
+        let mut names: BTreeSet<&str> = BTreeSet::new();
+        let mut kept = BTreeMap::new();
+        let mut new = Vec::new();
+        for config in &listed {
+            if !names.insert(config.stream.as_str()) {
+                continue;
+            }
+            if let Some((id, _)) = self
+                .followed
+                .iter()
+                .find(|(_, f)| f.config.stream == config.stream)
+            {
+                let id = id.clone();
+                if let Some(followed) = self.followed.remove(&id) {
+                    kept.insert(id, followed);
+                }
+                continue;
+            }
+            let client = self.client(&config.stream);
+            let seeds = self.setup.seeds.clone();
+            let backoff = self
+                .setup
+                .config
+                .lease
+                .retry
+                .with_max_attempts(Some(IDENTITY_ATTEMPTS))
+                .backoff(seeds.next_seed());
+            match retry("DescribeStreamSummary", backoff, || {
+                client.stream_identity()
+            })
+            .await
+            {
+                Ok(id) if kept.contains_key(&id) => {}
+                Ok(id) => match self.follow(config.clone(), id.clone(), client).await {
+                    Some(followed) => {
+                        kept.insert(id.clone(), followed);
+                        new.push(id);
+                    }
+                    None => continue,
+                },
+                Err(e @ Error::StreamNotFound { .. }) => {
+                    info!(stream = %config.stream, error = %ErrorChain(&e), "a listed stream does not exist; not consuming it");
+                }
+                Err(e) => {
+                    warn!(stream = %config.stream, error = %ErrorChain(&e), "could not look up a listed stream; trying again at the next discovery");
+                }
+            }
+        }
+        for (id, _) in std::mem::take(&mut self.followed) {
+            info!(stream = %id, "stream no longer listed by the tracker; stopping its consumers");
+        }
+        self.followed = kept;
+        self.publish();
+        for id in new {
+            info!(stream = %id, "consuming a new stream");
+            self.sync_now(&id).await;
+        }
+        self.delete_former_streams().await;
+    }
+
+    /// The bounded client of `stream`.
+    fn client(&self, stream: &str) -> Arc<dyn StreamClient> {
+        Arc::new(BoundedStream {
+            inner: self.setup.clients.client(stream),
+            timeout: self.setup.config.polling.request_timeout,
+        })
+    }
+
+    /// Follows `id`: in fan-out mode once its consumer is registered and active (`None`, and
+    /// tried again at the next discovery, when that failed).
+    async fn follow(
+        &self,
+        config: StreamConfig,
+        id: StreamIdentity,
+        client: Arc<dyn StreamClient>,
+    ) -> Option<Followed> {
+        let setup = &self.setup;
+        let consumer_arn = match &setup.config.retrieval {
+            Retrieval::FanOut(fan_out) => match fan_out::active_consumer(
+                client.as_ref(),
+                fan_out,
+                &setup.config.application_name,
+                &setup.seeds,
+            )
+            .await
+            {
+                Ok(arn) => Some(arn.into()),
+                Err(e) => {
+                    warn!(stream = %id, error = %ErrorChain(&e), "could not register the stream's fan-out consumer; trying again at the next discovery");
+                    return None;
+                }
+            },
+            Retrieval::Polling => None,
+        };
+        let syncer = ShardSyncer {
+            stream: client.clone(),
+            store: Arc::new(StreamLeases::new(setup.store.clone(), id.clone())),
+            stream_name: None,
+            initial_position: config.initial_position,
+            config: setup.config.clone(),
+            seeds: setup.seeds.clone(),
+            invalid_items: setup.invalid_items.clone(),
+            watching: setup.watching.clone(),
+        };
+        let active = Arc::new(ActiveStream {
+            identity: Some(id.clone()),
+            name: id.stream_name().to_owned(),
+            initial_position: config.initial_position,
+            client,
+            consumer_arn,
+        });
+        Some(Followed {
+            config,
+            active,
+            syncer,
+        })
+    }
+
+    fn publish(&mut self) {
+        let ids: Vec<StreamIdentity> = self.followed.keys().cloned().collect();
+        self.schedule.track(&ids, Instant::now());
+        let streams: ActiveStreams = self
+            .followed
+            .iter()
+            .map(|(id, f)| (format!("{id}:"), f.active.clone()))
+            .collect();
+        self.setup.streams.send_if_modified(|current| {
+            let changed = current.keys().ne(streams.keys());
+            if changed {
+                *current = Arc::new(streams);
+            }
+            changed
+        });
+    }
+
+    /// Syncs the streams due on the schedule. With watchers, only watchers do: a member's
+    /// syncs would cost scans for nothing the watchers miss.
+    async fn sync_due(&mut self) {
+        let now = Instant::now();
+        let watching = self
+            .setup
+            .watching
+            .as_ref()
+            .is_none_or(|w| w.load(Ordering::SeqCst));
+        for id in self.schedule.due(now) {
+            if watching {
+                self.sync_now(&id).await;
+            } else {
+                self.schedule.synced(&id, now);
+            }
+        }
+    }
+
+    /// Syncs one stream now, and acts on what the sync found.
+    async fn sync_now(&mut self, id: &StreamIdentity) {
+        let synced = self.sync_stream(id).await;
+        let now = Instant::now();
+        match synced {
+            Synced::Done => self.schedule.synced(id, now),
+            Synced::Failed => self.schedule.failed(id, now),
+            Synced::Gone(recreated) => {
+                let Some(gone) = self.followed.remove(id) else {
+                    return;
+                };
+                match recreated {
+                    None => {
+                        info!(stream = %id, "stream deleted; stopping its consumers (its leases are deleted after the grace period)")
+                    }
+                    Some(new_id) => {
+                        info!(stream = %id, recreated = %new_id, "stream recreated under its name; consuming the new stream from its start position");
+                        if let Some(followed) = self
+                            .follow(gone.config, new_id.clone(), gone.active.client.clone())
+                            .await
+                        {
+                            self.followed.insert(new_id.clone(), followed);
+                            self.publish();
+                            Box::pin(self.sync_now(&new_id)).await;
+                            return;
+                        }
+                    }
+                }
+                self.publish();
+            }
+        }
+    }
+
+    async fn sync_stream(&mut self, id: &StreamIdentity) -> Synced {
+        let Some(followed) = self.followed.get_mut(id) else {
+            return Synced::Done;
+        };
+        // The stream's name (or ARN) may now name another stream: check before writing
+        // leases of its shards under this identity.
+        match followed.active.client.stream_identity().await {
+            Ok(current) if current == *id => {}
+            Ok(current) => return Synced::Gone(Some(current)),
+            Err(Error::StreamNotFound { .. }) => return Synced::Gone(None),
+            Err(e) => {
+                warn!(stream = %id, error = %ErrorChain(&e), "could not check the stream; its sync is retried later");
+                return Synced::Failed;
+            }
+        }
+        match followed.syncer.sync_once().await {
+            Ok(()) => Synced::Done,
+            Err(Error::StreamNotFound { .. }) => Synced::Gone(None),
+            Err(e) => {
+                warn!(stream = %id, error = %ErrorChain(&e), "shard sync failed; retried later");
+                Synced::Failed
+            }
+        }
+    }
+
+    /// Deletes the leases of streams missing from this worker's list for the grace period
+    /// that no live worker holds: a lease is held while its owner's counter moves (the same
+    /// observed-counter rule as expiry, never clocks). Each delete is fenced at the version
+    /// read, so a lease taken meanwhile is kept.
+    async fn delete_former_streams(&mut self) {
+        let scan = match self.setup.store.list_leases().await {
+            Ok(scan) => scan,
+            Err(e) => {
+                warn!(error = %ErrorChain(&e), "reading the lease table for former streams failed; the next discovery retries");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let lease_duration = self.setup.config.lease.lease_duration;
+        self.observations.observe(&scan.leases, now);
+        let mut leased: BTreeMap<StreamIdentity, LeasedStream> = BTreeMap::new();
+        let mut keys: BTreeMap<StreamIdentity, Vec<&crate::lease::Lease>> = BTreeMap::new();
+        for lease in &scan.leases {
+            let Ok(key) = MultiStreamLeaseKey::parse(&lease.lease_key) else {
+                continue;
+            };
+            let held =
+                lease.owner.is_some() && !self.observations.is_expired(lease, now, lease_duration);
+            leased.entry(key.stream.clone()).or_default().held |= held;
+            keys.entry(key.stream).or_default().push(lease);
+        }
+        let tracked: BTreeSet<StreamIdentity> = self.followed.keys().cloned().collect();
+        let grace = self.setup.config.multi_stream.former_streams_grace;
+        for stream in self.former.due(&tracked, &leased, now, grace) {
+            let mut deleted = 0usize;
+            for lease in keys.get(&stream).into_iter().flatten() {
+                match self
+                    .setup
+                    .store
+                    .delete_lease(&lease.lease_key, &lease.fence())
+                    .await
+                {
+                    Ok(()) => deleted += 1,
+                    Err(e) if e.kind() == ErrorKind::ConditionFailed => {
+                        debug!(lease_key = %lease.lease_key, "a former stream's lease changed; kept");
+                    }
+                    Err(e) => {
+                        warn!(lease_key = %lease.lease_key, error = %ErrorChain(&e), "deleting a former stream's lease failed; the next discovery retries");
+                    }
+                }
+            }
+            info!(%stream, deleted, "deleted the leases of a former stream");
+        }
+    }
+}

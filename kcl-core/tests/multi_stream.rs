@@ -1,0 +1,444 @@
+//! Multi-stream workers on the in-memory fakes: several streams, one lease table, streams that
+//! come and go. The same scenarios run against kinesis-mock and DynamoDB Local in
+//! `tests/tests/multi_stream.rs`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Event, Faults, Log, Running, TestProcessor, wait_until};
+use kcl_core::testing::{IN_MEMORY_ACCOUNT, InMemoryLeaseStore, InMemoryStream};
+use kcl_core::{
+    CancellationToken, InitialPosition, LeaseConfig, LeaseStore, MultiStreamConfig,
+    MultiStreamLeaseKey, PerStream, ShardContext, StreamClient, StreamConfig, TrackerFn, Worker,
+    WorkerConfig,
+};
+
+const WAIT: Duration = Duration::from_secs(120);
+const DISCOVERY: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_secs(30);
+
+/// The streams of a test, by name: what the tracker lists and the clients serve.
+#[derive(Clone, Default)]
+struct Streams {
+    all: Arc<Mutex<BTreeMap<String, Arc<InMemoryStream>>>>,
+    listed: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Streams {
+    fn add(&self, stream: InMemoryStream, name: &str) -> Arc<InMemoryStream> {
+        let stream = Arc::new(stream);
+        self.all
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), stream.clone());
+        self.listed.lock().unwrap().insert(name.to_owned());
+        stream
+    }
+
+    fn unlist(&self, name: &str) {
+        self.listed.lock().unwrap().remove(name);
+    }
+}
+
+fn config(worker: &str) -> WorkerConfig {
+    WorkerConfig::new("multi-app", "multi-stream")
+        .with_worker_id(worker)
+        .with_rng_seed(11)
+        .with_lease(LeaseConfig::default().with_shard_sync_interval(Duration::from_secs(10)))
+        .with_multi_stream(
+            MultiStreamConfig::default()
+                .with_stream_discovery_interval(DISCOVERY)
+                .with_former_streams_grace(GRACE),
+        )
+}
+
+fn start(worker: &str, streams: &Streams, store: &Arc<InMemoryLeaseStore>, log: &Log) -> Running {
+    let listed = streams.listed.clone();
+    let tracker = TrackerFn::new(move || {
+        let names: Vec<StreamConfig> = listed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| StreamConfig::new(n).with_initial_position(InitialPosition::TrimHorizon))
+            .collect();
+        async move { Ok(names) }
+    });
+    let all = streams.all.clone();
+    let clients = move |name: &str| -> Arc<dyn StreamClient> {
+        match all.lock().unwrap().get(name) {
+            Some(stream) => stream.clone(),
+            None => Arc::new(InMemoryStream::missing(name)),
+        }
+    };
+    let (id, log) = (worker.to_owned(), log.clone());
+    // Each processor logs its shard as `STREAM/SHARD`, so the deliveries of the streams'
+    // equally named shards stay apart.
+    let factory = PerStream(move |shard: &ShardContext| TestProcessor {
+        worker: id.clone(),
+        shard: format!(
+            "{}/{}",
+            shard
+                .stream
+                .as_ref()
+                .expect("multi-stream mode")
+                .stream_name(),
+            shard.shard_id
+        ),
+        log: log.clone(),
+        faults: Faults::default(),
+    });
+    let worker = Worker::multi_stream(
+        config(worker),
+        Arc::new(tracker),
+        Arc::new(clients),
+        store.clone() as Arc<dyn LeaseStore>,
+        factory,
+    )
+    .unwrap();
+    let status = worker.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    Running {
+        shutdown,
+        task,
+        status,
+    }
+}
+
+/// Puts `count` records into `stream`: their sequence numbers by `STREAM/SHARD`.
+fn put(
+    name: &str,
+    stream: &InMemoryStream,
+    from: usize,
+    to: usize,
+) -> BTreeMap<String, Vec<String>> {
+    common::put(stream, from, to)
+        .into_iter()
+        .map(|(shard, seqs)| (format!("{name}/{shard}"), seqs))
+        .collect()
+}
+
+/// `STREAM/SHARD` → the sequence numbers delivered, in delivery order.
+fn delivered(log: &Log) -> BTreeMap<String, Vec<String>> {
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in log.delivered() {
+        got.entry(d.shard).or_default().push(d.sequence_number);
+    }
+    got
+}
+
+/// Every expected record was delivered (the streams named in `expected` only).
+fn all_delivered(log: &Log, expected: &BTreeMap<String, Vec<String>>) -> bool {
+    let got = delivered(log);
+    expected
+        .iter()
+        .all(|(shard, seqs)| got.get(shard).is_some_and(|g| g.len() >= seqs.len()))
+}
+
+/// stream name → the keys of its leases in the table.
+fn leases_by_stream(store: &InMemoryLeaseStore) -> BTreeMap<String, Vec<kcl_core::Lease>> {
+    let mut by_stream: BTreeMap<String, Vec<kcl_core::Lease>> = BTreeMap::new();
+    for lease in common::shard_leases(store) {
+        let key = MultiStreamLeaseKey::parse(&lease.lease_key).expect("a multi-stream key");
+        by_stream
+            .entry(key.stream.stream_name().to_owned())
+            .or_default()
+            .push(lease);
+    }
+    by_stream
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_streams_two_workers_every_record_once_in_order_each_stream_spread() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let orders = streams.add(InMemoryStream::new("orders", 4), "orders");
+    let payments = streams.add(InMemoryStream::new("payments", 2), "payments");
+    let clicks = streams.add(InMemoryStream::new("clicks", 4), "clicks");
+    let mut expected = put("orders", &orders, 0, 200);
+    expected.extend(put("payments", &payments, 0, 100));
+    expected.extend(put("clicks", &clicks, 0, 200));
+
+    let a = start("worker-a", &streams, &store, &log);
+    let b = start("worker-b", &streams, &store, &log);
+    wait_until("every record delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    // Balanced per stream, not only in total.
+    wait_until("each stream spread over both workers", WAIT, || {
+        leases_by_stream(&store).values().all(|leases| {
+            let mut per_owner: BTreeMap<Option<String>, usize> = BTreeMap::new();
+            for lease in leases {
+                *per_owner.entry(lease.owner.clone()).or_default() += 1;
+            }
+            per_owner.len() == 2
+                && per_owner.keys().all(Option::is_some)
+                && per_owner.values().max().unwrap() - per_owner.values().min().unwrap() <= 1
+        })
+    })
+    .await;
+    // Keys and attributes as the Java KCL writes them in multi-stream mode.
+    for lease in common::shard_leases(&store) {
+        let key = MultiStreamLeaseKey::parse(&lease.lease_key).unwrap();
+        assert_eq!(key.stream.account_id(), IN_MEMORY_ACCOUNT);
+        assert_eq!(lease.stream_name, Some(key.stream.to_string()));
+        assert_eq!(lease.shard_id.as_deref(), Some(key.shard_id.as_str()));
+    }
+    // More records after the fleet settled, then a clean stop.
+    common::merge(&mut expected, put("orders", &orders, 200, 300));
+    common::merge(&mut expected, put("clicks", &clicks, 200, 300));
+    wait_until("the later records delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+    assert!(log.overlaps().is_empty(), "{:?}", log.overlaps());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_added_while_running_is_consumed_within_a_discovery_interval() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let mut expected = put("orders", &orders, 0, 50);
+    let a = start("worker-a", &streams, &store, &log);
+    wait_until("orders delivered", WAIT, || all_delivered(&log, &expected)).await;
+
+    let added_at = tokio::time::Instant::now();
+    let refunds = streams.add(InMemoryStream::new("refunds", 3), "refunds");
+    expected.extend(put("refunds", &refunds, 0, 60));
+    wait_until("refunds delivered", WAIT, || all_delivered(&log, &expected)).await;
+    // Discovered at the next discovery, synced at once, taken at the next taking round.
+    let took = added_at.elapsed();
+    let bound = DISCOVERY + LeaseConfig::default().taker_interval + Duration::from_secs(2);
+    assert!(took <= bound, "took {took:?}, more than {bound:?}");
+    a.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_no_longer_listed_stops_cleanly_and_its_leases_go_after_the_grace_period() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let legacy = streams.add(InMemoryStream::new("legacy", 2), "legacy");
+    let mut expected = put("orders", &orders, 0, 50);
+    expected.extend(put("legacy", &legacy, 0, 50));
+    let a = start("worker-a", &streams, &store, &log);
+    let b = start("worker-b", &streams, &store, &log);
+    wait_until("both streams delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+
+    streams.unlist("legacy");
+    let unlisted_at = tokio::time::Instant::now();
+    // The processors of the stream are shut down (and checkpoint), their leases released.
+    wait_until("legacy's leases released", WAIT, || {
+        leases_by_stream(&store)
+            .get("legacy")
+            .is_some_and(|leases| leases.iter().all(|l| l.owner.is_none()))
+    })
+    .await;
+    for shard in ["legacy/shardId-000000000000", "legacy/shardId-000000000001"] {
+        assert!(
+            log.events(shard).contains(&Event::ShutdownRequested),
+            "{shard}: {:?}",
+            log.events(shard)
+        );
+    }
+    // Kept through the grace period (another worker might still list the stream) ...
+    assert!(leases_by_stream(&store).contains_key("legacy"));
+    // ... while the other stream flows on.
+    common::merge(&mut expected, put("orders", &orders, 50, 100));
+    let later_legacy = put("legacy", &legacy, 50, 60);
+    wait_until("orders keeps flowing", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    wait_until("legacy's leases deleted", WAIT, || {
+        !leases_by_stream(&store).contains_key("legacy")
+    })
+    .await;
+    assert!(unlisted_at.elapsed() >= GRACE);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    // Nothing of the unlisted stream was read after it left the list.
+    let got = delivered(&log);
+    for (shard, seqs) in &later_legacy {
+        assert!(
+            got.get(shard)
+                .is_none_or(|g| !seqs.iter().any(|s| g.contains(s))),
+            "{shard} read after it was unlisted"
+        );
+    }
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deleted_stream_leaves_the_others_undisturbed_and_its_leases_are_deleted() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let doomed = streams.add(InMemoryStream::new("doomed", 2), "doomed");
+    let mut expected = put("orders", &orders, 0, 50);
+    let doomed_records = put("doomed", &doomed, 0, 50);
+    expected.extend(doomed_records.clone());
+    let a = start("worker-a", &streams, &store, &log);
+    let b = start("worker-b", &streams, &store, &log);
+    wait_until("both streams delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+
+    doomed.delete();
+    common::merge(&mut expected, put("orders", &orders, 50, 100));
+    wait_until("orders keeps flowing", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    wait_until("the deleted stream's leases deleted", WAIT, || {
+        !leases_by_stream(&store).contains_key("doomed")
+    })
+    .await;
+    assert_eq!(
+        leases_by_stream(&store).keys().collect::<Vec<_>>(),
+        ["orders"]
+    );
+    // Both workers still run: a deleted stream is no fatal error in multi-stream mode.
+    assert!(!a.task.is_finished() && !b.task.is_finished());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_recreated_under_its_name_starts_fresh() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let first = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let first_records = put("orders", &first, 0, 40);
+    let a = start("worker-a", &streams, &store, &log);
+    wait_until("the first stream delivered", WAIT, || {
+        all_delivered(&log, &first_records)
+    })
+    .await;
+    let old_keys: BTreeSet<String> = common::shard_leases(&store)
+        .into_iter()
+        .map(|l| l.lease_key)
+        .collect();
+
+    first.delete();
+    let second = streams.add(
+        InMemoryStream::new("orders", 2).with_creation_epoch(1_800_000_000),
+        "orders",
+    );
+    let second_records = put("orders", &second, 0, 30);
+    // The second stream's records are read from its start: its shard ids equal the first
+    // one's, but its leases are new (another creation epoch), without the old checkpoints.
+    let mut expected = first_records.clone();
+    common::merge(&mut expected, second_records.clone());
+    wait_until("the recreated stream delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    let keys_now: BTreeSet<String> = common::shard_leases(&store)
+        .into_iter()
+        .map(|l| l.lease_key)
+        .collect();
+    assert!(
+        keys_now
+            .iter()
+            .any(|k| k.starts_with(&format!("{IN_MEMORY_ACCOUNT}:orders:1800000000:"))),
+        "{keys_now:?}"
+    );
+    wait_until("the first stream's leases deleted", WAIT, || {
+        common::shard_leases(&store)
+            .iter()
+            .all(|l| !old_keys.contains(&l.lease_key))
+    })
+    .await;
+    a.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_split_in_one_stream_keeps_parents_before_children_while_the_others_flow() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let clicks = streams.add(InMemoryStream::new("clicks", 2), "clicks");
+    let mut expected = put("orders", &orders, 0, 60);
+    expected.extend(put("clicks", &clicks, 0, 60));
+    let a = start("worker-a", &streams, &store, &log);
+    let b = start("worker-b", &streams, &store, &log);
+    wait_until("both streams delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+
+    let children = orders.split_shard("shardId-000000000000");
+    common::merge(&mut expected, put("orders", &orders, 60, 200));
+    common::merge(&mut expected, put("clicks", &clicks, 60, 200));
+    wait_until("everything after the split delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+    // Every child record came after the parent's last one.
+    let parent_last = log
+        .delivered()
+        .iter()
+        .filter(|d| d.shard == "orders/shardId-000000000000")
+        .map(|d| d.at)
+        .max()
+        .unwrap();
+    for child in children {
+        let shard = format!("orders/{child}");
+        for d in log.delivered().iter().filter(|d| d.shard == shard) {
+            assert!(
+                d.at >= parent_last,
+                "{shard} delivered before its parent ended"
+            );
+        }
+    }
+    // The children's leases name their parent by shard id, in their own stream.
+    let child_leases: Vec<_> = leases_by_stream(&store)["orders"]
+        .iter()
+        .filter(|l| !l.parent_shard_ids.is_empty())
+        .cloned()
+        .collect();
+    assert!(!child_leases.is_empty());
+    for lease in child_leases {
+        assert_eq!(
+            lease.parent_shard_ids,
+            BTreeSet::from(["shardId-000000000000".to_owned()])
+        );
+    }
+}
