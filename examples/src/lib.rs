@@ -110,6 +110,8 @@ pub fn parse_initial_position(text: &str) -> Result<InitialPosition, String> {
 
 #[derive(Serialize)]
 struct RecordLine<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<&'a str>,
     shard_id: &'a str,
     sequence_number: &'a str,
     sub_sequence_number: u64,
@@ -122,8 +124,15 @@ struct RecordLine<'a> {
 
 /// One record as a JSON object: `data` as text when it is UTF-8, else `data_base64`.
 pub fn record_json_line(shard_id: &str, record: &Record) -> String {
+    stream_record_json_line(None, shard_id, record)
+}
+
+/// One record as a JSON object, with its stream's name first when there is one (multi-stream
+/// mode).
+pub fn stream_record_json_line(stream: Option<&str>, shard_id: &str, record: &Record) -> String {
     let text = std::str::from_utf8(&record.data).ok();
     let line = RecordLine {
+        stream,
         shard_id,
         sequence_number: record.sequence_number.as_str(),
         sub_sequence_number: record.sub_sequence_number,

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use kcl_core::{
-    FanOutConfig, InitialPosition, LeaseConfig, MetricsConfig, PollingConfig, Retrieval,
-    WorkerConfig,
+    FanOutConfig, InitialPosition, LeaseConfig, MetricsConfig, MultiStreamConfig, PollingConfig,
+    Retrieval, WorkerConfig,
 };
 
 use crate::{parse_duration, parse_initial_position};
@@ -18,9 +18,21 @@ pub struct WorkerArgs {
     /// Application name: workers with the same name share the shards; names the lease table.
     #[arg(long)]
     pub app: String,
-    /// Stream name or ARN.
-    #[arg(long)]
-    pub stream: String,
+    /// Stream name or ARN. Given several times (or with --stream-prefix), the worker runs in
+    /// multi-stream mode: one lease table for all the streams.
+    #[arg(long, required_unless_present = "stream_prefix")]
+    pub stream: Vec<String>,
+    /// Multi-stream mode: consume every stream whose name starts with this prefix
+    /// (ListStreams, asked again every --stream-discovery-interval).
+    #[arg(long, conflicts_with = "stream")]
+    pub stream_prefix: Option<String>,
+    /// Multi-stream mode: how often the streams are listed again, e.g. 60s.
+    #[arg(long, value_parser = parse_duration)]
+    pub stream_discovery_interval: Option<Duration>,
+    /// Multi-stream mode: how long a stream must be gone before its leases are deleted, e.g.
+    /// 1h.
+    #[arg(long, value_parser = parse_duration)]
+    pub former_streams_grace: Option<Duration>,
     /// Where shards without a checkpoint start: trim-horizon, latest, at-timestamp=RFC3339
     /// (default: latest for kcl-consumer, trim-horizon for kcl-archive).
     #[arg(long, value_parser = parse_initial_position)]
@@ -99,7 +111,28 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("`{text}` resolves to no address"))
 }
 
+/// The label of a multi-stream worker's configuration (logs and metrics).
+pub const MULTI_STREAM_LABEL: &str = "multi-stream";
+
 impl WorkerArgs {
+    /// True when the flags ask for several streams (or a prefix).
+    pub fn is_multi_stream(&self) -> bool {
+        self.stream.len() > 1 || self.stream_prefix.is_some()
+    }
+
+    /// The one stream of a single-stream worker.
+    ///
+    /// # Errors
+    /// When the flags name several streams or a prefix.
+    pub fn single_stream(&self) -> Result<&str, String> {
+        match (self.stream.as_slice(), &self.stream_prefix) {
+            ([stream], None) => Ok(stream),
+            _ => Err(
+                "this program reads one stream: give --stream once, without --stream-prefix".into(),
+            ),
+        }
+    }
+
     /// The worker's configuration; `initial_position` applies when the flag is not given.
     pub fn config(&self, initial_position: InitialPosition) -> WorkerConfig {
         let defaults = LeaseConfig::default();
@@ -135,7 +168,22 @@ impl WorkerArgs {
                 self.max_prefetched_batches
                     .unwrap_or(polling_defaults.max_prefetched_batches),
             );
-        let mut config = WorkerConfig::new(&self.app, &self.stream)
+        let label = match (self.is_multi_stream(), self.stream.first()) {
+            (false, Some(stream)) => stream.as_str(),
+            _ => MULTI_STREAM_LABEL,
+        };
+        let multi_defaults = MultiStreamConfig::default();
+        let multi_stream = MultiStreamConfig::default()
+            .with_stream_discovery_interval(
+                self.stream_discovery_interval
+                    .unwrap_or(multi_defaults.stream_discovery_interval),
+            )
+            .with_former_streams_grace(
+                self.former_streams_grace
+                    .unwrap_or(multi_defaults.former_streams_grace),
+            );
+        let mut config = WorkerConfig::new(&self.app, label)
+            .with_multi_stream(multi_stream)
             .with_initial_position(self.initial_position.unwrap_or(initial_position))
             .with_lease(lease)
             .with_polling(polling);

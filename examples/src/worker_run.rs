@@ -1,7 +1,12 @@
 //! Runs a worker as the example programs do: with the metrics server (`--metrics-addr`) and
 //! the progress line (`--summary-interval`) beside it, all stopped and awaited together.
 
-use kcl_core::{CancellationToken, ErrorChain, RecordProcessorFactory, WorkerConfig};
+use std::sync::Arc;
+
+use kcl_core::{
+    CancellationToken, ErrorChain, FixedStreams, RecordProcessorFactory, StreamConfig,
+    StreamTracker, StreamsByPrefix, WorkerConfig,
+};
 use kcl_dynamo_lease::AwsWorkerBuilder;
 use tracing::{error, info};
 
@@ -36,7 +41,25 @@ pub async fn run_worker<F: RecordProcessorFactory>(
     };
     let lease_duration = config.lease.lease_duration;
     let deadline = config.shutdown_deadline();
-    let worker = AwsWorkerBuilder::new(sdk, config).build(factory)?;
+    let builder = AwsWorkerBuilder::new(sdk, config);
+    let worker = if args.is_multi_stream() {
+        let kinesis = aws_sdk_kinesis::Client::new(sdk);
+        let position = builder.config().initial_position;
+        let tracker: Arc<dyn StreamTracker> = match &args.stream_prefix {
+            Some(prefix) => {
+                Arc::new(StreamsByPrefix::new(kinesis, prefix).with_initial_position(position))
+            }
+            None => Arc::new(FixedStreams(
+                args.stream
+                    .iter()
+                    .map(|s| StreamConfig::new(s).with_initial_position(position))
+                    .collect(),
+            )),
+        };
+        builder.build_multi_stream(tracker, factory)?
+    } else {
+        builder.build(factory)?
+    };
     info!(worker_id = worker.worker_id(), shutdown_deadline = ?deadline, "starting");
     // The helpers run until the worker has stopped, and are awaited: a failure is reported.
     let helpers_stop = CancellationToken::new();

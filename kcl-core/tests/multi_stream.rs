@@ -442,3 +442,35 @@ async fn a_split_in_one_stream_keeps_parents_before_children_while_the_others_fl
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_single_stream_table_is_refused_before_anything_is_written() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    // A single-stream application's lease, keyed by shard id.
+    store
+        .create_lease_if_absent(
+            &kcl_core::Lease::new("shardId-000000000000", kcl_core::Checkpoint::TrimHorizon)
+                .with_stream_name("orders"),
+        )
+        .await
+        .unwrap();
+    streams.add(InMemoryStream::new("payments", 2), "payments");
+    let a = start("worker-a", &streams, &store, &log);
+    let outcome = tokio::time::timeout(WAIT, a.task).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            outcome,
+            Err(kcl_core::Error::LeaseTableOfAnotherStream { .. })
+        ),
+        "{outcome:?}"
+    );
+    let keys: Vec<String> = common::shard_leases(&store)
+        .into_iter()
+        .map(|l| l.lease_key)
+        .collect();
+    assert_eq!(keys, ["shardId-000000000000"]);
+}

@@ -3,7 +3,10 @@
 use std::sync::Arc;
 
 use aws_types::SdkConfig;
-use kcl_core::{KinesisStreamClient, RecordProcessorFactory, Result, Worker, WorkerConfig};
+use kcl_core::{
+    KinesisStreamClient, KinesisStreamClients, RecordProcessorFactory, Result, StreamTracker,
+    Worker, WorkerConfig,
+};
 
 use crate::DynamoLeaseStore;
 
@@ -112,6 +115,27 @@ impl AwsWorkerBuilder {
     pub fn build<F: RecordProcessorFactory>(self, factory: F) -> Result<Worker<F>> {
         let (stream, leases) = self.clients();
         Worker::new(self.config, Arc::new(stream), Arc::new(leases), factory)
+    }
+
+    /// A multi-stream worker ([`Worker::multi_stream`]): it consumes the streams `tracker`
+    /// lists, each through a client made from the Kinesis client of this builder, with one
+    /// lease table for all of them. [`WorkerConfig::stream`] is only a label.
+    ///
+    /// # Errors
+    /// [`kcl_core::Error::InvalidConfig`] when the worker configuration does not validate.
+    pub fn build_multi_stream<F: RecordProcessorFactory>(
+        self,
+        tracker: Arc<dyn StreamTracker>,
+        factory: F,
+    ) -> Result<Worker<F>> {
+        let (_, leases) = self.clients();
+        Worker::multi_stream(
+            self.config,
+            tracker,
+            Arc::new(KinesisStreamClients::new(self.kinesis)),
+            Arc::new(leases),
+            factory,
+        )
     }
 }
 

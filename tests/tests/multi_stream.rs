@@ -1,14 +1,24 @@
-//! The building blocks of multi-stream mode against kinesis-mock: streams found by name
-//! prefix, a stream's identity (account, name, creation time) from `DescribeStreamSummary`,
-//! and a stream deleted and created again under its name getting another identity.
+//! Multi-stream mode against kinesis-mock and DynamoDB Local: streams found by name prefix,
+//! a stream's identity (account, name, creation time) from `DescribeStreamSummary`, a stream
+//! deleted and created again under its name getting another identity; and multi-stream
+//! workers: three streams consumed by two workers with a split in one of them and a stream
+//! added while running, a stream deleted while running (its leases removed after the grace
+//! period, the others undisturbed) and one recreated under its name (consumed afresh).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use kcl_core::{
-    Error, InitialPosition, KinesisStreamClient, MultiStreamLeaseKey, StreamClient, StreamTracker,
-    StreamsByPrefix,
+    CancellationToken, Error, InitialPosition, KinesisStreamClient, LeaseConfig, LeaseStore,
+    MultiStreamConfig, MultiStreamLeaseKey, PerStream, PollingConfig, ShardContext, StreamClient,
+    StreamConfig, StreamTracker, StreamsByPrefix, TrackerFn, WorkerConfig,
 };
-use kcl_integration_tests::{PATIENCE, create_stream, kinesis, unique, wait_for};
+use kcl_dynamo_lease::{AwsWorkerBuilder, DynamoLeaseStore};
+use kcl_integration_tests::{
+    PATIENCE, Recorder, RunningWorker, create_stream, dynamodb, kinesis, list_shards, put_records,
+    records, sdk_config, split_shard, unique, wait_for,
+};
 
 #[tokio::test]
 async fn streams_are_found_by_prefix_and_named_by_account_name_and_creation_time() {
@@ -93,4 +103,298 @@ async fn a_stream_created_again_under_its_name_is_another_stream() {
         after.lease_key("shardId-000000000000"),
         before.lease_key("shardId-000000000000")
     );
+}
+
+const DISCOVERY: Duration = Duration::from_secs(2);
+const GRACE: Duration = Duration::from_secs(8);
+
+/// Faster than the defaults, so that fleets settle in seconds; the same mechanisms.
+fn config(app: &str, worker: &str) -> WorkerConfig {
+    WorkerConfig::new(app, "multi-stream")
+        .with_worker_id(worker)
+        .with_lease(
+            LeaseConfig::default()
+                .with_lease_duration(Duration::from_secs(6))
+                .with_renewal_interval(Duration::from_secs(2))
+                .with_taker_interval(Duration::from_secs(1))
+                .with_handoff_timeout(Duration::from_secs(6))
+                .with_shard_sync_interval(Duration::from_secs(5)),
+        )
+        .with_polling(
+            PollingConfig::default().with_idle_time_between_empty_reads(Duration::from_millis(500)),
+        )
+        .with_multi_stream(
+            MultiStreamConfig::default()
+                .with_stream_discovery_interval(DISCOVERY)
+                .with_former_streams_grace(GRACE),
+        )
+}
+
+/// The stream names a test's tracker lists, changed as the test goes.
+#[derive(Clone, Default)]
+struct Listed(Arc<Mutex<BTreeSet<String>>>);
+
+impl Listed {
+    fn add(&self, name: &str) {
+        self.0.lock().unwrap().insert(name.to_owned());
+    }
+}
+
+/// A multi-stream worker on the local servers whose processors record `STREAM/SHARD`.
+async fn start(app: &str, worker: &str, listed: &Listed, recorder: &Recorder) -> RunningWorker {
+    let names = listed.0.clone();
+    let tracker = TrackerFn::new(move || {
+        let streams: Vec<StreamConfig> = names
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|n| StreamConfig::new(n).with_initial_position(InitialPosition::TrimHorizon))
+            .collect();
+        async move { Ok(streams) }
+    });
+    let record = recorder.factory(worker);
+    let factory = PerStream(move |shard: &ShardContext| {
+        let stream = shard.stream.as_ref().expect("multi-stream mode");
+        record(&format!("{}/{}", stream.stream_name(), shard.shard_id))
+    });
+    let worker = AwsWorkerBuilder::new(&sdk_config().await, config(app, worker))
+        .build_multi_stream(Arc::new(tracker), factory)
+        .expect("valid config");
+    let status = worker.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    RunningWorker {
+        shutdown,
+        task,
+        status,
+    }
+}
+
+/// Puts `count` records into `stream`: `STREAM/SHARD` → sequence numbers, in put order.
+async fn put(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    from: usize,
+    count: usize,
+) -> BTreeMap<String, Vec<String>> {
+    let mut by_shard: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for put in put_records(client, stream, &records(stream, from, count, 40)).await {
+        by_shard
+            .entry(format!("{stream}/{}", put.shard_id))
+            .or_default()
+            .push(put.sequence_number);
+    }
+    by_shard
+}
+
+fn merge(into: &mut BTreeMap<String, Vec<String>>, more: BTreeMap<String, Vec<String>>) {
+    for (shard, seqs) in more {
+        into.entry(shard).or_default().extend(seqs);
+    }
+}
+
+/// `STREAM/SHARD` → the sequence numbers delivered, in delivery order.
+fn delivered(recorder: &Recorder) -> BTreeMap<String, Vec<String>> {
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in recorder.delivered() {
+        got.entry(d.shard_id).or_default().push(d.sequence_number);
+    }
+    got
+}
+
+fn all_delivered(recorder: &Recorder, expected: &BTreeMap<String, Vec<String>>) -> bool {
+    let got = delivered(recorder);
+    expected
+        .iter()
+        .all(|(shard, seqs)| got.get(shard).is_some_and(|g| g.len() >= seqs.len()))
+}
+
+/// The table's leases by stream name.
+async fn leases_by_stream(store: &DynamoLeaseStore) -> BTreeMap<String, Vec<kcl_core::Lease>> {
+    let mut by_stream: BTreeMap<String, Vec<kcl_core::Lease>> = BTreeMap::new();
+    for lease in store.list_leases().await.expect("scan").leases {
+        if kcl_core::is_watcher_slot(&lease.lease_key) {
+            continue;
+        }
+        let key = MultiStreamLeaseKey::parse(&lease.lease_key).expect("a multi-stream key");
+        by_stream
+            .entry(key.stream.stream_name().to_owned())
+            .or_default()
+            .push(lease);
+    }
+    by_stream
+}
+
+fn store(app: &str, client: aws_sdk_dynamodb::Client) -> DynamoLeaseStore {
+    DynamoLeaseStore::new(client, app)
+}
+
+#[tokio::test]
+async fn three_streams_two_workers_a_split_in_one_and_a_stream_added_while_running() {
+    let (client, app) = (kinesis().await, unique("multi-app"));
+    let prefix = unique("ms");
+    let [orders, payments, clicks, refunds] =
+        ["orders", "payments", "clicks", "refunds"].map(|s| format!("{prefix}-{s}"));
+    let listed = Listed::default();
+    for (stream, shards) in [(&orders, 2), (&payments, 1), (&clicks, 2)] {
+        create_stream(&client, stream, shards).await;
+        listed.add(stream);
+    }
+    let mut expected = BTreeMap::new();
+    for stream in [&orders, &payments, &clicks] {
+        merge(&mut expected, put(&client, stream, 0, 200).await);
+    }
+    let recorder = Recorder::default();
+    let a = start(&app, "worker-a", &listed, &recorder).await;
+    let b = start(&app, "worker-b", &listed, &recorder).await;
+    wait_for("every record delivered", PATIENCE, || async {
+        all_delivered(&recorder, &expected)
+    })
+    .await;
+    let table = store(&app, dynamodb().await);
+    // Each two-shard stream spread over both workers, not only the total.
+    wait_for("each stream spread over both workers", PATIENCE, || async {
+        let by_stream = leases_by_stream(&table).await;
+        [&orders, &clicks].iter().all(|s| {
+            let owners: BTreeSet<Option<String>> = by_stream
+                .get(s.as_str())
+                .into_iter()
+                .flatten()
+                .map(|l| l.owner.clone())
+                .collect();
+            owners.len() == 2 && owners.iter().all(Option::is_some)
+        })
+    })
+    .await;
+    for lease in leases_by_stream(&table).await.values().flatten() {
+        let key = MultiStreamLeaseKey::parse(&lease.lease_key).unwrap();
+        assert_eq!(lease.stream_name, Some(key.stream.to_string()));
+        assert_eq!(lease.shard_id.as_deref(), Some(key.shard_id.as_str()));
+    }
+
+    // A split in one stream while the others flow.
+    let parent = list_shards(&client, &orders).await[0].shard_id.clone();
+    split_shard(&client, &orders, &parent).await;
+    for stream in [&orders, &payments, &clicks] {
+        merge(&mut expected, put(&client, stream, 200, 200).await);
+    }
+    // And a stream added while running.
+    create_stream(&client, &refunds, 2).await;
+    merge(&mut expected, put(&client, &refunds, 0, 100).await);
+    listed.add(&refunds);
+    wait_for(
+        "everything after the split and the new stream delivered",
+        PATIENCE,
+        || async { all_delivered(&recorder, &expected) },
+    )
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(delivered(&recorder), expected);
+    assert!(recorder.overlaps().is_empty(), "{:?}", recorder.overlaps());
+    // The split's children were read only after their parent's last record.
+    let all = recorder.delivered();
+    let parent_shard = format!("{orders}/{parent}");
+    let parent_last = all
+        .iter()
+        .filter(|d| d.shard_id == parent_shard)
+        .map(|d| d.at)
+        .max()
+        .unwrap();
+    let children: BTreeSet<String> = list_shards(&client, &orders)
+        .await
+        .into_iter()
+        .filter(|s| s.parent_shard_ids().contains(&parent))
+        .map(|s| format!("{orders}/{}", s.shard_id))
+        .collect();
+    assert_eq!(children.len(), 2);
+    for d in all.iter().filter(|d| children.contains(&d.shard_id)) {
+        assert!(
+            d.at >= parent_last,
+            "{} read before its parent ended",
+            d.shard_id
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_stream_is_cleaned_up_and_one_recreated_under_its_name_starts_fresh() {
+    let (client, app) = (kinesis().await, unique("multi-app"));
+    let prefix = unique("ms");
+    let [orders, doomed, reborn] = ["orders", "doomed", "reborn"].map(|s| format!("{prefix}-{s}"));
+    let listed = Listed::default();
+    for stream in [&orders, &doomed, &reborn] {
+        create_stream(&client, stream, 1).await;
+        listed.add(stream);
+    }
+    let mut expected = BTreeMap::new();
+    for stream in [&orders, &doomed, &reborn] {
+        merge(&mut expected, put(&client, stream, 0, 100).await);
+    }
+    let recorder = Recorder::default();
+    let a = start(&app, "worker-a", &listed, &recorder).await;
+    let b = start(&app, "worker-b", &listed, &recorder).await;
+    wait_for("every record delivered", PATIENCE, || async {
+        all_delivered(&recorder, &expected)
+    })
+    .await;
+    let table = store(&app, dynamodb().await);
+    let old_reborn_keys: BTreeSet<String> = leases_by_stream(&table).await[&reborn]
+        .iter()
+        .map(|l| l.lease_key.clone())
+        .collect();
+
+    // Both deleted while running (still listed by the tracker); one created again.
+    let deleted_at = tokio::time::Instant::now();
+    for stream in [&doomed, &reborn] {
+        client
+            .delete_stream()
+            .stream_name(stream)
+            .send()
+            .await
+            .unwrap();
+    }
+    let reborn_client = KinesisStreamClient::new(client.clone(), &reborn);
+    wait_for("the streams deleted", PATIENCE, || async {
+        matches!(
+            reborn_client.stream_identity().await,
+            Err(Error::StreamNotFound { .. })
+        )
+    })
+    .await;
+    // Creation times have whole seconds.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    create_stream(&client, &reborn, 1).await;
+    // The new stream's records are read from its start, not from the old checkpoints (its
+    // shard has the old one's id, and sequence numbers may repeat).
+    let reborn_records = put(&client, &reborn, 100, 50).await;
+    merge(&mut expected, reborn_records);
+    // The other stream flows on.
+    merge(&mut expected, put(&client, &orders, 100, 100).await);
+    wait_for(
+        "the other stream and the recreated one delivered",
+        PATIENCE,
+        || async { all_delivered(&recorder, &expected) },
+    )
+    .await;
+    wait_for("the deleted streams' leases removed", PATIENCE, || async {
+        let by_stream = leases_by_stream(&table).await;
+        !by_stream.contains_key(doomed.as_str())
+            && by_stream.get(reborn.as_str()).is_some_and(|leases| {
+                leases
+                    .iter()
+                    .all(|l| !old_reborn_keys.contains(&l.lease_key))
+            })
+    })
+    .await;
+    assert!(deleted_at.elapsed() >= GRACE);
+    let by_stream = leases_by_stream(&table).await;
+    assert_eq!(
+        by_stream.keys().collect::<BTreeSet<_>>(),
+        BTreeSet::from([&orders, &reborn])
+    );
+    assert!(!a.task.is_finished() && !b.task.is_finished());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(delivered(&recorder), expected);
 }

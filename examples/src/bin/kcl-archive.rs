@@ -136,6 +136,8 @@ async fn main() {
 }
 
 async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Objects are named after the one stream they archive.
+    let stream = args.worker.single_stream()?.to_owned();
     let shutdown = CancellationToken::new();
     handle_signals(
         shutdown.clone(),
@@ -168,7 +170,7 @@ async fn run(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         created?;
     }
     let settings = ArchiveSettings {
-        stream: stream_name(&args.worker.stream).to_owned(),
+        stream: stream_name(&stream).to_owned(),
         prefix: normalize_prefix(&args.store.prefix),
         policy: FlushPolicy {
             max_bytes: args.flush_size,

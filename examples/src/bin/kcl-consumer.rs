@@ -2,11 +2,16 @@
 //! per record.
 //!
 //! ```text
-//! kcl-consumer --app NAME --stream NAME [--initial-position trim-horizon|latest|at-timestamp=RFC3339]
+//! kcl-consumer --app NAME (--stream NAME ... | --stream-prefix PREFIX)
+//!              [--initial-position trim-horizon|latest|at-timestamp=RFC3339]
 //!              [--worker-id ID] [--output PATH] [--metrics-addr HOST:PORT] [--per-shard-metrics]
 //!              [--summary-interval 30s] [--fan-out [--consumer-name NAME | --consumer-arn ARN]]
 //!              [lease and polling settings]
 //! ```
+//!
+//! `--stream` given several times, or `--stream-prefix` (every stream whose name starts with
+//! it, listed again every `--stream-discovery-interval`), runs the worker in multi-stream mode:
+//! one lease table for all the streams, and each JSON line names its `stream`.
 //!
 //! With `--metrics-addr`, an HTTP server on that address serves the worker's metrics in
 //! Prometheus text format on `/metrics`, `/healthz` (200 while the process runs) and `/readyz`
@@ -38,13 +43,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use kcl_core::{
-    CancellationToken, Checkpointer, ErrorChain, InitialPosition, Record, RecordProcessor,
-    async_trait,
+    CancellationToken, Checkpointer, ErrorChain, InitialPosition, PerStream, Record,
+    RecordProcessor, ShardContext, async_trait,
 };
-use kcl_examples::record_json_line;
 use kcl_examples::signals::{
     EXIT_FAILURE, enforce_deadline, exit, handle_signals, unless_shutdown,
 };
+use kcl_examples::stream_record_json_line;
 use kcl_examples::worker_args::WorkerArgs;
 use kcl_examples::worker_run::run_worker;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -93,6 +98,8 @@ impl OutputGone {
 
 /// Writes each record as a JSON line, flushes, then checkpoints.
 struct JsonLines {
+    /// In multi-stream mode, the stream's name (each line names it).
+    stream: Option<String>,
     shard_id: String,
     output: Output,
     gone: OutputGone,
@@ -110,7 +117,11 @@ impl RecordProcessor for JsonLines {
     ) -> Result<(), Self::Error> {
         let mut text = String::new();
         for record in records {
-            text.push_str(&record_json_line(&self.shard_id, record));
+            text.push_str(&stream_record_json_line(
+                self.stream.as_deref(),
+                &self.shard_id,
+                record,
+            ));
             text.push('\n');
         }
         {
@@ -213,11 +224,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let factory = {
         let (output, gone) = (output.clone(), gone.clone());
-        move |shard_id: &str| JsonLines {
-            shard_id: shard_id.to_owned(),
+        PerStream(move |shard: &ShardContext| JsonLines {
+            stream: shard.stream.as_ref().map(|s| s.stream_name().to_owned()),
+            shard_id: shard.shard_id.clone(),
             output: output.clone(),
             gone: gone.clone(),
-        }
+        })
     };
     let helper_failure = run_worker(&sdk, config, &args.worker, factory, shutdown).await?;
     if let Some(error) = gone.take() {

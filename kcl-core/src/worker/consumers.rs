@@ -158,6 +158,13 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 None
             }
             ShardExit::ShardGone => {
+                // In multi-stream mode a shard is also "gone" when its whole stream was
+                // deleted (or recreated): its leases then wait for the grace period instead.
+                if self.stream_is_gone(&key).await {
+                    info!(lease_key = %key, "the shard's stream is gone; releasing its lease for the grace period");
+                    self.sync_requests.request(&key);
+                    return release(&self.held, false);
+                }
                 if let Some(lease) = self.held.remove(&key) {
                     match lease.delete(self.store.as_ref()).await {
                         Ok(()) => {
@@ -192,6 +199,23 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
                 error!(lease_key = %key, error = %ErrorChain(&e), failures, "shard consumer failed; releasing the lease so the shard restarts from its checkpoint");
                 release(&self.held, false)
             }
+        }
+    }
+
+    /// In multi-stream mode: true when the stream of `key` no longer exists under the identity
+    /// in the key (deleted, or recreated under its name). A failed check says no: the shard
+    /// is then treated as past retention, as in single-stream mode.
+    async fn stream_is_gone(&self, key: &str) -> bool {
+        if !self.is_multi_stream() {
+            return false;
+        }
+        let Some(stream) = self.streams.borrow().get(key_prefix(key)).cloned() else {
+            return true;
+        };
+        match stream.client.stream_identity().await {
+            Ok(current) => stream.identity.as_ref() != Some(&current),
+            Err(Error::StreamNotFound { .. }) => true,
+            Err(_) => false,
         }
     }
 

@@ -719,6 +719,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             watching,
             streams: self.streams_tx.clone(),
         });
+        sync.check_table().await?;
         sync.discover().await;
         Ok(StreamSync::Multi(sync))
     }

@@ -145,6 +145,26 @@ impl MultiStreamSync {
             .cloned()
     }
 
+    /// Refuses a table that holds a single-stream application's leases, before any write:
+    /// creating this application's leases there would end that application's workers
+    /// ([`Error::LeaseTableOfAnotherStream`]). The taking rounds check every scan after.
+    ///
+    /// # Errors
+    /// [`Error::LeaseTableOfAnotherStream`]; a table that cannot be read after retries.
+    pub(super) async fn check_table(&self) -> Result<()> {
+        let backoff = self
+            .setup
+            .config
+            .lease
+            .retry
+            .with_max_attempts(Some(IDENTITY_ATTEMPTS))
+            .backoff(self.setup.seeds.next_seed());
+        let store = self.setup.store.clone();
+        let mut scan = retry("lease scan", backoff, || store.list_leases()).await?;
+        scan.take_watcher_slots();
+        crate::lease::check_multi_stream(store.table_name(), &scan.leases)
+    }
+
     /// Asks the tracker for the streams, follows the new ones (their first sync at once, so
     /// a new stream gets its leases within one discovery interval) and drops the ones it no
     /// longer lists; then deletes the leases of former streams that are due. A tracker that
@@ -292,8 +312,9 @@ impl MultiStreamSync {
         });
     }
 
-    /// Syncs the streams due on the schedule. With watchers, only watchers do: a member's
-    /// syncs would cost scans for nothing the watchers miss.
+    /// Syncs the streams due on the schedule. With watchers, only watchers sync shards (a
+    /// member's syncs would cost scans for nothing the watchers miss); every worker checks
+    /// each stream's identity, so each one finds a stream deleted or recreated by itself.
     async fn sync_due(&mut self) {
         let now = Instant::now();
         let watching = self
@@ -302,17 +323,19 @@ impl MultiStreamSync {
             .as_ref()
             .is_none_or(|w| w.load(Ordering::SeqCst));
         for id in self.schedule.due(now) {
-            if watching {
-                self.sync_now(&id).await;
-            } else {
-                self.schedule.synced(&id, now);
-            }
+            self.sync_now_as(&id, watching).await;
         }
     }
 
     /// Syncs one stream now, and acts on what the sync found.
     async fn sync_now(&mut self, id: &StreamIdentity) {
-        let synced = self.sync_stream(id).await;
+        self.sync_now_as(id, true).await;
+    }
+
+    /// Checks one stream's identity now and, with `shards`, syncs its shards; acts on what
+    /// it found.
+    async fn sync_now_as(&mut self, id: &StreamIdentity, shards: bool) {
+        let synced = self.sync_stream(id, shards).await;
         let now = Instant::now();
         match synced {
             Synced::Done => self.schedule.synced(id, now),
@@ -343,7 +366,7 @@ impl MultiStreamSync {
         }
     }
 
-    async fn sync_stream(&mut self, id: &StreamIdentity) -> Synced {
+    async fn sync_stream(&mut self, id: &StreamIdentity, shards: bool) -> Synced {
         let Some(followed) = self.followed.get_mut(id) else {
             return Synced::Done;
         };
@@ -357,6 +380,9 @@ impl MultiStreamSync {
                 warn!(stream = %id, error = %ErrorChain(&e), "could not check the stream; its sync is retried later");
                 return Synced::Failed;
             }
+        }
+        if !shards {
+            return Synced::Done;
         }
         match followed.syncer.sync_once().await {
             Ok(()) => Synced::Done,
@@ -373,6 +399,16 @@ impl MultiStreamSync {
     /// observed-counter rule as expiry, never clocks). Each delete is fenced at the version
     /// read, so a lease taken meanwhile is kept.
     async fn delete_former_streams(&mut self) {
+        // With watchers only they read the whole table for this (members' scans are what
+        // watchers save); each keeps its own missing-since times.
+        if self
+            .setup
+            .watching
+            .as_ref()
+            .is_some_and(|w| !w.load(Ordering::SeqCst))
+        {
+            return;
+        }
         let scan = match self.setup.store.list_leases().await {
             Ok(scan) => scan,
             Err(e) => {
