@@ -474,3 +474,50 @@ async fn a_single_stream_table_is_refused_before_anything_is_written() {
         .collect();
     assert_eq!(keys, ["shardId-000000000000"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn workers_each_holding_a_whole_stream_from_history_end_with_half_of_each() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let orders = streams.add(InMemoryStream::new("orders", 4), "orders");
+    let clicks = streams.add(InMemoryStream::new("clicks", 4), "clicks");
+    // As a past run left the table: worker-a holds every lease of orders, worker-b every one
+    // of clicks. Balanced in total, not per stream.
+    for (stream, owner) in [(&orders, "worker-a"), (&clicks, "worker-b")] {
+        let id = stream.stream_identity().await.unwrap();
+        for shard in stream.shards() {
+            let key = id.lease_key(&shard.shard_id);
+            let mut lease = kcl_core::Lease::new(&key, kcl_core::Checkpoint::TrimHorizon)
+                .with_hash_key_range(shard.hash_key_range);
+            lease.stream_name = Some(id.to_string());
+            lease.shard_id = Some(shard.shard_id.clone());
+            store.create_lease_if_absent(&lease).await.unwrap();
+            store.take_as(&key, owner);
+        }
+    }
+    let mut expected = put("orders", &orders, 0, 100);
+    expected.extend(put("clicks", &clicks, 0, 100));
+    let a = start("worker-a", &streams, &store, &log);
+    let b = start("worker-b", &streams, &store, &log);
+    wait_until("each worker holding half of each stream", WAIT, || {
+        let mut per: BTreeMap<(String, Option<String>), usize> = BTreeMap::new();
+        for (stream, leases) in leases_by_stream(&store) {
+            for lease in leases.iter().filter(|l| l.handoff_to.is_none()) {
+                *per.entry((stream.clone(), lease.owner.clone()))
+                    .or_default() += 1;
+            }
+        }
+        per.len() == 4 && per.keys().all(|(_, o)| o.is_some()) && per.values().all(|n| *n == 2)
+    })
+    .await;
+    wait_until("every record delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+}

@@ -330,6 +330,7 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
     //    its own already, the rest only up to the fair share. Within a reason, from the
     //    stream this worker holds fewest of.
     free.sort_by(|a, b| (a.0, a.1, &a.2.lease_key).cmp(&(b.0, b.1, &b.2.lease_key)));
+    let had_free = !free.is_empty();
     let mut holding = mine;
     for (reason, leases) in by_reason_and_stream(free) {
         let wanted = |holding: usize| match reason {
@@ -412,6 +413,46 @@ pub(crate) fn plan(input: &TakeInput<'_>) -> TakePlan {
             lease_key: lease.lease_key.clone(),
             fence: lease.fence(),
         });
+    }
+
+    // 4. A fleet balanced in total but not per stream (from history: a worker holding all of
+    //    one stream, another all of another): ask one lease of a stream where a worker with
+    //    as many leases as this one, or one more, holds at least two more of it. The victim
+    //    then has one fewer than this worker at most, and asks back (rule 2 or 3) from the
+    //    stream where this worker holds the most more, which is another stream: each such
+    //    exchange narrows the skew by two and creates none. With one stream, a skew of two
+    //    is a total imbalance of two, which the rules above handle: single-stream tables are
+    //    never decided by this rule.
+    if plan.take.is_empty()
+        && plan.request_handoff.is_empty()
+        && !had_free
+        && input.max_leases_to_steal > 0
+        && holding < cap
+    {
+        let skew = |victim: &str, lease: &Lease| {
+            let stream = stream_of(&lease.lease_key);
+            let theirs = per_stream.get(&(victim, stream)).copied().unwrap_or(0);
+            let ours = per_stream.get(&(me, stream)).copied().unwrap_or(0);
+            theirs as i64 - ours as i64
+        };
+        let best = requestable
+            .iter()
+            .filter(|(victim, _)| (mine..=mine + 1).contains(&counts[**victim]))
+            .flat_map(|(victim, leases)| leases.iter().map(move |lease| (*victim, *lease)))
+            .filter(|(victim, lease)| skew(victim, lease) >= 2)
+            .max_by_key(|(victim, lease)| {
+                (
+                    skew(victim, lease),
+                    shuffle_key(seed, &lease.lease_key),
+                    lease.lease_key.as_str(),
+                )
+            });
+        if let Some((_, lease)) = best {
+            plan.request_handoff.push(HandoffRequest {
+                lease_key: lease.lease_key.clone(),
+                fence: lease.fence(),
+            });
+        }
     }
     plan
 }

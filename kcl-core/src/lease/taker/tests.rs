@@ -556,6 +556,36 @@ impl Fleet {
         Ok(moves)
     }
 
+    /// Workers take turns until nobody takes or asks for anything, each turn followed by the
+    /// handoffs asked; fails after `max_rounds` rounds.
+    fn spread_streams(&mut self, seed: u64, max_rounds: u64) -> Result<(), TestCaseError> {
+        for round in 0..max_rounds {
+            let mut moved = false;
+            for w in self.workers.clone() {
+                let snapshot = self.leases();
+                let plan = self.turn(&w, &snapshot, seed ^ round);
+                moved |= !plan.take.is_empty() || !plan.request_handoff.is_empty();
+                self.apply(&w, &plan);
+            }
+            // The handoffs asked in the last turn: their owners release, the askers take.
+            for w in self.workers.clone() {
+                let snapshot = self.leases();
+                let plan = self.turn(&w, &snapshot, seed ^ round);
+                moved |= !plan.take.is_empty() || !plan.request_handoff.is_empty();
+                self.apply(&w, &plan);
+            }
+            if !moved && self.balanced() {
+                return Ok(());
+            }
+        }
+        prop_assert!(
+            false,
+            "still moving after {max_rounds} rounds: {:?}",
+            self.per_stream()
+        );
+        Ok(())
+    }
+
     /// Stable: nobody takes or asks for anything any more.
     fn still(&mut self, seed: u64) -> Result<(), TestCaseError> {
         for w in self.workers.clone() {
@@ -691,12 +721,50 @@ fn single_stream_keys_are_one_group_and_multi_stream_keys_name_their_stream() {
     );
 }
 
+/// The example: two workers each holding all of one stream, balanced in total, end
+/// with half of each stream each, in exchanges of one lease.
+#[test]
+fn workers_each_holding_one_whole_stream_end_with_half_of_each() {
+    let owners: Vec<Option<usize>> = (0..8).map(|i| Some(i % 2)).collect();
+    let mut fleet = Fleet::of_streams(&owners, 2, 2);
+    fleet.spread_streams(3, 20).unwrap();
+    fleet.still(3).unwrap();
+    let per_stream = fleet.per_stream();
+    assert_eq!(per_stream.len(), 4, "{per_stream:?}");
+    assert!(per_stream.values().all(|held| *held == 2), "{per_stream:?}");
+}
+
 proptest! {
-    /// Leases of several streams converge as one stream's do: the streams decide which
-    /// leases move, never how many.
+    /// Leases of several streams converge as one stream's do; then a fleet left skewed per
+    /// stream exchanges leases until no worker holds two more of a stream than a worker with
+    /// as many leases (or one fewer), and stays still.
     #[test]
     fn several_streams_converge_like_one((owners, workers, seed) in arb_fleet(), streams in 1usize..5) {
         let mut fleet = Fleet::of_streams(&owners, workers, streams);
+        // Balanced in total within the rounds one stream needs; the exchanges of skewed
+        // streams (one lease per worker and round, each settled by the next round) after.
+        let rounds = if streams == 1 { 8 } else { 8 + 2 * owners.len() as u64 };
+        fleet.decide_at_once_until_balanced(seed, rounds)?;
+        fleet.spread_streams(seed, 4 * owners.len() as u64 + 4)?;
+        fleet.still(seed)?;
+        let (counts, per_stream) = (fleet.counts(), fleet.per_stream());
+        for ((v, stream), theirs) in &per_stream {
+            for w in &fleet.workers {
+                let ours = per_stream.get(&(w.clone(), stream.clone())).copied().unwrap_or(0);
+                let (cv, cw) = (counts.get(v).copied().unwrap_or(0), counts.get(w).copied().unwrap_or(0));
+                prop_assert!(
+                    *theirs < ours + 2 || !(cw..=cw + 1).contains(&cv),
+                    "{v} holds {theirs} of {stream}, {w} {ours}: {per_stream:?}"
+                );
+            }
+        }
+    }
+
+    /// A single-stream table is never moved by the per-stream rule: a balanced fleet of one
+    /// stream is still.
+    #[test]
+    fn one_stream_balanced_is_still((owners, workers, seed) in arb_fleet()) {
+        let mut fleet = Fleet::new(&owners, workers);
         fleet.decide_at_once_until_balanced(seed, 8)?;
         fleet.still(seed)?;
     }
@@ -713,7 +781,8 @@ proptest! {
     ) {
         let owners = vec![None; streams * shards];
         let mut fleet = Fleet::of_streams(&owners, workers, streams);
-        fleet.take_turns_until_balanced(seed, 4)?;
+        let rounds = if streams == 1 { 4 } else { 4 + 2 * owners.len() as u64 };
+        fleet.take_turns_until_balanced(seed, rounds)?;
         let per_stream = fleet.per_stream();
         for w in &fleet.workers {
             for s in 0..streams {
