@@ -398,3 +398,127 @@ async fn a_deleted_stream_is_cleaned_up_and_one_recreated_under_its_name_starts_
     b.stop().await.unwrap();
     assert_eq!(delivered(&recorder), expected);
 }
+
+/// The JSON lines of a `kcl-consumer` output file.
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+/// `kcl-consumer` with `args` (its streams), writing to `output`.
+fn consumer_process(app: &str, args: &[&str], output: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(kcl_integration_tests::example_binary("kcl-consumer"))
+        .args(["--app", app, "--initial-position", "trim-horizon"])
+        .args(args)
+        .args(["--idle-time-between-empty-reads", "500ms"])
+        .args(["--stream-discovery-interval", "2s"])
+        .arg("--output")
+        .arg(output)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start kcl-consumer")
+}
+
+/// (stream, data) of every line, and whether each line names its stream.
+fn stream_and_data(lines: &[serde_json::Value]) -> Vec<(String, String)> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                l["stream"].as_str().expect("a stream field").to_owned(),
+                l["data"].as_str().expect("text data").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcl_consumer_reads_several_streams_by_name_or_by_prefix_and_names_each_lines_stream() {
+    sdk_config().await; // fails loudly without the local servers
+    let client = kinesis().await;
+    let prefix = unique("cli-ms");
+    let (a, b, other) = (
+        format!("{prefix}-a"),
+        format!("{prefix}-b"),
+        unique("cli-other"),
+    );
+    for (stream, shards) in [(&a, 2), (&b, 1), (&other, 1)] {
+        create_stream(&client, stream, shards).await;
+    }
+    let mut put_data: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for stream in [&a, &b, &other] {
+        for put in put_records(&client, stream, &records(stream, 0, 150, 20)).await {
+            put_data.entry(stream.clone()).or_default().insert(put.data);
+        }
+    }
+    let dir = std::env::temp_dir().join(unique("kcl-cli-ms"));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // By name, twice: `a` and the other stream, not `b`.
+    let by_name = dir.join("by-name.jsonl");
+    let child = consumer_process(
+        &unique("cli-ms-app"),
+        &["--stream", &a, "--stream", &other],
+        &by_name,
+    );
+    wait_for("300 lines by name", PATIENCE, || async {
+        json_lines(&by_name).len() >= 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // room for an extra line to show up
+    let status = kcl_integration_tests::process::sigterm(child).await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let got = stream_and_data(&json_lines(&by_name));
+    assert_eq!(got.len(), 300, "every record once");
+    let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (stream, data) in got {
+        // Each record is in the stream the line names.
+        assert!(data.starts_with(&stream), "{data} in {stream}");
+        seen.entry(stream).or_default().insert(data);
+    }
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[&a], put_data[&a]);
+    assert_eq!(seen[&other], put_data[&other]);
+
+    // By prefix: `a` and `b`, not the other stream.
+    let by_prefix = dir.join("by-prefix.jsonl");
+    let child = consumer_process(
+        &unique("cli-ms-app"),
+        &["--stream-prefix", &format!("{prefix}-")],
+        &by_prefix,
+    );
+    wait_for("300 lines by prefix", PATIENCE, || async {
+        json_lines(&by_prefix).len() >= 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = kcl_integration_tests::process::sigterm(child).await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let got = stream_and_data(&json_lines(&by_prefix));
+    assert_eq!(got.len(), 300, "every record once");
+    let mut seen: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (stream, data) in got {
+        seen.entry(stream).or_default().insert(data);
+    }
+    assert_eq!(seen.keys().collect::<Vec<_>>(), [&a, &b]);
+    assert_eq!(seen[&a], put_data[&a]);
+    assert_eq!(seen[&b], put_data[&b]);
+
+    // A name and a prefix together are refused before anything starts.
+    let refused =
+        tokio::process::Command::new(kcl_integration_tests::example_binary("kcl-consumer"))
+            .args(["--app", "x", "--stream", &a, "--stream-prefix", &prefix])
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await
+            .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--stream-prefix"), "{stderr}");
+}
