@@ -11,9 +11,9 @@ use std::time::Duration;
 use common::{Event, Faults, Log, Running, TestProcessor, wait_until};
 use kcl_core::testing::{IN_MEMORY_ACCOUNT, InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
-    CancellationToken, InitialPosition, LeaseConfig, LeaseStore, MultiStreamConfig,
-    MultiStreamLeaseKey, PerStream, ShardContext, StreamClient, StreamConfig, TrackerFn, Worker,
-    WorkerConfig,
+    CancellationToken, FanOutConfig, InitialPosition, LeaseConfig, LeaseStore, MultiStreamConfig,
+    MultiStreamLeaseKey, PerStream, Retrieval, ShardContext, StreamClient, StreamConfig, TrackerFn,
+    Worker, WorkerConfig,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -56,6 +56,17 @@ fn config(worker: &str) -> WorkerConfig {
 }
 
 fn start(worker: &str, streams: &Streams, store: &Arc<InMemoryLeaseStore>, log: &Log) -> Running {
+    start_as(config(worker), streams, store, log)
+}
+
+fn start_as(
+    config: WorkerConfig,
+    streams: &Streams,
+    store: &Arc<InMemoryLeaseStore>,
+    log: &Log,
+) -> Running {
+    let worker = config.worker_id.clone();
+    let worker = worker.as_str();
     let listed = streams.listed.clone();
     let tracker = TrackerFn::new(move || {
         let names: Vec<StreamConfig> = listed
@@ -91,7 +102,7 @@ fn start(worker: &str, streams: &Streams, store: &Arc<InMemoryLeaseStore>, log: 
         faults: Faults::default(),
     });
     let worker = Worker::multi_stream(
-        config(worker),
+        config,
         Arc::new(tracker),
         Arc::new(clients),
         store.clone() as Arc<dyn LeaseStore>,
@@ -520,4 +531,76 @@ async fn workers_each_holding_a_whole_stream_from_history_end_with_half_of_each(
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     assert_eq!(delivered(&log), expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fan_out_per_stream_with_a_split_and_a_handoff_on_shutdown_repeats_nothing() {
+    let (streams, store, log) = (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    );
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let clicks = streams.add(InMemoryStream::new("clicks", 2), "clicks");
+    for stream in [&orders, &clicks] {
+        stream.set_subscription_session_length(Duration::from_secs(5));
+    }
+    let fan_out = |worker: &str| {
+        config(worker).with_retrieval(Retrieval::FanOut(
+            FanOutConfig::default().with_event_timeout(Duration::from_secs(10)),
+        ))
+    };
+    let mut expected = put("orders", &orders, 0, 100);
+    expected.extend(put("clicks", &clicks, 0, 100));
+    let a = start_as(fan_out("worker-a"), &streams, &store, &log);
+    let b = start_as(fan_out("worker-b"), &streams, &store, &log);
+    wait_until("every record delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    // Each stream registered its own consumer and is read through subscriptions.
+    for stream in [&orders, &clicks] {
+        assert!(
+            stream
+                .subscribe_calls("shardId-000000000000")
+                .len()
+                .max(stream.subscribe_calls("shardId-000000000001").len())
+                > 0
+        );
+    }
+    // A split in one stream, read through fan-out: parents before children.
+    let children = orders.split_shard("shardId-000000000001");
+    common::merge(&mut expected, put("orders", &orders, 100, 200));
+    common::merge(&mut expected, put("clicks", &clicks, 100, 200));
+    wait_until("the records after the split", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    // A deploy: worker-b stops and hands its leases of both streams over; nothing is
+    // delivered twice.
+    b.stop().await.unwrap();
+    common::merge(&mut expected, put("orders", &orders, 200, 300));
+    common::merge(&mut expected, put("clicks", &clicks, 200, 300));
+    wait_until("the records after the handoff", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    a.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+    let parent_last = log
+        .delivered()
+        .iter()
+        .filter(|d| d.shard == "orders/shardId-000000000001")
+        .map(|d| d.at)
+        .max()
+        .unwrap();
+    for child in children {
+        let shard = format!("orders/{child}");
+        for d in log.delivered().iter().filter(|d| d.shard == shard) {
+            assert!(
+                d.at >= parent_last,
+                "{shard} delivered before its parent ended"
+            );
+        }
+    }
 }
