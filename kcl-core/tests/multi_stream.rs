@@ -43,6 +43,36 @@ impl Streams {
     }
 }
 
+/// A test's streams, lease table and delivery log.
+fn fixture() -> (Streams, Arc<InMemoryLeaseStore>, Log) {
+    (
+        Streams::default(),
+        Arc::new(InMemoryLeaseStore::new("multi-app")),
+        Log::default(),
+    )
+}
+
+/// Every record of `children` (shards of `stream`) was delivered after the last of `parent`.
+fn assert_children_after_parent(log: &Log, stream: &str, parent: &str, children: &[String]) {
+    let delivered = log.delivered();
+    let parent_shard = format!("{stream}/{parent}");
+    let parent_last = delivered
+        .iter()
+        .filter(|d| d.shard == parent_shard)
+        .map(|d| d.at)
+        .max()
+        .expect("the parent's records");
+    for child in children {
+        let shard = format!("{stream}/{child}");
+        for d in delivered.iter().filter(|d| d.shard == shard) {
+            assert!(
+                d.at >= parent_last,
+                "{shard} delivered before its parent ended"
+            );
+        }
+    }
+}
+
 fn config(worker: &str) -> WorkerConfig {
     WorkerConfig::new("multi-app", "multi-stream")
         .with_worker_id(worker)
@@ -164,11 +194,7 @@ fn leases_by_stream(store: &InMemoryLeaseStore) -> BTreeMap<String, Vec<kcl_core
 
 #[tokio::test(start_paused = true)]
 async fn three_streams_two_workers_every_record_once_in_order_each_stream_spread() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let orders = streams.add(InMemoryStream::new("orders", 4), "orders");
     let payments = streams.add(InMemoryStream::new("payments", 2), "payments");
     let clicks = streams.add(InMemoryStream::new("clicks", 4), "clicks");
@@ -217,11 +243,7 @@ async fn three_streams_two_workers_every_record_once_in_order_each_stream_spread
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_added_while_running_is_consumed_within_a_discovery_interval() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
     let mut expected = put("orders", &orders, 0, 50);
     let a = start("worker-a", &streams, &store, &log);
@@ -241,11 +263,7 @@ async fn a_stream_added_while_running_is_consumed_within_a_discovery_interval() 
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_no_longer_listed_stops_cleanly_and_its_leases_go_after_the_grace_period() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
     let legacy = streams.add(InMemoryStream::new("legacy", 2), "legacy");
     let mut expected = put("orders", &orders, 0, 50);
@@ -303,11 +321,7 @@ async fn a_stream_no_longer_listed_stops_cleanly_and_its_leases_go_after_the_gra
 
 #[tokio::test(start_paused = true)]
 async fn a_deleted_stream_leaves_the_others_undisturbed_and_its_leases_are_deleted() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
     let doomed = streams.add(InMemoryStream::new("doomed", 2), "doomed");
     let mut expected = put("orders", &orders, 0, 50);
@@ -343,11 +357,7 @@ async fn a_deleted_stream_leaves_the_others_undisturbed_and_its_leases_are_delet
 
 #[tokio::test(start_paused = true)]
 async fn a_stream_recreated_under_its_name_starts_fresh() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let first = streams.add(InMemoryStream::new("orders", 2), "orders");
     let first_records = put("orders", &first, 0, 40);
     let a = start("worker-a", &streams, &store, &log);
@@ -396,11 +406,7 @@ async fn a_stream_recreated_under_its_name_starts_fresh() {
 
 #[tokio::test(start_paused = true)]
 async fn a_split_in_one_stream_keeps_parents_before_children_while_the_others_flow() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
     let clicks = streams.add(InMemoryStream::new("clicks", 2), "clicks");
     let mut expected = put("orders", &orders, 0, 60);
@@ -423,22 +429,7 @@ async fn a_split_in_one_stream_keeps_parents_before_children_while_the_others_fl
     b.stop().await.unwrap();
     assert_eq!(delivered(&log), expected);
     // Every child record came after the parent's last one.
-    let parent_last = log
-        .delivered()
-        .iter()
-        .filter(|d| d.shard == "orders/shardId-000000000000")
-        .map(|d| d.at)
-        .max()
-        .unwrap();
-    for child in children {
-        let shard = format!("orders/{child}");
-        for d in log.delivered().iter().filter(|d| d.shard == shard) {
-            assert!(
-                d.at >= parent_last,
-                "{shard} delivered before its parent ended"
-            );
-        }
-    }
+    assert_children_after_parent(&log, "orders", "shardId-000000000000", &children);
     // The children's leases name their parent by shard id, in their own stream.
     let child_leases: Vec<_> = leases_by_stream(&store)["orders"]
         .iter()
@@ -456,11 +447,7 @@ async fn a_split_in_one_stream_keeps_parents_before_children_while_the_others_fl
 
 #[tokio::test(start_paused = true)]
 async fn a_single_stream_table_is_refused_before_anything_is_written() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     // A single-stream application's lease, keyed by shard id.
     store
         .create_lease_if_absent(
@@ -488,11 +475,7 @@ async fn a_single_stream_table_is_refused_before_anything_is_written() {
 
 #[tokio::test(start_paused = true)]
 async fn workers_each_holding_a_whole_stream_from_history_end_with_half_of_each() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let orders = streams.add(InMemoryStream::new("orders", 4), "orders");
     let clicks = streams.add(InMemoryStream::new("clicks", 4), "clicks");
     // As a past run left the table: worker-a holds every lease of orders, worker-b every one
@@ -535,11 +518,7 @@ async fn workers_each_holding_a_whole_stream_from_history_end_with_half_of_each(
 
 #[tokio::test(start_paused = true)]
 async fn fan_out_per_stream_with_a_split_and_a_handoff_on_shutdown_repeats_nothing() {
-    let (streams, store, log) = (
-        Streams::default(),
-        Arc::new(InMemoryLeaseStore::new("multi-app")),
-        Log::default(),
-    );
+    let (streams, store, log) = fixture();
     let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
     let clicks = streams.add(InMemoryStream::new("clicks", 2), "clicks");
     for stream in [&orders, &clicks] {
@@ -587,20 +566,5 @@ async fn fan_out_per_stream_with_a_split_and_a_handoff_on_shutdown_repeats_nothi
     .await;
     a.stop().await.unwrap();
     assert_eq!(delivered(&log), expected);
-    let parent_last = log
-        .delivered()
-        .iter()
-        .filter(|d| d.shard == "orders/shardId-000000000001")
-        .map(|d| d.at)
-        .max()
-        .unwrap();
-    for child in children {
-        let shard = format!("orders/{child}");
-        for d in log.delivered().iter().filter(|d| d.shard == shard) {
-            assert!(
-                d.at >= parent_last,
-                "{shard} delivered before its parent ended"
-            );
-        }
-    }
+    assert_children_after_parent(&log, "orders", "shardId-000000000001", &children);
 }
