@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{Event, Faults, Log, Running, TestProcessor, wait_until};
-use kcl_core::testing::{IN_MEMORY_ACCOUNT, InMemoryLeaseStore, InMemoryStream};
+use kcl_core::testing::{Fault, Faulty, IN_MEMORY_ACCOUNT, InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
     CancellationToken, FanOutConfig, InitialPosition, LeaseConfig, LeaseStore, MultiStreamConfig,
     MultiStreamLeaseKey, PerStream, Retrieval, ShardContext, StreamClient, StreamConfig, TrackerFn,
@@ -24,6 +24,8 @@ const GRACE: Duration = Duration::from_secs(30);
 #[derive(Clone, Default)]
 struct Streams {
     all: Arc<Mutex<BTreeMap<String, Arc<InMemoryStream>>>>,
+    /// Streams whose clients go through a fault injector.
+    faulty: Arc<Mutex<BTreeMap<String, Arc<Faulty<InMemoryStream>>>>>,
     listed: Arc<Mutex<BTreeSet<String>>>,
 }
 
@@ -36,6 +38,21 @@ impl Streams {
             .insert(name.to_owned(), stream.clone());
         self.listed.lock().unwrap().insert(name.to_owned());
         stream
+    }
+
+    /// Adds a stream whose every client call goes through the returned fault injector.
+    fn add_faulty(
+        &self,
+        stream: InMemoryStream,
+        name: &str,
+    ) -> (Arc<InMemoryStream>, Arc<Faulty<InMemoryStream>>) {
+        let stream = self.add(stream, name);
+        let faulty = Arc::new(Faulty::new(stream.clone()));
+        self.faulty
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), faulty.clone());
+        (stream, faulty)
     }
 
     fn unlist(&self, name: &str) {
@@ -107,8 +124,11 @@ fn start_as(
             .collect();
         async move { Ok(names) }
     });
-    let all = streams.all.clone();
+    let (all, faulty) = (streams.all.clone(), streams.faulty.clone());
     let clients = move |name: &str| -> Arc<dyn StreamClient> {
+        if let Some(faulty) = faulty.lock().unwrap().get(name) {
+            return faulty.clone();
+        }
         match all.lock().unwrap().get(name) {
             Some(stream) => stream.clone(),
             None => Arc::new(InMemoryStream::missing(name)),
@@ -567,4 +587,65 @@ async fn fan_out_per_stream_with_a_split_and_a_handoff_on_shutdown_repeats_nothi
     a.stop().await.unwrap();
     assert_eq!(delivered(&log), expected);
     assert_children_after_parent(&log, "orders", "shardId-000000000001", &children);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_stream_does_not_stop_the_others() {
+    let (streams, store, log) = fixture();
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let clicks = streams.add(InMemoryStream::new("clicks", 2), "clicks");
+    // Throttled (or denied) from the start: it cannot even be looked up.
+    let (throttled, faults) = streams.add_faulty(InMemoryStream::new("audit", 1), "audit");
+    faults.set(Fault::Throttle);
+    let mut expected = put("orders", &orders, 0, 50);
+    expected.extend(put("clicks", &clicks, 0, 50));
+    let audit = put("audit", &throttled, 0, 20);
+    let a = start("worker-a", &streams, &store, &log);
+    let b = start("worker-b", &streams, &store, &log);
+    wait_until("the reachable streams delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    assert!(!leases_by_stream(&store).contains_key("audit"));
+
+    faults.set(Fault::None);
+    expected.extend(audit);
+    wait_until("the stream reachable again is consumed", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    // A consumed stream fails for a while (every call): the others flow on meanwhile.
+    faults.set(Fault::Fail);
+    let more_audit = put("audit", &throttled, 20, 40);
+    common::merge(&mut expected, put("orders", &orders, 50, 100));
+    common::merge(&mut expected, put("clicks", &clicks, 50, 100));
+    let without_audit: BTreeMap<String, Vec<String>> = expected
+        .iter()
+        .filter(|(k, _)| !k.starts_with("audit/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    wait_until("the others flow while one stream fails", WAIT, || {
+        all_delivered(&log, &without_audit)
+    })
+    .await;
+    faults.set(Fault::None);
+    common::merge(&mut expected, more_audit);
+    wait_until("everything once the stream answers again", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    assert!(!a.task.is_finished() && !b.task.is_finished());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    // At least once, in order per shard (a failing checkpoint may deliver a batch again).
+    let got = delivered(&log);
+    for (shard, seqs) in &expected {
+        let mut seen: Vec<&String> = Vec::new();
+        for seq in &got[shard] {
+            if seen.last().is_none_or(|last| *last != seq) && !seen.contains(&seq) {
+                seen.push(seq);
+            }
+        }
+        assert_eq!(seen, seqs.iter().collect::<Vec<_>>(), "{shard}");
+    }
 }
