@@ -16,6 +16,8 @@
 //! 6. no lease is left of a stream that left the list or was deleted (or replaced), once the
 //!    grace period has passed.
 //!
+//! Odd seeds run with one watcher: the other workers then sync no stream on the schedule.
+//!
 //! `STREAM_SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`]) from `STREAM_SIM_FIRST_SEED`
 //! (default 0); `STREAM_SIM_SEED=S` replays one with its trace printed.
 
@@ -29,8 +31,8 @@ use kcl_core::testing::{Fault, Faulty, InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
     CancellationToken, Checkpointer, Error, InitialPosition, LeaseConfig, LeaseStore,
     MultiStreamConfig, MultiStreamLeaseKey, PerStream, Record, RecordProcessor, ShardContext,
-    StreamClient, StreamConfig, StreamIdentity, TrackerFn, Worker, WorkerConfig, async_trait,
-    is_watcher_slot,
+    StreamClient, StreamConfig, StreamIdentity, TrackerFn, Watchers, Worker, WorkerConfig,
+    async_trait, is_watcher_slot,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -173,6 +175,9 @@ struct SimWorker {
 
 struct Sim {
     started: Instant,
+    /// In half the seeds one worker watches: the others sync no stream on the schedule and
+    /// learn of deleted and recreated streams from their consumers and the table.
+    watchers: Option<Watchers>,
     rng: Rng,
     observed: Shared,
     leases: Arc<InMemoryLeaseStore>,
@@ -194,11 +199,15 @@ struct Sim {
     fault_ends: Vec<(Instant, String)>,
 }
 
-fn config(id: &str, seed: u64) -> WorkerConfig {
+fn config(id: &str, seed: u64, watchers: Option<Watchers>) -> WorkerConfig {
     WorkerConfig::new("sim-ms", "multi-stream")
         .with_worker_id(id)
         .with_rng_seed(seed)
-        .with_lease(LeaseConfig::default().with_shard_sync_interval(Duration::from_secs(10)))
+        .with_lease(
+            LeaseConfig::default()
+                .with_shard_sync_interval(Duration::from_secs(10))
+                .with_watchers(watchers),
+        )
         .with_multi_stream(
             MultiStreamConfig::default()
                 .with_stream_discovery_interval(DISCOVERY)
@@ -293,7 +302,7 @@ impl Sim {
             }
         });
         let worker = Worker::multi_stream(
-            config(&id, seed ^ self.next_worker as u64),
+            config(&id, seed ^ self.next_worker as u64, self.watchers),
             Arc::new(tracker),
             Arc::new(clients),
             store.clone() as Arc<dyn LeaseStore>,
@@ -549,7 +558,15 @@ fn run_seed(seed: u64) -> (Vec<String>, Vec<String>) {
         .build()
         .unwrap();
     runtime.block_on(async move {
+        let watchers = (seed % 2 == 1).then(|| {
+            Watchers::default()
+                .with_count(1)
+                .with_min_workers(0)
+                .with_member_scan_interval(Duration::from_secs(20))
+                .with_slot_check_interval(Duration::from_secs(5))
+        });
         let mut sim = Sim {
+            watchers,
             started: Instant::now(),
             rng: Rng(seed),
             observed: Shared::default(),

@@ -191,8 +191,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             ShardExit::Shutdown => release(&self.held, false),
             ShardExit::Failed(e) => {
                 // A deleted stream: its sync finds out and stops consuming it (in single-stream
-                // mode the worker stops).
-                if matches!(e, Error::StreamNotFound { .. }) {
+                // mode the worker stops). In multi-stream mode any failure of the stream's
+                // side asks for its identity to be checked: a stream recreated under its
+                // name answers old checkpoints with errors of its own.
+                let stream_side = !matches!(
+                    e,
+                    Error::Processor { .. } | Error::ShardEndNotCheckpointed { .. }
+                );
+                if matches!(e, Error::StreamNotFound { .. })
+                    || (self.is_multi_stream() && stream_side)
+                {
                     self.sync_requests.request(&key);
                 }
                 let failures = self.cooldown.get(&key).map_or(1, |(n, _)| *n);

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -42,6 +43,12 @@ use crate::stream_tracker::{
 
 /// Attempts of one stream's identity lookup at discovery.
 const IDENTITY_ATTEMPTS: usize = 3;
+
+/// The pause between two new streams' lookups at one discovery: at most 10
+/// `DescribeStreamSummary` calls a second per worker, half the service's limit of 20 a second
+/// per account, however fast the service answers (50 new streams: 5 s). Workers starting
+/// together may still meet the limit: a throttled lookup is retried with backoff.
+const LOOKUP_PACE: Duration = Duration::from_millis(100);
 
 /// What the worker hands the stream sync.
 pub(super) struct Setup {
@@ -73,6 +80,15 @@ pub(super) struct MultiStreamSync {
     /// Counters of the leases seen at the last check for former streams: a lease whose
     /// counter has not moved for a lease duration has no live owner.
     observations: LeaseObservations,
+}
+
+/// How a stream is synced.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SyncKind {
+    /// Just after discovery found its identity: the shards only.
+    First,
+    /// On the schedule, or asked for: its identity checked, then the shards.
+    Checked,
 }
 
 /// What one stream's sync found.
@@ -120,7 +136,7 @@ impl MultiStreamSync {
                     _ = requests.requested() => {
                         for prefix in requests.take() {
                             if let Some(stream) = self.by_prefix(&prefix) {
-                                self.sync_now(&stream).await;
+                                self.sync_now(&stream, SyncKind::Checked).await;
                             }
                         }
                     }
@@ -180,6 +196,7 @@ impl MultiStreamSync {
         let mut names: BTreeSet<&str> = BTreeSet::new();
         let mut kept = BTreeMap::new();
         let mut new = Vec::new();
+        let mut looked_up = 0usize;
         for config in &listed {
             if !names.insert(config.stream.as_str()) {
                 continue;
@@ -195,6 +212,10 @@ impl MultiStreamSync {
                 }
                 continue;
             }
+            if looked_up > 0 {
+                tokio::time::sleep(LOOKUP_PACE).await;
+            }
+            looked_up += 1;
             let client = self.client(&config.stream);
             let seeds = self.setup.seeds.clone();
             let backoff = self
@@ -232,7 +253,7 @@ impl MultiStreamSync {
         self.publish();
         for id in new {
             info!(stream = %id, "consuming a new stream");
-            self.sync_now(&id).await;
+            self.sync_now(&id, SyncKind::First).await;
         }
         self.delete_former_streams().await;
     }
@@ -312,9 +333,10 @@ impl MultiStreamSync {
         });
     }
 
-    /// Syncs the streams due on the schedule. With watchers, only watchers sync shards (a
-    /// member's syncs would cost scans for nothing the watchers miss); every worker checks
-    /// each stream's identity, so each one finds a stream deleted or recreated by itself.
+    /// Syncs the streams due on the schedule. With watchers, only watchers do (a member's
+    /// syncs would cost scans and `DescribeStreamSummary` calls for nothing the watchers
+    /// miss): a member learns that a stream was deleted or recreated from its consumers'
+    /// failures and from the new stream's leases in the table, and checks it then.
     async fn sync_due(&mut self) {
         let now = Instant::now();
         let watching = self
@@ -323,21 +345,21 @@ impl MultiStreamSync {
             .as_ref()
             .is_none_or(|w| w.load(Ordering::SeqCst));
         for id in self.schedule.due(now) {
-            self.sync_now_as(&id, watching).await;
+            if watching {
+                self.sync_now(&id, SyncKind::Checked).await;
+            } else {
+                self.schedule.synced(&id, now);
+            }
         }
     }
 
     /// Syncs one stream now, and acts on what the sync found.
-    async fn sync_now(&mut self, id: &StreamIdentity) {
-        self.sync_now_as(id, true).await;
-    }
-
-    /// Checks one stream's identity now and, with `shards`, syncs its shards; acts on what
-    /// it found.
-    async fn sync_now_as(&mut self, id: &StreamIdentity, shards: bool) {
-        let synced = self.sync_stream(id, shards).await;
+    async fn sync_now(&mut self, id: &StreamIdentity, kind: SyncKind) {
+        let synced = self.sync_stream(id, kind).await;
         let now = Instant::now();
         match synced {
+            // A first sync leaves the stream's next one where the schedule spread it.
+            Synced::Done if kind == SyncKind::First => {}
             Synced::Done => self.schedule.synced(id, now),
             Synced::Failed => self.schedule.failed(id, now),
             Synced::Gone(recreated) => {
@@ -356,7 +378,7 @@ impl MultiStreamSync {
                         {
                             self.followed.insert(new_id.clone(), followed);
                             self.publish();
-                            Box::pin(self.sync_now(&new_id)).await;
+                            Box::pin(self.sync_now(&new_id, SyncKind::First)).await;
                             return;
                         }
                     }
@@ -366,23 +388,23 @@ impl MultiStreamSync {
         }
     }
 
-    async fn sync_stream(&mut self, id: &StreamIdentity, shards: bool) -> Synced {
+    async fn sync_stream(&mut self, id: &StreamIdentity, kind: SyncKind) -> Synced {
         let Some(followed) = self.followed.get_mut(id) else {
             return Synced::Done;
         };
         // The stream's name (or ARN) may now name another stream: check before writing
-        // leases of its shards under this identity.
-        match followed.active.client.stream_identity().await {
-            Ok(current) if current == *id => {}
-            Ok(current) => return Synced::Gone(Some(current)),
-            Err(Error::StreamNotFound { .. }) => return Synced::Gone(None),
-            Err(e) => {
-                warn!(stream = %id, error = %ErrorChain(&e), "could not check the stream; its sync is retried later");
-                return Synced::Failed;
+        // leases of its shards under this identity (`ListShards` goes by name too). A first
+        // sync follows the lookup that found the identity.
+        if kind == SyncKind::Checked {
+            match followed.active.client.stream_identity().await {
+                Ok(current) if current == *id => {}
+                Ok(current) => return Synced::Gone(Some(current)),
+                Err(Error::StreamNotFound { .. }) => return Synced::Gone(None),
+                Err(e) => {
+                    warn!(stream = %id, error = %ErrorChain(&e), "could not check the stream; its sync is retried later");
+                    return Synced::Failed;
+                }
             }
-        }
-        if !shards {
-            return Synced::Done;
         }
         match followed.syncer.sync_once().await {
             Ok(()) => Synced::Done,

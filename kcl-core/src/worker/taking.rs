@@ -61,6 +61,9 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             self.fatal.raise(e);
             return;
         }
+        if self.is_multi_stream() {
+            self.notice_recreated_streams(&scan.leases);
+        }
         let now = Instant::now();
         self.scanned(&slots, now);
         self.invalid_items.scanned(ticket, &scan.invalid);
@@ -285,6 +288,39 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         }
         self.take_all(takes).await;
         self.publish_status(None);
+    }
+
+    /// Asks for an identity check of each consumed stream whose name has leases of a later
+    /// creation time in the table: another worker found the stream recreated under its name
+    /// (a worker that does not sync on the schedule learns it here, at no cost).
+    fn notice_recreated_streams(&self, leases: &[Lease]) {
+        let streams = self.streams.borrow().clone();
+        let consumed: BTreeMap<(&str, &str), (u64, &str)> = streams
+            .iter()
+            .filter_map(|(prefix, s)| {
+                let id = s.identity.as_ref()?;
+                Some((
+                    (id.account_id(), id.stream_name()),
+                    (id.creation_epoch(), prefix.as_str()),
+                ))
+            })
+            .collect();
+        let prefixes: BTreeSet<&str> = leases
+            .iter()
+            .map(|l| key_prefix(&l.lease_key))
+            .filter(|p| !streams.contains_key(*p))
+            .collect();
+        for prefix in prefixes {
+            let Ok(other) = crate::StreamIdentity::parse(prefix.trim_end_matches(':')) else {
+                continue;
+            };
+            if let Some((epoch, ours)) = consumed.get(&(other.account_id(), other.stream_name()))
+                && other.creation_epoch() > *epoch
+            {
+                debug!(stream = %other, "leases of a later stream of the same name; checking ours");
+                self.sync_requests.request(ours);
+            }
+        }
     }
 
     /// Takes these leases, the writes sent together.
