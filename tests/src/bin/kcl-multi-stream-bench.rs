@@ -47,6 +47,9 @@ const SECONDS_PER_HOUR: f64 = 3600.0;
 const PATIENCE: Duration = Duration::from_secs(900);
 /// After the fleet is balanced and before the window: the last takes' writes settle.
 const SETTLE: Duration = Duration::from_secs(10);
+/// How long no lease may move for the fleet to count as settled per stream: the exchanges
+/// that spread each stream (one lease per worker and taking round) are over.
+const QUIET: Duration = Duration::from_secs(10);
 /// Kinesis's documented limits (the SDK's operation docs).
 const DESCRIBE_STREAM_SUMMARY_LIMIT: &str = "20/s per account";
 const LIST_SHARDS_LIMIT: &str = "1,000/s per stream";
@@ -374,9 +377,11 @@ struct Measured {
     workers: usize,
     streams: usize,
     leases: usize,
-    /// Seconds from the start to every lease held, and to the fleet balanced.
+    /// Seconds from the start to every lease held, to the fleet balanced in total, and to no
+    /// lease moving any more (each stream spread).
     to_held: f64,
     to_balanced: f64,
+    to_settled: f64,
     /// The calls from the start to balanced, and in the window.
     startup: Vec<Call>,
     startup_usage: Vec<BTreeMap<&'static str, OperationUsage>>,
@@ -467,9 +472,27 @@ async fn measure(streams: &[String], shards: usize, workers: usize, window: Dura
         async move { balanced(&now, leases) }
     })
     .await;
-    let balanced_at = log.now();
-    let to_balanced = balanced_at.as_secs_f64();
+    let to_balanced = log.now().as_secs_f64();
     eprintln!("{workers} workers: balanced after {to_balanced:.1} s");
+    // Then the exchanges that spread each stream over the fleet, until no lease moves.
+    let moved = |s: &WorkerStatus| (s.leases_taken, s.handed_over, s.received);
+    let mut last: Vec<(u64, u64, u64)> = statuses(&fleet).iter().map(moved).collect();
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < QUIET {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now: Vec<(u64, u64, u64)> = statuses(&fleet).iter().map(moved).collect();
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+        assert!(
+            log.now() < PATIENCE,
+            "leases still moving after {PATIENCE:?}"
+        );
+    }
+    let balanced_at = log.now() - QUIET;
+    let to_settled = balanced_at.as_secs_f64();
+    eprintln!("{workers} workers: settled per stream after {to_settled:.1} s");
     let startup = log.between(Duration::ZERO, balanced_at);
     let startup_usage: Vec<_> = fleet.iter().map(Running::usage).collect();
 
@@ -513,6 +536,7 @@ async fn measure(streams: &[String], shards: usize, workers: usize, window: Dura
         leases,
         to_held,
         to_balanced,
+        to_settled,
         startup,
         startup_usage,
         calls,
@@ -620,8 +644,15 @@ fn report(m: &Measured) {
         m.window
     );
     println!(
-        "Start-up: every lease held after {:.1} s, the fleet balanced after {:.1} s. In the window: {} leases lost, leases taken / handed over / received per worker {:?}, leases held per worker at the end {:?}, taking rounds per worker since the start {:?}.\n",
-        m.to_held, m.to_balanced, m.leases_lost, m.moves, m.held_at_end, m.taking_rounds
+        "Start-up: every lease held after {:.1} s, the fleet balanced in total after {:.1} s and each stream spread (no lease moving for {} s) after {:.1} s. In the window: {} leases lost, leases taken / handed over / received per worker {:?}, leases held per worker at the end {:?}, taking rounds per worker since the start {:?}.\n",
+        m.to_held,
+        m.to_balanced,
+        QUIET.as_secs(),
+        m.to_settled,
+        m.leases_lost,
+        m.moves,
+        m.held_at_end,
+        m.taking_rounds
     );
     println!(
         "| call | where counted | fleet per hour | per worker-hour (mean; min – max) | design per worker-hour | fleet peak in any 1 s | Kinesis limit |\n|---|---|---|---|---|---|---|"
@@ -787,8 +818,8 @@ fn report(m: &Measured) {
     );
 
     println!(
-        "Start-up (the first discovery: from the workers' start to the fleet balanced, {:.1} s), calls of the whole fleet:\n",
-        m.to_balanced
+        "Start-up (from the workers' start to each stream spread over the fleet, {:.1} s), calls of the whole fleet:\n",
+        m.to_settled
     );
     println!(
         "| call | `StreamClient` calls | HTTP requests | peak in any 1 s (HTTP) |\n|---|---|---|---|"
@@ -834,6 +865,13 @@ fn env_number(name: &str, default: usize) -> usize {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // The workers' logs, when asked for (`RUST_LOG=kcl_core=info`), on stderr.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let window = Duration::from_secs(env_number("KCL_BENCH_MS_SECONDS", 300) as u64);
     let streams = env_number("KCL_BENCH_MS_STREAMS", 50);
     let shards = env_number("KCL_BENCH_MS_SHARDS", 4);
