@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use kcl_core::{
-    CancellationToken, Error, InitialPosition, KinesisStreamClient, LeaseConfig, LeaseStore,
-    MultiStreamConfig, MultiStreamLeaseKey, PerStream, PollingConfig, ShardContext, StreamClient,
-    StreamConfig, StreamTracker, StreamsByPrefix, TrackerFn, WorkerConfig,
+    CancellationToken, Error, FanOutConfig, InitialPosition, KinesisStreamClient, LeaseConfig,
+    LeaseStore, MultiStreamConfig, MultiStreamLeaseKey, PerStream, PollingConfig, Retrieval,
+    ShardContext, StreamClient, StreamConfig, StreamTracker, StreamsByPrefix, TrackerFn,
+    WorkerConfig,
 };
 use kcl_dynamo_lease::{AwsWorkerBuilder, DynamoLeaseStore};
 use kcl_integration_tests::{
@@ -142,6 +143,12 @@ impl Listed {
 
 /// A multi-stream worker on the local servers whose processors record `STREAM/SHARD`.
 async fn start(app: &str, worker: &str, listed: &Listed, recorder: &Recorder) -> RunningWorker {
+    start_as(config(app, worker), listed, recorder).await
+}
+
+async fn start_as(config: WorkerConfig, listed: &Listed, recorder: &Recorder) -> RunningWorker {
+    let worker = config.worker_id.clone();
+    let worker = worker.as_str();
     let names = listed.0.clone();
     let tracker = TrackerFn::new(move || {
         let streams: Vec<StreamConfig> = names
@@ -157,7 +164,7 @@ async fn start(app: &str, worker: &str, listed: &Listed, recorder: &Recorder) ->
         let stream = shard.stream.as_ref().expect("multi-stream mode");
         record(&format!("{}/{}", stream.stream_name(), shard.shard_id))
     });
-    let worker = AwsWorkerBuilder::new(&sdk_config().await, config(app, worker))
+    let worker = AwsWorkerBuilder::new(&sdk_config().await, config)
         .build_multi_stream(Arc::new(tracker), factory)
         .expect("valid config");
     let status = worker.status();
@@ -521,4 +528,65 @@ async fn kcl_consumer_reads_several_streams_by_name_or_by_prefix_and_names_each_
     assert_eq!(refused.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("--stream-prefix"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fan_out_registers_a_consumer_per_stream_and_reads_every_record_once() {
+    let (client, app) = (kinesis().await, unique("multi-fan-out"));
+    let prefix = unique("msfo");
+    let [orders, clicks] = ["orders", "clicks"].map(|s| format!("{prefix}-{s}"));
+    let listed = Listed::default();
+    for (stream, shards) in [(&orders, 2), (&clicks, 1)] {
+        create_stream(&client, stream, shards).await;
+        listed.add(stream);
+    }
+    let mut expected = BTreeMap::new();
+    for stream in [&orders, &clicks] {
+        merge(&mut expected, put(&client, stream, 0, 150).await);
+    }
+    let recorder = Recorder::default();
+    let fan_out = |worker: &str| {
+        config(&app, worker).with_retrieval(Retrieval::FanOut(FanOutConfig::default()))
+    };
+    let a = start_as(fan_out("worker-a"), &listed, &recorder).await;
+    let b = start_as(fan_out("worker-b"), &listed, &recorder).await;
+    wait_for("every record delivered", PATIENCE, || async {
+        all_delivered(&recorder, &expected)
+    })
+    .await;
+    for stream in [&orders, &clicks] {
+        merge(&mut expected, put(&client, stream, 150, 100).await);
+    }
+    wait_for("the later records delivered", PATIENCE, || async {
+        all_delivered(&recorder, &expected)
+    })
+    .await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_eq!(delivered(&recorder), expected);
+    // Each stream has its own consumer, named after the application.
+    for stream in [&orders, &clicks] {
+        let arn = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .unwrap()
+            .stream_description_summary()
+            .unwrap()
+            .stream_arn()
+            .to_owned();
+        let consumers = client
+            .list_stream_consumers()
+            .stream_arn(&arn)
+            .send()
+            .await
+            .unwrap();
+        let names: Vec<&str> = consumers
+            .consumers()
+            .iter()
+            .map(|c| c.consumer_name())
+            .collect();
+        assert_eq!(names, [app.as_str()], "{stream}");
+    }
 }
