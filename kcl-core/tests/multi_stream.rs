@@ -445,6 +445,14 @@ async fn a_split_in_one_stream_keeps_parents_before_children_while_the_others_fl
         all_delivered(&log, &expected)
     })
     .await;
+    // Cleanup per stream: the finished parent's lease is deleted once its children started.
+    wait_until("the parent's lease cleaned up", WAIT, || {
+        leases_by_stream(&store)["orders"]
+            .iter()
+            .all(|l| !l.lease_key.ends_with(":shardId-000000000000"))
+    })
+    .await;
+    assert_eq!(leases_by_stream(&store)["clicks"].len(), 2);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     assert_eq!(delivered(&log), expected);
@@ -648,4 +656,42 @@ async fn an_unreachable_stream_does_not_stop_the_others() {
         }
         assert_eq!(seen, seqs.iter().collect::<Vec<_>>(), "{shard}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_watchdog_restarts_a_stalled_streams_consumers_while_the_others_flow() {
+    let (streams, store, log) = fixture();
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let (stuck, faults) = streams.add_faulty(InMemoryStream::new("stuck", 1), "stuck");
+    let mut expected = put("orders", &orders, 0, 30);
+    expected.extend(put("stuck", &stuck, 0, 10));
+    let a = start("worker-a", &streams, &store, &log);
+    wait_until("both streams delivered", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+
+    // Every call to one stream hangs (a dead connection): its consumer makes no progress.
+    faults.set(Fault::Stall);
+    let timeout = kcl_core::ProcessingConfig::default().watchdog_timeout;
+    common::merge(&mut expected, put("orders", &orders, 30, 60));
+    let stuck_later = put("stuck", &stuck, 10, 20);
+    wait_until("orders flows while the other stream hangs", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    tokio::time::sleep(timeout + Duration::from_secs(10)).await;
+    assert!(
+        a.status.borrow().watchdog_restarts >= 1,
+        "{:?}",
+        a.status.borrow()
+    );
+    faults.set(Fault::None);
+    common::merge(&mut expected, stuck_later);
+    wait_until("the stalled stream's records once it answers", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    a.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
 }
