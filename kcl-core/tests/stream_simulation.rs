@@ -17,6 +17,10 @@
 //!    grace period has passed.
 //!
 //! Odd seeds run with one watcher: the other workers then sync no stream on the schedule.
+//! Each seed also draws its shapes: processors that buffer records and flush (then
+//! checkpoint) only every second or third batch, lease scans that are not snapshots (pages
+//! read apart), and single renewals or checkpoints that hang. Invariant 1 counts flushed
+//! records, checked after a graceful stop.
 //!
 //! `STREAM_SIM_SEEDS=N` runs N seeds (default [`DEFAULT_SEEDS`]) from `STREAM_SIM_FIRST_SEED`
 //! (default 0); `STREAM_SIM_SEED=S` replays one with its trace printed.
@@ -27,7 +31,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kcl_core::testing::{Fault, Faulty, InMemoryLeaseStore, InMemoryStream};
+use kcl_core::testing::{
+    Fault, Faulty, Hang, InMemoryLeaseStore, InMemoryStream, LeaseCall, ScanPaging,
+};
 use kcl_core::{
     CancellationToken, Checkpointer, Error, InitialPosition, LeaseConfig, LeaseStore,
     MultiStreamConfig, MultiStreamLeaseKey, PerStream, Record, RecordProcessor, ShardContext,
@@ -75,8 +81,11 @@ impl Rng {
 /// What the processors saw, shared by all of a seed's workers.
 #[derive(Default)]
 struct Observed {
-    /// `IDENTITY/SHARD` → sequence numbers delivered.
+    /// `IDENTITY/SHARD` → sequence numbers flushed (written out for good).
     delivered: BTreeMap<String, BTreeSet<u128>>,
+    /// Records delivered but not flushed yet, per live processor instance: a processor that
+    /// is dropped (its worker crashed) loses them, and its shard's next owner reads them again.
+    buffered: BTreeMap<u64, BTreeSet<(String, u128)>>,
     /// `IDENTITY/SHARD` of the shards whose processor was told the shard ended.
     ended: BTreeSet<String>,
     violations: Vec<String>,
@@ -89,13 +98,37 @@ type Shared = Arc<Mutex<Observed>>;
 /// their shard's parents from it.
 type Objects = Arc<Mutex<BTreeMap<String, Arc<InMemoryStream>>>>;
 
+/// Buffers records and flushes (then checkpoints) every `flush_every` batches, at the
+/// shard's end and at shutdown, as the most common real processor does.
 struct SimProcessor {
     key: String,
+    instance: u64,
     identity: StreamIdentity,
     parents: Vec<String>,
     last: Option<u128>,
     started: bool,
+    flush_every: u64,
+    batches: u64,
     observed: Shared,
+}
+
+impl SimProcessor {
+    /// Writes the buffer out for good.
+    fn flush(&self) {
+        let mut observed = self.observed.lock().unwrap();
+        let buffered = observed.buffered.remove(&self.instance).unwrap_or_default();
+        for (key, seq) in buffered {
+            observed.delivered.entry(key).or_default().insert(seq);
+        }
+    }
+}
+
+impl Drop for SimProcessor {
+    fn drop(&mut self) {
+        if let Ok(mut observed) = self.observed.lock() {
+            observed.buffered.remove(&self.instance);
+        }
+    }
 }
 
 #[async_trait]
@@ -140,12 +173,17 @@ impl RecordProcessor for SimProcessor {
                 }
                 self.last = Some(seq);
                 observed
-                    .delivered
-                    .entry(self.key.clone())
+                    .buffered
+                    .entry(self.instance)
                     .or_default()
-                    .insert(seq);
+                    .insert((self.key.clone(), seq));
             }
         }
+        self.batches += 1;
+        if self.batches % self.flush_every != 0 {
+            return Ok(());
+        }
+        self.flush();
         let checkpointed = checkpointer.checkpoint().await;
         if checkpointed.is_err() {
             self.last = before;
@@ -154,6 +192,7 @@ impl RecordProcessor for SimProcessor {
     }
 
     async fn shard_ended(&mut self, checkpointer: &mut Checkpointer) -> Result<(), Error> {
+        self.flush();
         // Every record of the shard was delivered before this call. Its SHARD_END checkpoint
         // may land even when the call fails (a write held by a paused process lands late),
         // so the shard counts as ended from here.
@@ -161,7 +200,17 @@ impl RecordProcessor for SimProcessor {
         checkpointer.checkpoint().await
     }
 
+    async fn lease_lost(&mut self) {
+        // The next owner reads what was not checkpointed again.
+        self.observed
+            .lock()
+            .unwrap()
+            .buffered
+            .remove(&self.instance);
+    }
+
     async fn shutdown_requested(&mut self, checkpointer: &mut Checkpointer) -> Result<(), Error> {
+        self.flush();
         checkpointer.checkpoint().await
     }
 }
@@ -197,6 +246,12 @@ struct Sim {
     workers: Vec<SimWorker>,
     /// When faults end: (when, worker id).
     fault_ends: Vec<(Instant, String)>,
+    /// How many batches this seed's processors buffer before they flush (1: every batch).
+    flush_every: u64,
+    /// Processors created so far.
+    instances: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether single lease-table calls hang now and then.
+    hangs: bool,
 }
 
 fn config(id: &str, seed: u64, watchers: Option<Watchers>) -> WorkerConfig {
@@ -273,6 +328,7 @@ impl Sim {
             }
         };
         let (observed, objects) = (self.observed.clone(), self.objects.clone());
+        let (flush_every, instances) = (self.flush_every, self.instances.clone());
         let factory = PerStream(move |shard: &ShardContext| {
             let identity = shard.stream.clone().expect("multi-stream mode");
             let key = format!("{identity}/{}", shard.shard_id);
@@ -294,10 +350,13 @@ impl Sim {
                 .unwrap_or_default();
             SimProcessor {
                 key,
+                instance: instances.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 identity,
                 parents,
                 last: None,
                 started: false,
+                flush_every,
+                batches: 0,
                 observed: observed.clone(),
             }
         });
@@ -388,6 +447,16 @@ impl Sim {
                 self.trace(format!("crash {}", w.id));
                 w.task.abort();
             }
+            48..=51 if self.hangs && !self.workers.is_empty() => {
+                // One renewal or checkpoint hangs (a dead connection), its write landing or not.
+                let i = self.rng.below(self.workers.len() as u64) as usize;
+                let operation = ["renew", "checkpoint"][self.rng.below(2) as usize];
+                let hang = [Hang::Lost, Hang::AnswerLost][self.rng.below(2) as usize];
+                let w = &self.workers[i];
+                w.store.hang_next(LeaseCall::Update(operation), hang);
+                let id = w.id.clone();
+                self.trace(format!("the next {operation} of {id} hangs ({hang:?})"));
+            }
             48..=55 if !self.workers.is_empty() => {
                 let i = self.rng.below(self.workers.len() as u64) as usize;
                 let fault = [Fault::Fail, Fault::Throttle, Fault::Hold][self.rng.below(3) as usize];
@@ -474,6 +543,8 @@ impl Sim {
     fn unsettled(&self, gone_since: Instant) -> Option<String> {
         let live = self.live_identities();
         let observed = self.observed.lock().unwrap();
+        // Held in a live processor's buffer counts: it flushes at shutdown at the latest.
+        let buffered: BTreeSet<&(String, u128)> = observed.buffered.values().flatten().collect();
         for (key, seqs) in &self.put {
             let identity = key.rsplit_once('/').map_or("", |(id, _)| id);
             if !live.contains(identity) {
@@ -483,6 +554,7 @@ impl Sim {
             let missing = seqs
                 .iter()
                 .filter(|s| got.is_none_or(|g| !g.contains(s)))
+                .filter(|s| !buffered.contains(&(key.clone(), **s)))
                 .count();
             if missing > 0 {
                 return Some(format!("{missing} records of {key} not delivered"));
@@ -565,12 +637,29 @@ fn run_seed(seed: u64) -> (Vec<String>, Vec<String>) {
                 .with_member_scan_interval(Duration::from_secs(20))
                 .with_slot_check_interval(Duration::from_secs(5))
         });
+        // Shapes, drawn apart from the schedule: buffering processors, scans that are not
+        // snapshots (pages read apart, creations landing between them), hung calls.
+        let mut shapes = Rng(seed ^ 0x5EED_5A9E);
+        let flush_every = 1 + shapes.below(3);
+        let leases = Arc::new(InMemoryLeaseStore::new("sim-ms"));
+        let paged = shapes.below(2) == 0;
+        if paged {
+            leases.set_scan_paging(Some(ScanPaging::new(
+                1 + shapes.below(3) as usize,
+                shapes.millis(5, 60),
+                shapes.next(),
+            )));
+        }
+        let hangs = shapes.below(2) == 0;
         let mut sim = Sim {
+            flush_every,
+            instances: Arc::default(),
+            hangs,
             watchers,
             started: Instant::now(),
             rng: Rng(seed),
             observed: Shared::default(),
-            leases: Arc::new(InMemoryLeaseStore::new("sim-ms")),
+            leases,
             current: Arc::default(),
             identities: BTreeMap::new(),
             objects: Arc::default(),
@@ -584,6 +673,10 @@ fn run_seed(seed: u64) -> (Vec<String>, Vec<String>) {
             workers: Vec::new(),
             fault_ends: Vec::new(),
         };
+        sim.trace(format!(
+            "shapes: flush every {flush_every} batches, paged scans {paged}, hangs {hangs}, watchers {:?}",
+            sim.watchers.is_some()
+        ));
         for _ in 0..2 + sim.rng.below(2) {
             sim.add_stream();
         }
@@ -639,6 +732,25 @@ fn run_seed(seed: u64) -> (Vec<String>, Vec<String>) {
                     .push(format!("{} failed: {e}", w.id));
             }
         }
+        // Stopped gracefully, every processor flushed: every record of a live stream is out.
+        let live = sim.live_identities();
+        let mut observed = sim.observed.lock().unwrap();
+        for (key, seqs) in &sim.put {
+            let identity = key.rsplit_once('/').map_or("", |(id, _)| id);
+            if !live.contains(identity) {
+                continue;
+            }
+            let got = observed.delivered.get(key);
+            let missing = seqs
+                .iter()
+                .filter(|s| got.is_none_or(|g| !g.contains(s)))
+                .count();
+            if missing > 0 {
+                let v = format!("{missing} records of {key} never flushed");
+                observed.violations.push(v);
+            }
+        }
+        drop(observed);
         let observed = std::mem::take(&mut *sim.observed.lock().unwrap());
         (observed.violations, observed.trace)
     })

@@ -174,18 +174,26 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         // lease without one: the check is inconclusive.
         let mut holes = BTreeMap::new();
         if scan.invalid.is_empty() {
-            let mut by_stream: BTreeMap<&str, Vec<Lease>> = BTreeMap::new();
-            for lease in &scan.leases {
-                by_stream
-                    .entry(key_prefix(&lease.lease_key))
-                    .or_default()
-                    .push(lease.clone());
-            }
-            for (prefix, leases) in by_stream {
-                let found = lineage::hash_key_holes(&leases);
-                if !found.is_empty() {
-                    holes.insert(prefix.to_owned(), found);
+            // Per stream: one stream's hash keys say nothing of another's.
+            let mut found = |prefix: &str, leases: &[Lease]| {
+                let stream_holes = lineage::hash_key_holes(leases);
+                if !stream_holes.is_empty() {
+                    holes.insert(prefix.to_owned(), stream_holes);
                 }
+            };
+            if self.is_multi_stream() {
+                let mut by_stream: BTreeMap<&str, Vec<Lease>> = BTreeMap::new();
+                for lease in &scan.leases {
+                    by_stream
+                        .entry(key_prefix(&lease.lease_key))
+                        .or_default()
+                        .push(lease.clone());
+                }
+                for (prefix, leases) in &by_stream {
+                    found(prefix, leases);
+                }
+            } else {
+                found("", &scan.leases);
             }
         }
         for (prefix, found) in &holes {
