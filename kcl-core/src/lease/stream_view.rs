@@ -198,3 +198,85 @@ impl LeaseStore for StreamLeases {
             .map_err(|e| self.error_to_view(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sequence::Checkpoint;
+    use crate::testing::InMemoryLeaseStore;
+
+    fn stream(epoch: u64) -> StreamIdentity {
+        StreamIdentity::new("123456789012", "orders", epoch).unwrap()
+    }
+
+    #[tokio::test]
+    async fn keys_are_shard_ids_in_the_view_and_stream_keys_in_the_table() {
+        let table = Arc::new(InMemoryLeaseStore::new("app"));
+        let orders = StreamLeases::new(table.clone(), stream(7));
+        let recreated = StreamLeases::new(table.clone(), stream(8));
+        let parent = Lease::new("shardId-0", Checkpoint::TrimHorizon);
+        assert!(orders.create_lease_if_absent(&parent).await.unwrap());
+        // Stored under the stream's key, with the Java KCL's multi-stream attributes.
+        let stored = table.leases();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].lease_key, "123456789012:orders:7:shardId-0");
+        assert_eq!(
+            stored[0].stream_name.as_deref(),
+            Some("123456789012:orders:7")
+        );
+        assert_eq!(stored[0].shard_id.as_deref(), Some("shardId-0"));
+        // A child guarded by its parent: the guard's keys are mapped too, and so is the answer.
+        let child =
+            Lease::new("shardId-1", Checkpoint::TrimHorizon).with_parents(["shardId-0".to_owned()]);
+        let guard = LineageGuard::new(["shardId-0".to_owned()], []);
+        assert_eq!(
+            orders
+                .create_lease_in_lineage(&child, &guard)
+                .await
+                .unwrap(),
+            LeaseCreation::Created
+        );
+        assert_eq!(
+            recreated
+                .create_lease_in_lineage(&child, &guard)
+                .await
+                .unwrap(),
+            LeaseCreation::ParentMissing {
+                parent: "shardId-0".to_owned()
+            }
+        );
+        // Each view sees its own stream's leases only, keyed by shard id; parents stay ids.
+        let scan = orders.list_leases().await.unwrap();
+        let keys: Vec<&str> = scan.leases.iter().map(|l| l.lease_key.as_str()).collect();
+        assert_eq!(keys, ["shardId-0", "shardId-1"]);
+        assert_eq!(
+            scan.leases[1].parent_shard_ids.iter().collect::<Vec<_>>(),
+            ["shardId-0"]
+        );
+        assert!(recreated.list_leases().await.unwrap().leases.is_empty());
+        // Reads, updates and deletes go to the stream's key; a refusal names the shard id.
+        let read = orders.get_lease("shardId-1").await.unwrap().unwrap();
+        assert_eq!(read.lease_key, "shardId-1");
+        let taken = orders
+            .update_lease(
+                "shardId-1",
+                &read.fence(),
+                &LeaseUpdate::Take {
+                    new_owner: "w1".into(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(taken.lease_key, "shardId-1");
+        let stale = orders.delete_lease("shardId-1", &read.fence()).await;
+        assert!(
+            matches!(&stale, Err(Error::LeaseConditionFailed { lease_key, .. }) if lease_key == "shardId-1"),
+            "{stale:?}"
+        );
+        orders
+            .delete_lease("shardId-1", &taken.fence())
+            .await
+            .unwrap();
+        assert_eq!(table.leases().len(), 1);
+    }
+}

@@ -3,6 +3,8 @@
 //!
 //! Tasks and their owners:
 //! - the worker's own loop (the future returned by [`Worker::run`]) owns everything below;
+//! - the stream sync (the shard syncer, or in multi-stream mode the stream sync): one task in
+//!   the worker's `background` set, stopped by the same token as the renewer;
 //! - the lease renewer: one task in the worker's `background` set, stopped by its own token
 //!   after the consumers have stopped and the leases are released; if it ends on its own the
 //!   worker treats that as a failure and shuts down;
@@ -17,18 +19,23 @@
 //! The coordinator's work is split by concern: `taking` (taking rounds, handoff polling,
 //! takes), `consumers` (starting shard consumers, acting on their exits, the watchdog),
 //! `resharding` (shard ends, child leases, parents before children), `shutdown` (offers,
-//! stopping consumers, releases) and `status` (what a running worker reports).
+//! stopping consumers, releases), `status` (what a running worker reports), `startup` (the
+//! streams set up before the loop), `streams` (the streams consumed now, by lease-key
+//! prefix) and `multi_stream` (the stream sync of a multi-stream worker: discovery,
+//! per-stream shard syncs, former streams' leases).
 
 mod consumers;
 mod fan_out;
 mod multi_stream;
 mod resharding;
 mod shutdown;
+mod startup;
 mod status;
 mod streams;
 mod taking;
 mod watching;
 
+use startup::{Source, StreamSync};
 pub(crate) use streams::{ActiveStream, SyncRequests};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -58,7 +65,6 @@ use crate::lease::taker::LeaseObservations;
 use crate::metrics::WorkerMetrics;
 use crate::processor::RecordProcessorFactory;
 use crate::published::Published;
-use crate::shard_sync::ShardSyncer;
 use crate::stream::{HashKeyRange, StreamClient};
 use crate::stream_tracker::{StreamClients, StreamTracker};
 use streams::ActiveStreams;
@@ -124,29 +130,6 @@ impl<F> std::fmt::Debug for Worker<F> {
             .field("source", &self.source)
             .field("store", &self.store)
             .finish_non_exhaustive()
-    }
-}
-
-/// Where a worker's streams come from.
-enum Source {
-    /// One stream; lease keys are shard ids.
-    Single(Arc<dyn StreamClient>),
-    /// The streams a tracker lists; lease keys are `ACCOUNT:NAME:EPOCH:SHARD_ID`.
-    Multi {
-        tracker: Arc<dyn StreamTracker>,
-        clients: Arc<dyn StreamClients>,
-    },
-}
-
-impl std::fmt::Debug for Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Source::Single(stream) => f.debug_tuple("Single").field(stream).finish(),
-            Source::Multi { tracker, .. } => f
-                .debug_struct("Multi")
-                .field("tracker", tracker)
-                .finish_non_exhaustive(),
-        }
     }
 }
 
@@ -634,94 +617,6 @@ impl<F> Coordinator<F> {
                 |key| key.stream.stream_name().to_owned(),
             ),
         }
-    }
-}
-
-/// The background task that keeps the lease table in step with the streams.
-enum StreamSync {
-    Single(ShardSyncer),
-    Multi(multi_stream::MultiStreamSync),
-}
-
-impl<F: RecordProcessorFactory> Coordinator<F> {
-    /// Sets up the streams: in single-stream mode the first shard sync and the fan-out
-    /// consumer, then the one stream is published; in multi-stream mode the first discovery,
-    /// which publishes the streams it found. Returns the sync to run in the background.
-    async fn start_streams(&mut self) -> Result<StreamSync> {
-        let source = self.source.take().ok_or_else(|| Error::TaskFailed {
-            task: "worker".into(),
-            problem: "started twice".into(),
-        })?;
-        let watching = self.watch.as_ref().map(|w| w.watching.clone());
-        let (tracker, clients) = match source {
-            Source::Single(stream) => {
-                let mut syncer = ShardSyncer {
-                    stream: stream.clone(),
-                    store: self.store.clone(),
-                    stream_name: Some(self.config.stream.clone()),
-                    initial_position: self.config.initial_position,
-                    config: self.config.clone(),
-                    seeds: self.seeds.clone(),
-                    invalid_items: self.invalid_items.clone(),
-                    watching,
-                };
-                // The first sync runs before anything else: a missing stream stops the
-                // worker here.
-                match syncer.sync_once().await {
-                    // A lease store or stream failing for longer than the sync's retries is
-                    // no reason to give up a worker (found by the simulation: a worker started
-                    // during an outage ended with a transient PutItem error and the fleet
-                    // never balanced): the background sync tries again at once, and the
-                    // taking rounds go on meanwhile.
-                    Err(e) if e.is_retryable() => {
-                        warn!(error = %ErrorChain(&e), "the first shard sync failed; retrying in the background");
-                        self.sync_requests.request("");
-                    }
-                    Err(e) => return Err(e),
-                    Ok(()) => {}
-                }
-                // Before any lease is taken: shards are read as this consumer.
-                let consumer_arn = match &self.config.retrieval {
-                    Retrieval::FanOut(fan_out) => Some(
-                        fan_out::active_consumer(
-                            stream.as_ref(),
-                            fan_out,
-                            &self.config.application_name,
-                            &self.seeds,
-                        )
-                        .await?
-                        .into(),
-                    ),
-                    Retrieval::Polling => None,
-                };
-                let active = ActiveStream {
-                    identity: None,
-                    name: self.config.stream.clone(),
-                    initial_position: self.config.initial_position,
-                    client: stream,
-                    consumer_arn,
-                };
-                self.streams_tx.send_replace(Arc::new(ActiveStreams::from([(
-                    String::new(),
-                    Arc::new(active),
-                )])));
-                return Ok(StreamSync::Single(syncer));
-            }
-            Source::Multi { tracker, clients } => (tracker, clients),
-        };
-        let mut sync = multi_stream::MultiStreamSync::new(multi_stream::Setup {
-            tracker,
-            clients,
-            store: self.store.clone(),
-            config: self.config.clone(),
-            seeds: self.seeds.clone(),
-            invalid_items: self.invalid_items.clone(),
-            watching,
-            streams: self.streams_tx.clone(),
-        });
-        sync.check_table().await?;
-        sync.discover().await;
-        Ok(StreamSync::Multi(sync))
     }
 }
 
