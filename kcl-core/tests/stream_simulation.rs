@@ -539,12 +539,17 @@ impl Sim {
             .collect()
     }
 
-    /// What is not settled yet, or `None`.
-    fn unsettled(&self, gone_since: Instant) -> Option<String> {
+    /// `IDENTITY/SHARD` → how many records put into a live stream are not flushed (nor, with
+    /// `buffered_counts`, held in a live processor's buffer).
+    fn unflushed(&self, buffered_counts: bool) -> Vec<(String, usize)> {
         let live = self.live_identities();
         let observed = self.observed.lock().unwrap();
-        // Held in a live processor's buffer counts: it flushes at shutdown at the latest.
-        let buffered: BTreeSet<&(String, u128)> = observed.buffered.values().flatten().collect();
+        let buffered: BTreeSet<&(String, u128)> = if buffered_counts {
+            observed.buffered.values().flatten().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let mut unflushed = Vec::new();
         for (key, seqs) in &self.put {
             let identity = key.rsplit_once('/').map_or("", |(id, _)| id);
             if !live.contains(identity) {
@@ -557,10 +562,19 @@ impl Sim {
                 .filter(|s| !buffered.contains(&(key.clone(), **s)))
                 .count();
             if missing > 0 {
-                return Some(format!("{missing} records of {key} not delivered"));
+                unflushed.push((key.clone(), missing));
             }
         }
-        drop(observed);
+        unflushed
+    }
+
+    /// What is not settled yet, or `None`.
+    fn unsettled(&self, gone_since: Instant) -> Option<String> {
+        // Held in a live processor's buffer counts: it flushes at shutdown at the latest.
+        if let Some((key, missing)) = self.unflushed(true).into_iter().next() {
+            return Some(format!("{missing} records of {key} not delivered"));
+        }
+        let live = self.live_identities();
         let workers: BTreeSet<&str> = self.workers.iter().map(|w| w.id.as_str()).collect();
         let mut counts: BTreeMap<&str, usize> = workers.iter().map(|w| (*w, 0)).collect();
         let mut per_stream: BTreeMap<(String, String), usize> = BTreeMap::new();
@@ -733,24 +747,10 @@ fn run_seed(seed: u64) -> (Vec<String>, Vec<String>) {
             }
         }
         // Stopped gracefully, every processor flushed: every record of a live stream is out.
-        let live = sim.live_identities();
-        let mut observed = sim.observed.lock().unwrap();
-        for (key, seqs) in &sim.put {
-            let identity = key.rsplit_once('/').map_or("", |(id, _)| id);
-            if !live.contains(identity) {
-                continue;
-            }
-            let got = observed.delivered.get(key);
-            let missing = seqs
-                .iter()
-                .filter(|s| got.is_none_or(|g| !g.contains(s)))
-                .count();
-            if missing > 0 {
-                let v = format!("{missing} records of {key} never flushed");
-                observed.violations.push(v);
-            }
+        for (key, missing) in sim.unflushed(false) {
+            let v = format!("{missing} records of {key} never flushed");
+            sim.observed.lock().unwrap().violations.push(v);
         }
-        drop(observed);
         let observed = std::mem::take(&mut *sim.observed.lock().unwrap());
         (observed.violations, observed.trace)
     })

@@ -302,6 +302,24 @@ impl Recorder {
 }
 
 /// Records each batch, then checkpoints it; checkpoints again when asked to shut down.
+/// A processor that does nothing (benches measuring the library's own calls).
+#[derive(Debug)]
+pub struct Idle;
+
+#[async_trait]
+impl RecordProcessor for Idle {
+    type Error = std::convert::Infallible;
+
+    async fn process_records(
+        &mut self,
+        _: &[Record],
+        _: &mut Checkpointer,
+        _: Option<u64>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub struct RecordingProcessor {
     worker: String,

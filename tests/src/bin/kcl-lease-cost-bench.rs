@@ -22,12 +22,11 @@ use std::time::Duration;
 
 use kcl_core::testing::InMemoryStream;
 use kcl_core::{
-    CancellationToken, Checkpointer, InitialPosition, LeaseConfig, LeaseStore, OperationUsage,
-    Record, RecordProcessor, StreamClient, Watchers, Worker, WorkerConfig, WorkerStatus,
-    async_trait, is_watcher_slot,
+    CancellationToken, InitialPosition, LeaseConfig, LeaseStore, OperationUsage, StreamClient,
+    Watchers, Worker, WorkerConfig, WorkerStatus, is_watcher_slot,
 };
 use kcl_dynamo_lease::DynamoLeaseStore;
-use kcl_integration_tests::{dynamodb, unique, wait_for};
+use kcl_integration_tests::{Idle, dynamodb, unique, wait_for};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -40,22 +39,6 @@ const SECONDS_PER_HOUR: f64 = 3600.0;
 const PAUSE_READ_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait for a fleet to hold every lease, balanced.
 const PATIENCE: Duration = Duration::from_secs(600);
-
-struct Idle;
-
-#[async_trait]
-impl RecordProcessor for Idle {
-    type Error = std::convert::Infallible;
-
-    async fn process_records(
-        &mut self,
-        _: &[Record],
-        _: &mut Checkpointer,
-        _: Option<u64>,
-    ) -> Result<(), Self::Error> {
-        Ok(())
-    }
-}
 
 struct Running {
     id: String,

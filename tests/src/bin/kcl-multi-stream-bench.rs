@@ -31,13 +31,13 @@ use std::time::Duration;
 use aws_sdk_kinesis::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_kinesis::config::{ConfigBag, Intercept, RuntimeComponents};
 use kcl_core::{
-    CancellationToken, Checkpointer, FixedStreams, InitialPosition, KinesisStreamClient,
-    LeaseConfig, LeaseStore, MultiStreamConfig, OperationUsage, Record, RecordProcessor,
-    RecordsPage, Shard, ShardSubscription, StartingPosition, StreamClient, StreamConfig,
-    StreamConsumer, StreamIdentity, Worker, WorkerConfig, WorkerStatus, async_trait,
+    CancellationToken, FixedStreams, InitialPosition, KinesisStreamClient, LeaseConfig, LeaseStore,
+    MultiStreamConfig, OperationUsage, RecordsPage, Shard, ShardSubscription, StartingPosition,
+    StreamClient, StreamConfig, StreamConsumer, StreamIdentity, Worker, WorkerConfig, WorkerStatus,
+    async_trait,
 };
 use kcl_dynamo_lease::DynamoLeaseStore;
-use kcl_integration_tests::{sdk_config, unique, wait_for};
+use kcl_integration_tests::{Idle, sdk_config, unique, wait_for};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -269,22 +269,6 @@ impl StreamClient for Counting {
         self.inner
             .subscribe_to_shard(consumer_arn, shard_id, position)
             .await
-    }
-}
-
-struct Idle;
-
-#[async_trait]
-impl RecordProcessor for Idle {
-    type Error = std::convert::Infallible;
-
-    async fn process_records(
-        &mut self,
-        _: &[Record],
-        _: &mut Checkpointer,
-        _: Option<u64>,
-    ) -> Result<(), Self::Error> {
-        Ok(())
     }
 }
 
