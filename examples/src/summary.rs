@@ -34,6 +34,19 @@ pub fn summary_line(before: &WorkerStatus, now: &WorkerStatus, elapsed: Duration
         now.active_leases,
         now.workers
     );
+    if let Some(streams) = &now.streams {
+        let _ = write!(line, "; {} streams", streams.followed);
+        if streams.unreachable > 0 {
+            let _ = write!(line, ", {} unreachable", streams.unreachable);
+        }
+        if streams.pending_deletion > 0 {
+            let _ = write!(
+                line,
+                ", {} former awaiting deletion",
+                streams.pending_deletion
+            );
+        }
+    }
     let failures = now
         .processor_failures
         .saturating_sub(before.processor_failures)
@@ -90,6 +103,24 @@ mod tests {
             summary_line(&before, &now, Duration::from_secs(30)),
             "100.0 records/s, 10.0 KiB/s over 30 s; max lag 1200 ms; 2 leases held of 4 in the \
              table, 2 workers"
+        );
+    }
+
+    #[test]
+    fn a_multi_stream_worker_counts_its_streams() {
+        let mut now = WorkerStatus::default();
+        let mut streams = kcl_core::StreamsStatus::default();
+        streams.followed = 3;
+        now.streams = Some(streams.clone());
+        let line = summary_line(&now.clone(), &now, Duration::from_secs(1));
+        assert!(line.ends_with("0 workers; 3 streams"), "{line}");
+        streams.unreachable = 1;
+        streams.pending_deletion = 2;
+        now.streams = Some(streams);
+        let line = summary_line(&now.clone(), &now, Duration::from_secs(1));
+        assert!(
+            line.ends_with("; 3 streams, 1 unreachable, 2 former awaiting deletion"),
+            "{line}"
         );
     }
 

@@ -36,8 +36,21 @@ pub(crate) struct Counters {
     pub(crate) subscribe_refusals: AtomicU64,
     /// Open subscriptions that failed or went silent.
     pub(crate) subscription_failures: AtomicU64,
+    /// A multi-stream worker's streams, as its stream sync last saw them.
+    pub(crate) streams: StreamCounts,
     /// Each running consumer's lag at its last read, by shard.
     lags: Mutex<BTreeMap<String, u64>>,
+}
+
+/// What the stream sync of a multi-stream worker reports (see
+/// [`StreamsStatus`](crate::StreamsStatus)): the first three are set, the last two only grow.
+#[derive(Debug, Default)]
+pub(crate) struct StreamCounts {
+    pub(crate) followed: AtomicU64,
+    pub(crate) unreachable: AtomicU64,
+    pub(crate) pending_deletion: AtomicU64,
+    pub(crate) deleted: AtomicU64,
+    pub(crate) discovery_failures: AtomicU64,
 }
 
 impl Counters {
@@ -47,6 +60,10 @@ impl Counters {
 
     pub(crate) fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set(counter: &AtomicU64, n: u64) {
+        counter.store(n, Ordering::Relaxed);
     }
 
     /// Records `shard_id`'s lag at its last read.

@@ -430,6 +430,41 @@ impl Error {
         }
     }
 
+    /// The service the error came from: the one whose call failed, Kinesis for what a stream
+    /// answered, the lease store for what the lease table holds or refused. `None` for the
+    /// worker's own and the processor's errors (configuration, checkpoints, tasks).
+    pub fn service(&self) -> Option<Service> {
+        match self {
+            Error::Throttled { service, .. }
+            | Error::ResourceInUse { service, .. }
+            | Error::Transient { service, .. }
+            | Error::Timeout { service, .. }
+            | Error::Service { service, .. } => Some(*service),
+            Error::StreamNotFound { .. }
+            | Error::ShardNotFound { .. }
+            | Error::ExpiredIterator { .. }
+            | Error::ConsumerNotActive { .. }
+            | Error::Unsupported { .. } => Some(Service::Kinesis),
+            Error::LeaseConditionFailed { .. }
+            | Error::LeaseUpdateRejected { .. }
+            | Error::LeaseLost { .. }
+            | Error::LeaseTableNotFound { .. }
+            | Error::LeaseTableOfAnotherStream { .. }
+            | Error::DuplicateWorkerId { .. }
+            | Error::LeaseTableSchema { .. }
+            | Error::InvalidLeaseItem { .. }
+            | Error::InvalidLeaseKey { .. } => Some(Service::LeaseStore),
+            Error::InvalidConfig { .. }
+            | Error::InvalidStreamIdentity { .. }
+            | Error::InvalidSequenceNumber { .. }
+            | Error::CheckpointBeforeLast { .. }
+            | Error::CheckpointBeyondDelivered { .. }
+            | Error::ShardEndNotCheckpointed { .. }
+            | Error::Processor { .. }
+            | Error::TaskFailed { .. } => None,
+        }
+    }
+
     /// True when retrying after a backoff may succeed ([`ErrorKind::Transient`] or
     /// [`ErrorKind::Throttled`]).
     pub fn is_retryable(&self) -> bool {
@@ -524,6 +559,19 @@ mod tests {
         };
         assert_eq!(missing.kind(), ErrorKind::Fatal);
         assert_eq!(missing.to_string(), "stream `orders` does not exist");
+
+        // Where each came from.
+        assert_eq!(throttled.service(), Some(Service::Kinesis));
+        assert_eq!(transient.service(), Some(Service::LeaseStore));
+        assert_eq!(ccf.service(), Some(Service::LeaseStore));
+        assert_eq!(missing.service(), Some(Service::Kinesis));
+        let processor = Error::Processor {
+            shard_id: "shardId-000000000000".into(),
+            callback: "process_records",
+            attempts: 3,
+            source: io(),
+        };
+        assert_eq!(processor.service(), None);
     }
 
     #[test]

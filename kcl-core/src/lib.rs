@@ -61,7 +61,7 @@ pub use stream_tracker::{
     TrackerFn,
 };
 pub use subscription::{ConsumerStatus, ShardSubscription, StreamConsumer, SubscriptionEvent};
-pub use worker::{Worker, WorkerStatus};
+pub use worker::{StreamsStatus, Worker, WorkerStatus};
 
 /// Re-exported so processors need no direct dependency to implement the trait.
 pub use async_trait::async_trait;

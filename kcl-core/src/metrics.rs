@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use crate::worker::WorkerStatus;
+use crate::worker::{StreamsStatus, WorkerStatus};
 
 /// Label on every metric: the stream's name as configured.
 pub const STREAM_NAME_LABEL: &str = "aws.kinesis.stream_name";
@@ -102,6 +102,21 @@ pub const AGGREGATION_ERRORS: &str = "aws.kinesis.client.aggregation_errors";
 pub const RECORDS_OUT_OF_RANGE: &str = "aws.kinesis.client.records_out_of_range";
 /// Gauge: lease items that did not decode at the last scan (nobody processes their shards).
 pub const INVALID_LEASE_ITEMS: &str = "aws.kinesis.client.invalid_lease_items";
+/// Gauge, multi-stream mode only: streams this worker consumes (Java KCL
+/// `ActiveStreams.Count`).
+pub const STREAMS_ACTIVE: &str = "aws.kinesis.client.streams.active";
+/// Gauge, multi-stream mode only: listed streams this worker cannot reach (throttled, denied,
+/// timing out), each retried on its own schedule.
+pub const STREAMS_UNREACHABLE: &str = "aws.kinesis.client.streams.unreachable";
+/// Gauge, multi-stream mode only: former streams whose leases wait for the grace period or
+/// their last holder (Java KCL `StreamsPendingDeletion.Count`); reported by the workers that
+/// check for them (all, or the watchers).
+pub const STREAMS_PENDING_DELETION: &str = "aws.kinesis.client.streams.pending_deletion";
+/// Counter, multi-stream mode only: former streams whose leases this worker deleted (Java KCL
+/// `DeletedStreams.Count`).
+pub const STREAMS_DELETED: &str = "aws.kinesis.client.streams.deleted";
+/// Counter, multi-stream mode only: times the stream tracker failed.
+pub const STREAM_DISCOVERY_FAILURES: &str = "aws.kinesis.client.streams.discovery_failures";
 /// Counter: calls to the lease table, by [`OPERATION_LABEL`] and [`OUTCOME_LABEL`].
 pub const LEASE_TABLE_CALLS: &str = "aws.kinesis.client.lease_table.calls";
 /// Counter (a gauge that only grows, since capacity comes in halves): read capacity units
@@ -156,6 +171,16 @@ pub(crate) fn lease_taken(stream: &str, reason: &'static str) {
 /// Reads one count of a status.
 type StatusValue = fn(&WorkerStatus) -> u64;
 
+/// Reads one count of a multi-stream worker's streams.
+type StreamsValue = fn(&StreamsStatus) -> u64;
+
+/// The instruments of a multi-stream worker's streams.
+#[derive(Debug)]
+struct StreamsInstruments {
+    gauges: [(instrument::Gauge, StreamsValue); 3],
+    counters: [(instrument::Counter, StreamsValue); 2],
+}
+
 /// The worker-wide metrics, published from each [`WorkerStatus`]: gauges set to its values,
 /// counters advanced by what its counts grew since the last one.
 #[derive(Debug)]
@@ -163,10 +188,12 @@ pub(crate) struct WorkerMetrics {
     last: WorkerStatus,
     gauges: [(instrument::Gauge, StatusValue); 6],
     counters: [(instrument::Counter, StatusValue); 12],
+    /// In multi-stream mode only.
+    streams: Option<StreamsInstruments>,
 }
 
 impl WorkerMetrics {
-    pub(crate) fn new(stream: &str) -> Self {
+    pub(crate) fn new(stream: &str, multi_stream: bool) -> Self {
         use instrument::{Counter, Gauge};
         let l = [(STREAM_NAME_LABEL, stream.to_owned())];
         let direction = |d: &str| {
@@ -175,7 +202,25 @@ impl WorkerMetrics {
                 (DIRECTION_LABEL, d.to_owned()),
             ]
         };
+        let streams = multi_stream.then(|| StreamsInstruments {
+            gauges: [
+                (Gauge::new(STREAMS_ACTIVE, &l), |s| s.followed as u64),
+                (Gauge::new(STREAMS_UNREACHABLE, &l), |s| {
+                    s.unreachable as u64
+                }),
+                (Gauge::new(STREAMS_PENDING_DELETION, &l), |s| {
+                    s.pending_deletion as u64
+                }),
+            ],
+            counters: [
+                (Counter::new(STREAMS_DELETED, &l), |s| s.deleted),
+                (Counter::new(STREAM_DISCOVERY_FAILURES, &l), |s| {
+                    s.discovery_failures
+                }),
+            ],
+        });
         WorkerMetrics {
+            streams,
             last: WorkerStatus::default(),
             gauges: [
                 (Gauge::new(CURRENT_LEASES, &l), |s| {
@@ -229,6 +274,15 @@ impl WorkerMetrics {
         }
         for (counter, value) in &self.counters {
             counter.add(value(status).saturating_sub(value(&self.last)));
+        }
+        if let (Some(instruments), Some(now)) = (&self.streams, &status.streams) {
+            let before = self.last.streams.clone().unwrap_or_default();
+            for (gauge, value) in &instruments.gauges {
+                gauge.set(value(now) as f64);
+            }
+            for (counter, value) in &instruments.counters {
+                counter.add(value(now).saturating_sub(value(&before)));
+            }
         }
         self.last = status.clone();
     }
@@ -491,6 +545,27 @@ mod instrument {
             INVALID_LEASE_ITEMS,
             Unit::Count,
             "Lease items that do not decode"
+        );
+        describe_gauge!(STREAMS_ACTIVE, Unit::Count, "Streams this worker consumes");
+        describe_gauge!(
+            STREAMS_UNREACHABLE,
+            Unit::Count,
+            "Listed streams this worker cannot reach"
+        );
+        describe_gauge!(
+            STREAMS_PENDING_DELETION,
+            Unit::Count,
+            "Former streams whose leases wait for deletion"
+        );
+        describe_counter!(
+            STREAMS_DELETED,
+            Unit::Count,
+            "Former streams whose leases this worker deleted"
+        );
+        describe_counter!(
+            STREAM_DISCOVERY_FAILURES,
+            Unit::Count,
+            "Times the stream tracker failed"
         );
         describe_counter!(LEASE_TABLE_CALLS, Unit::Count, "Calls to the lease table");
         describe_gauge!(

@@ -159,6 +159,12 @@ impl FormerStreams {
         }
         due
     }
+
+    /// The streams missing from the list whose leases were in the table at the last
+    /// [`FormerStreams::due`] (those it answered included).
+    pub fn pending(&self) -> usize {
+        self.missing_since.len()
+    }
 }
 
 #[cfg(test)]

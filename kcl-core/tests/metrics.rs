@@ -12,7 +12,11 @@ use std::time::Duration;
 
 use common::*;
 use kcl_core::metrics::{self as names, MetricsConfig};
-use kcl_core::testing::{InMemoryLeaseStore, InMemoryStream};
+use kcl_core::testing::{Fault, Faulty, InMemoryLeaseStore, InMemoryStream};
+use kcl_core::{
+    CancellationToken, FixedStreams, InitialPosition, LeaseStore, StreamClient, StreamConfig,
+    Worker,
+};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 /// One series recorded: name, labels, and value (a histogram's: its number of samples).
@@ -143,6 +147,13 @@ async fn per_shard_metrics_carry_no_shard_label_by_default() {
         .map(|s| s.2)
         .sum();
     assert!(ok_updates >= 3.0, "{calls:?}");
+    // A single-stream worker has no streams to report.
+    assert!(status.streams.is_none());
+    assert!(
+        all.iter()
+            .all(|(name, _, _)| !name.starts_with("aws.kinesis.client.streams.")),
+        "{all:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -167,4 +178,85 @@ async fn per_shard_metrics_are_labelled_with_the_shard_when_asked() {
         &series(&all, names::MAX_LAG)[0].1,
         names::SHARD_ID_LABEL
     ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_multi_stream_worker_reports_its_streams() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let orders = Arc::new(InMemoryStream::new("orders", 2));
+    let clicks = Arc::new(InMemoryStream::new("clicks", 1));
+    // Throttled whatever it is asked: listed, never reached.
+    let audit = Arc::new(Faulty::new(Arc::new(InMemoryStream::new("audit", 1))));
+    audit.set(Fault::Throttle);
+    let records =
+        |by_shard: BTreeMap<String, Vec<String>>| by_shard.values().map(Vec::len).sum::<usize>();
+    let expected: usize = records(put(&orders, 0, 40)) + records(put(&clicks, 0, 20));
+    let tracker = FixedStreams(
+        ["orders", "clicks", "audit"]
+            .map(|n| StreamConfig::new(n).with_initial_position(InitialPosition::TrimHorizon))
+            .to_vec(),
+    );
+    let clients = move |name: &str| -> Arc<dyn StreamClient> {
+        match name {
+            "orders" => orders.clone(),
+            "clicks" => clicks.clone(),
+            _ => audit.clone(),
+        }
+    };
+    let log = Log::default();
+    let worker = Worker::multi_stream(
+        config("w1"),
+        Arc::new(tracker),
+        Arc::new(clients),
+        Arc::new(InMemoryLeaseStore::new("test-app")) as Arc<dyn LeaseStore>,
+        {
+            let log = log.clone();
+            move |shard: &str| TestProcessor {
+                worker: "w1".to_owned(),
+                shard: shard.to_owned(),
+                log: log.clone(),
+                faults: Faults::default(),
+            }
+        },
+    )
+    .unwrap();
+    let status = worker.status();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    wait_until(
+        "the reachable streams' records",
+        Duration::from_secs(60),
+        || log.count() == expected && status.borrow().held_leases.len() == 3,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let streams = status.borrow().streams.clone().expect("multi-stream");
+    let all = snapshot(&snapshotter);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    assert_eq!(
+        (streams.followed, streams.unreachable),
+        (2, 1),
+        "{streams:?}"
+    );
+    let label = vec![(
+        names::STREAM_NAME_LABEL.to_owned(),
+        "test-stream".to_owned(),
+    )];
+    for (name, value) in [
+        (names::STREAMS_ACTIVE, 2.0),
+        (names::STREAMS_UNREACHABLE, 1.0),
+        (names::STREAMS_PENDING_DELETION, 0.0),
+    ] {
+        assert_eq!(
+            series(&all, name),
+            [&(name.to_owned(), label.clone(), value)]
+        );
+    }
+    for name in [names::STREAMS_DELETED, names::STREAM_DISCOVERY_FAILURES] {
+        assert!(series(&all, name).iter().all(|s| s.2 == 0.0), "{name}");
+    }
 }

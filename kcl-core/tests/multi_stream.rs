@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use common::{Event, Faults, Log, Running, TestProcessor, wait_until};
 use kcl_core::testing::{Fault, Faulty, IN_MEMORY_ACCOUNT, InMemoryLeaseStore, InMemoryStream};
 use kcl_core::{
     CancellationToken, FanOutConfig, InitialPosition, LeaseConfig, LeaseStore, MultiStreamConfig,
-    MultiStreamLeaseKey, PerStream, Retrieval, ShardContext, StreamClient, StreamConfig, TrackerFn,
-    Worker, WorkerConfig,
+    MultiStreamLeaseKey, PerStream, Retrieval, ShardContext, StreamClient, StreamConfig,
+    StreamsStatus, TrackerFn, Worker, WorkerConfig,
 };
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -27,6 +28,8 @@ struct Streams {
     /// Streams whose clients go through a fault injector.
     faulty: Arc<Mutex<BTreeMap<String, Arc<Faulty<InMemoryStream>>>>>,
     listed: Arc<Mutex<BTreeSet<String>>>,
+    /// While set, the tracker fails (as `ListStreams` denied would).
+    tracker_fails: Arc<AtomicBool>,
 }
 
 impl Streams {
@@ -114,7 +117,7 @@ fn start_as(
 ) -> Running {
     let worker = config.worker_id.clone();
     let worker = worker.as_str();
-    let listed = streams.listed.clone();
+    let (listed, fails) = (streams.listed.clone(), streams.tracker_fails.clone());
     let tracker = TrackerFn::new(move || {
         let names: Vec<StreamConfig> = listed
             .lock()
@@ -122,7 +125,17 @@ fn start_as(
             .iter()
             .map(|n| StreamConfig::new(n).with_initial_position(InitialPosition::TrimHorizon))
             .collect();
-        async move { Ok(names) }
+        let fails = fails.load(Ordering::SeqCst);
+        async move {
+            if fails {
+                return Err(kcl_core::Error::Service {
+                    service: kcl_core::Service::Kinesis,
+                    operation: "ListStreams",
+                    source: "not authorized to perform kinesis:ListStreams".into(),
+                });
+            }
+            Ok(names)
+        }
     });
     let (all, faulty) = (streams.all.clone(), streams.faulty.clone());
     let clients = move |name: &str| -> Arc<dyn StreamClient> {
@@ -197,6 +210,16 @@ fn all_delivered(log: &Log, expected: &BTreeMap<String, Vec<String>>) -> bool {
     expected
         .iter()
         .all(|(shard, seqs)| got.get(shard).is_some_and(|g| g.len() >= seqs.len()))
+}
+
+/// What `worker`'s last status says of its streams.
+fn streams_status(worker: &Running) -> StreamsStatus {
+    worker
+        .status
+        .borrow()
+        .streams
+        .clone()
+        .expect("a multi-stream worker reports its streams")
 }
 
 /// stream name → the keys of its leases in the table.
@@ -311,7 +334,15 @@ async fn a_stream_no_longer_listed_stops_cleanly_and_its_leases_go_after_the_gra
             log.events(shard)
         );
     }
-    // Kept through the grace period (another worker might still list the stream) ...
+    // Kept through the grace period (another worker might still list the stream), and
+    // reported as pending deletion by both workers (both check the table) ...
+    wait_until("legacy reported as pending deletion", WAIT, || {
+        [&a, &b].iter().all(|w| {
+            let s = streams_status(w);
+            s.followed == 1 && s.pending_deletion == 1
+        })
+    })
+    .await;
     assert!(leases_by_stream(&store).contains_key("legacy"));
     // ... while the other stream flows on.
     common::merge(&mut expected, put("orders", &orders, 50, 100));
@@ -325,6 +356,26 @@ async fn a_stream_no_longer_listed_stops_cleanly_and_its_leases_go_after_the_gra
     })
     .await;
     assert!(unlisted_at.elapsed() >= GRACE);
+    wait_until("no stream pending deletion", WAIT, || {
+        [&a, &b]
+            .iter()
+            .all(|w| streams_status(w).pending_deletion == 0)
+    })
+    .await;
+    // Each worker that deleted some of the leases counted the stream (both, if their
+    // deletes interleaved); nothing else changed.
+    let (sa, sb) = (streams_status(&a), streams_status(&b));
+    assert!(
+        (1..=2).contains(&(sa.deleted + sb.deleted)),
+        "{sa:?} {sb:?}"
+    );
+    for s in [&sa, &sb] {
+        assert_eq!(
+            (s.followed, s.unreachable, s.discovery_failures),
+            (1, 0, 0),
+            "{s:?}"
+        );
+    }
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     // Nothing of the unlisted stream was read after it left the list.
@@ -615,6 +666,10 @@ async fn an_unreachable_stream_does_not_stop_the_others() {
     })
     .await;
     assert!(!leases_by_stream(&store).contains_key("audit"));
+    for w in [&a, &b] {
+        let s = streams_status(w);
+        assert_eq!((s.followed, s.unreachable), (2, 1), "{s:?}");
+    }
 
     faults.set(Fault::None);
     expected.extend(audit);
@@ -636,6 +691,14 @@ async fn an_unreachable_stream_does_not_stop_the_others() {
         all_delivered(&log, &without_audit)
     })
     .await;
+    // Its next sync fails: reported unreachable, still followed.
+    wait_until("the failing stream reported unreachable", WAIT, || {
+        [&a, &b].iter().all(|w| {
+            let s = streams_status(w);
+            s.followed == 3 && s.unreachable == 1
+        })
+    })
+    .await;
     faults.set(Fault::None);
     common::merge(&mut expected, more_audit);
     wait_until("everything once the stream answers again", WAIT, || {
@@ -643,6 +706,10 @@ async fn an_unreachable_stream_does_not_stop_the_others() {
     })
     .await;
     assert!(!a.task.is_finished() && !b.task.is_finished());
+    wait_until("no stream unreachable", WAIT, || {
+        [&a, &b].iter().all(|w| streams_status(w).unreachable == 0)
+    })
+    .await;
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     // At least once, in order per shard (a failing checkpoint may deliver a batch again).
@@ -692,6 +759,53 @@ async fn the_watchdog_restarts_a_stalled_streams_consumers_while_the_others_flow
         all_delivered(&log, &expected)
     })
     .await;
+    a.stop().await.unwrap();
+    assert_eq!(delivered(&log), expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_tracker_keeps_the_streams_consumed_and_is_counted() {
+    let (streams, store, log) = fixture();
+    let orders = streams.add(InMemoryStream::new("orders", 2), "orders");
+    let mut expected = put("orders", &orders, 0, 50);
+    let a = start("worker-a", &streams, &store, &log);
+    wait_until("orders delivered", WAIT, || all_delivered(&log, &expected)).await;
+
+    // The tracker fails (ListStreams denied, say) while a stream is added and another
+    // unlisted: the worker goes on with the streams it had.
+    streams.tracker_fails.store(true, Ordering::SeqCst);
+    let refunds = streams.add(InMemoryStream::new("refunds", 1), "refunds");
+    let refunds_records = put("refunds", &refunds, 0, 20);
+    streams.unlist("orders");
+    common::merge(&mut expected, put("orders", &orders, 50, 100));
+    wait_until("orders flows while the tracker fails", WAIT, || {
+        all_delivered(&log, &expected)
+    })
+    .await;
+    wait_until("the failures counted", WAIT, || {
+        streams_status(&a).discovery_failures >= 3
+    })
+    .await;
+    let s = streams_status(&a);
+    assert_eq!(
+        (s.followed, s.unreachable, s.pending_deletion),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    assert!(!leases_by_stream(&store).contains_key("refunds"));
+
+    // Once it answers, its list counts again.
+    streams.tracker_fails.store(false, Ordering::SeqCst);
+    expected.extend(refunds_records);
+    wait_until("refunds delivered", WAIT, || all_delivered(&log, &expected)).await;
+    wait_until("orders no longer followed", WAIT, || {
+        let s = streams_status(&a);
+        s.followed == 1 && s.pending_deletion == 1
+    })
+    .await;
+    let failures = streams_status(&a).discovery_failures;
+    tokio::time::sleep(DISCOVERY * 2).await;
+    assert_eq!(streams_status(&a).discovery_failures, failures);
     a.stop().await.unwrap();
     assert_eq!(delivered(&log), expected);
 }

@@ -14,7 +14,10 @@
 //! 5. the fleet ends balanced over the listed streams' leases, every one owned, and spread per
 //!    stream (no worker holds two more of a stream than one with as many leases);
 //! 6. no lease is left of a stream that left the list or was deleted (or replaced), once the
-//!    grace period has passed.
+//!    grace period has passed;
+//! 7. each worker's [`StreamsStatus`](kcl_core::StreamsStatus) agrees: no stream unreachable,
+//!    every live stream followed (by the workers that check them), none pending deletion once
+//!    no former stream's lease is left.
 //!
 //! Odd seeds run with one watcher: the other workers then sync no stream on the schedule.
 //! Each seed also draws its shapes: processors that buffer records and flush (then
@@ -220,6 +223,7 @@ struct SimWorker {
     shutdown: CancellationToken,
     task: JoinHandle<kcl_core::Result<()>>,
     store: Arc<Faulty<InMemoryLeaseStore>>,
+    status: tokio::sync::watch::Receiver<kcl_core::WorkerStatus>,
 }
 
 struct Sim {
@@ -368,6 +372,7 @@ impl Sim {
             factory,
         )
         .expect("valid config");
+        let status = worker.status();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(worker.run(shutdown.clone()));
         self.trace(format!("start {id}"));
@@ -376,6 +381,7 @@ impl Sim {
             shutdown,
             task,
             store,
+            status,
         });
     }
 
@@ -580,6 +586,7 @@ impl Sim {
         let mut per_stream: BTreeMap<(String, String), usize> = BTreeMap::new();
         let leases = self.leases.leases();
         let mut active = 0usize;
+        let mut former_leases = false;
         for lease in &leases {
             if is_watcher_slot(&lease.lease_key) {
                 continue;
@@ -590,6 +597,7 @@ impl Sim {
             };
             let identity = key.stream.to_string();
             if !live.contains(&identity) {
+                former_leases = true;
                 if gone_since.elapsed() > GRACE + 4 * DISCOVERY {
                     return Some(format!("lease {} of a former stream left", lease.lease_key));
                 }
@@ -624,6 +632,30 @@ impl Sim {
                 if *theirs >= ours + 2 && (cw..=cw + 1).contains(&cv) {
                     return Some(format!("{v} holds {theirs} of {stream}, {w} {ours}"));
                 }
+            }
+        }
+        self.misreported(live.len(), former_leases)
+    }
+
+    /// A worker whose status disagrees with the settled fleet, or `None`: no stream
+    /// unreachable (the faults ended); every stream live followed, by the workers that check
+    /// them (all, or the watcher: a member learns of a deleted or recreated stream only when
+    /// it touches it); none pending deletion once no former stream's lease is left.
+    fn misreported(&self, live: usize, former_leases: bool) -> Option<String> {
+        for w in &self.workers {
+            let status = w.status.borrow();
+            let Some(streams) = &status.streams else {
+                return Some(format!("{} reports no streams", w.id));
+            };
+            let checks = self.watchers.is_none() || status.watcher;
+            if streams.unreachable > 0
+                || (checks && streams.followed != live)
+                || (!former_leases && streams.pending_deletion > 0)
+            {
+                return Some(format!(
+                    "{} reports {streams:?} of {live} live streams",
+                    w.id
+                ));
             }
         }
         None

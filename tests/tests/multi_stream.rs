@@ -400,6 +400,17 @@ async fn a_deleted_stream_is_cleaned_up_and_one_recreated_under_its_name_starts_
         by_stream.keys().collect::<BTreeSet<_>>(),
         BTreeSet::from([&orders, &reborn])
     );
+    // What the workers report: two streams each, none waiting; the two former streams (one
+    // lease each) deleted once in all.
+    let streams = |w: &RunningWorker| w.status.borrow().streams.clone().expect("multi-stream");
+    wait_for("the workers' stream counts", PATIENCE, || async {
+        [&a, &b].iter().all(|w| {
+            let s = streams(w);
+            (s.followed, s.unreachable, s.pending_deletion) == (2, 0, 0)
+        })
+    })
+    .await;
+    assert_eq!(streams(&a).deleted + streams(&b).deleted, 2);
     assert!(!a.task.is_finished() && !b.task.is_finished());
     a.stop().await.unwrap();
     b.stop().await.unwrap();

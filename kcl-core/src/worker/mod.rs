@@ -79,7 +79,7 @@ const SETUP_ATTEMPTS: usize = 5;
 /// a table provisioned for the renewals.
 const MAX_CONCURRENT_LEASE_CALLS: usize = 20;
 
-pub use status::WorkerStatus;
+pub use status::{StreamsStatus, WorkerStatus};
 
 /// Consumes a Kinesis stream with a [`RecordProcessor`](crate::RecordProcessor) per shard,
 /// coordinating with the other workers of the same application through the lease table.
@@ -257,6 +257,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
         ));
         crate::metrics::describe();
         let stream_name = self.config.stream.clone();
+        let multi_stream = matches!(self.source, Source::Multi { .. });
         let watch = self.config.lease.watchers.map(watching::Watch::new);
         let (streams_tx, streams) = watch::channel(Arc::new(ActiveStreams::new()));
         let coordinator = Coordinator {
@@ -264,7 +265,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             seeds: Arc::new(SeedSource::new(self.config.rng_seed)),
             shutdown: shutdown.clone(),
             config: self.config,
-            multi_stream: matches!(self.source, Source::Multi { .. }),
+            multi_stream,
             source: Some(self.source),
             streams,
             streams_tx: Arc::new(streams_tx),
@@ -292,7 +293,7 @@ impl<F: RecordProcessorFactory> Worker<F> {
             cooldown: HashMap::new(),
             fatal: self.fatal,
             contact: self.contact,
-            published: WorkerMetrics::new(&stream_name),
+            published: WorkerMetrics::new(&stream_name, multi_stream),
         };
         let run = coordinator.run().instrument(span.clone());
         // The shutdown deadline, enforced: every step of a shutdown is bounded (see

@@ -28,7 +28,8 @@ use super::streams::{ActiveStream, ActiveStreams, SyncRequests};
 use crate::backoff::{SeedSource, retry};
 use crate::bounded::BoundedStream;
 use crate::config::{Retrieval, WorkerConfig};
-use crate::error::{Error, ErrorChain, ErrorKind, Result};
+use crate::counters::Counters;
+use crate::error::{Error, ErrorChain, ErrorKind, Result, Service};
 use crate::invalid_items::InvalidItems;
 use crate::lease::stream_view::StreamLeases;
 use crate::lease::taker::LeaseObservations;
@@ -62,6 +63,10 @@ pub(super) struct Setup {
     pub(super) watching: Option<Arc<AtomicBool>>,
     /// Where the streams consumed now are published.
     pub(super) streams: Arc<watch::Sender<Arc<ActiveStreams>>>,
+    /// Where what the sync sees of the streams is counted ([`StreamsStatus`]).
+    ///
+    /// [`StreamsStatus`]: crate::StreamsStatus
+    pub(super) counters: Arc<Counters>,
 }
 
 /// A stream followed now.
@@ -80,6 +85,10 @@ pub(super) struct MultiStreamSync {
     /// Counters of the leases seen at the last check for former streams: a lease whose
     /// counter has not moved for a lease duration has no live owner.
     observations: LeaseObservations,
+    /// Followed streams whose last identity check or shard sync failed.
+    failing: BTreeSet<StreamIdentity>,
+    /// Listed streams the last discovery could not look up (throttled, denied, ...).
+    lookups_failed: usize,
 }
 
 /// How a stream is synced.
@@ -94,8 +103,11 @@ enum SyncKind {
 /// What one stream's sync found.
 enum Synced {
     Done,
-    /// Throttled or failing for now: retried after a backoff.
-    Failed,
+    /// Throttled or failing for now: retried after a backoff. `unreachable` when Kinesis
+    /// failed (not the lease table).
+    Failed {
+        unreachable: bool,
+    },
     /// Deleted (`ResourceNotFound`) or recreated under its name (then `Some` new identity).
     Gone(Option<StreamIdentity>),
 }
@@ -113,6 +125,8 @@ impl MultiStreamSync {
             schedule,
             former: FormerStreams::new(),
             observations: LeaseObservations::new(),
+            failing: BTreeSet::new(),
+            lookups_failed: 0,
         }
     }
 
@@ -190,6 +204,7 @@ impl MultiStreamSync {
             Ok(listed) => listed,
             Err(e) => {
                 warn!(error = %ErrorChain(&e), "the stream tracker failed; consuming the same streams until the next discovery");
+                Counters::add(&self.setup.counters.streams.discovery_failures, 1);
                 return;
             }
         };
@@ -197,6 +212,7 @@ impl MultiStreamSync {
         let mut kept = BTreeMap::new();
         let mut new = Vec::new();
         let mut looked_up = 0usize;
+        let mut lookups_failed = 0usize;
         for config in &listed {
             if !names.insert(config.stream.as_str()) {
                 continue;
@@ -243,6 +259,7 @@ impl MultiStreamSync {
                 }
                 Err(e) => {
                     warn!(stream = %config.stream, error = %ErrorChain(&e), "could not look up a listed stream; trying again at the next discovery");
+                    lookups_failed += 1;
                 }
             }
         }
@@ -250,6 +267,7 @@ impl MultiStreamSync {
             info!(stream = %id, "stream no longer listed by the tracker; stopping its consumers");
         }
         self.followed = kept;
+        self.lookups_failed = lookups_failed;
         self.publish();
         for id in new {
             info!(stream = %id, "consuming a new stream");
@@ -318,6 +336,8 @@ impl MultiStreamSync {
 
     fn publish(&mut self) {
         let ids: Vec<StreamIdentity> = self.followed.keys().cloned().collect();
+        self.failing.retain(|id| self.followed.contains_key(id));
+        self.count_streams();
         self.schedule.track(&ids, Instant::now());
         let streams: ActiveStreams = self
             .followed
@@ -331,6 +351,16 @@ impl MultiStreamSync {
             }
             changed
         });
+    }
+
+    /// Sets the counts of followed and unreachable streams.
+    fn count_streams(&self) {
+        let counts = &self.setup.counters.streams;
+        Counters::set(&counts.followed, self.followed.len() as u64);
+        Counters::set(
+            &counts.unreachable,
+            (self.failing.len() + self.lookups_failed) as u64,
+        );
     }
 
     /// Syncs the streams due on the schedule. With watchers, only watchers do (a member's
@@ -349,6 +379,11 @@ impl MultiStreamSync {
                 self.sync_now(&id, SyncKind::Checked).await;
             } else {
                 self.schedule.synced(&id, now);
+                // A member does not check the stream: what one of its own syncs found is
+                // stale by now (its consumers ask for a sync when the stream fails them).
+                if self.failing.remove(&id) {
+                    self.count_streams();
+                }
             }
         }
     }
@@ -357,11 +392,18 @@ impl MultiStreamSync {
     async fn sync_now(&mut self, id: &StreamIdentity, kind: SyncKind) {
         let synced = self.sync_stream(id, kind).await;
         let now = Instant::now();
+        let changed = match synced {
+            Synced::Failed { unreachable: true } => self.failing.insert(id.clone()),
+            _ => self.failing.remove(id),
+        };
+        if changed {
+            self.count_streams();
+        }
         match synced {
             // A first sync leaves the stream's next one where the schedule spread it.
             Synced::Done if kind == SyncKind::First => {}
             Synced::Done => self.schedule.synced(id, now),
-            Synced::Failed => self.schedule.failed(id, now),
+            Synced::Failed { .. } => self.schedule.failed(id, now),
             Synced::Gone(recreated) => {
                 let Some(gone) = self.followed.remove(id) else {
                     return;
@@ -402,7 +444,7 @@ impl MultiStreamSync {
                 Err(Error::StreamNotFound { .. }) => return Synced::Gone(None),
                 Err(e) => {
                     warn!(stream = %id, error = %ErrorChain(&e), "could not check the stream; its sync is retried later");
-                    return Synced::Failed;
+                    return Synced::Failed { unreachable: true };
                 }
             }
         }
@@ -411,7 +453,9 @@ impl MultiStreamSync {
             Err(Error::StreamNotFound { .. }) => Synced::Gone(None),
             Err(e) => {
                 warn!(stream = %id, error = %ErrorChain(&e), "shard sync failed; retried later");
-                Synced::Failed
+                Synced::Failed {
+                    unreachable: e.service() == Some(Service::Kinesis),
+                }
             }
         }
     }
@@ -429,6 +473,8 @@ impl MultiStreamSync {
             .as_ref()
             .is_some_and(|w| !w.load(Ordering::SeqCst))
         {
+            // Not counted by a member (it may have watched before).
+            Counters::set(&self.setup.counters.streams.pending_deletion, 0);
             return;
         }
         let scan = match self.setup.store.list_leases().await {
@@ -454,7 +500,9 @@ impl MultiStreamSync {
         }
         let tracked: BTreeSet<StreamIdentity> = self.followed.keys().cloned().collect();
         let grace = self.setup.config.multi_stream.former_streams_grace;
-        for stream in self.former.due(&tracked, &leased, now, grace) {
+        let due = self.former.due(&tracked, &leased, now, grace);
+        let mut pending = self.former.pending();
+        for stream in due {
             let mut deleted = 0usize;
             for lease in keys.get(&stream).into_iter().flatten() {
                 match self
@@ -473,6 +521,16 @@ impl MultiStreamSync {
                 }
             }
             info!(%stream, deleted, "deleted the leases of a former stream");
+            if deleted > 0 {
+                Counters::add(&self.setup.counters.streams.deleted, 1);
+            }
+            if deleted == keys.get(&stream).map_or(0, Vec::len) {
+                pending -= 1;
+            }
         }
+        Counters::set(
+            &self.setup.counters.streams.pending_deletion,
+            pending as u64,
+        );
     }
 }

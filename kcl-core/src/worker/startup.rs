@@ -42,7 +42,7 @@ impl std::fmt::Debug for Source {
 /// The background task that keeps the lease table in step with the streams.
 pub(super) enum StreamSync {
     Single(ShardSyncer),
-    Multi(MultiStreamSync),
+    Multi(Box<MultiStreamSync>),
 }
 
 impl<F: RecordProcessorFactory> Coordinator<F> {
@@ -120,9 +120,10 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             invalid_items: self.invalid_items.clone(),
             watching,
             streams: self.streams_tx.clone(),
+            counters: self.metrics.clone(),
         });
         sync.check_table().await?;
         sync.discover().await;
-        Ok(StreamSync::Multi(sync))
+        Ok(StreamSync::Multi(Box::new(sync)))
     }
 }

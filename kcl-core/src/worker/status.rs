@@ -87,6 +87,32 @@ pub struct WorkerStatus {
     /// [`Watchers`](crate::Watchers) or in a fleet smaller than their `min_workers`, and
     /// otherwise only while it holds a watcher slot.
     pub watcher: bool,
+    /// A multi-stream worker's streams; `None` in single-stream mode.
+    pub streams: Option<StreamsStatus>,
+}
+
+/// The streams of a multi-stream worker ([`WorkerStatus::streams`]), as its stream sync last
+/// saw them.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
+pub struct StreamsStatus {
+    /// Streams this worker consumes: listed by its tracker, found, and (with fan-out) with
+    /// their consumer registered.
+    pub followed: usize,
+    /// Listed streams that could not be reached: a followed stream whose last identity check
+    /// or shard sync failed, or a new one that could not be looked up (throttled, denied,
+    /// timing out). Each is retried on its own schedule; the others are not held up. A
+    /// stream answering `ResourceNotFound` is gone, not unreachable.
+    pub unreachable: usize,
+    /// Former streams (no longer listed, or deleted) whose leases wait in the table for
+    /// [`former_streams_grace`](crate::MultiStreamConfig::former_streams_grace) or for their
+    /// last holder to stop. Only counted by the workers that check the table for them (all
+    /// of them, or the watchers).
+    pub pending_deletion: usize,
+    /// Former streams whose leases this worker deleted.
+    pub deleted: u64,
+    /// Times the tracker failed (the streams stayed as they were until the next discovery).
+    pub discovery_failures: u64,
 }
 
 impl WorkerStatus {
@@ -122,6 +148,16 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
         let reached = self.contact.last_reached();
         let usage = self.store.usage().map(|usage| usage.snapshot());
         let watcher = self.watching();
+        let streams = self.is_multi_stream().then(|| {
+            let s = &metrics.streams;
+            StreamsStatus {
+                followed: Counters::get(&s.followed) as usize,
+                unreachable: Counters::get(&s.unreachable) as usize,
+                pending_deletion: Counters::get(&s.pending_deletion) as usize,
+                deleted: Counters::get(&s.deleted),
+                discovery_failures: Counters::get(&s.discovery_failures),
+            }
+        });
         self.status.send_modify(|status| {
             if let Some((workers, active, spillover)) = round {
                 status.workers = workers;
@@ -156,6 +192,7 @@ impl<F: RecordProcessorFactory> Coordinator<F> {
             status.millis_behind_latest = lags;
             status.lease_table_reached_at = reached;
             status.watcher = watcher;
+            status.streams = streams;
             if let Some(usage) = usage {
                 status.lease_table_usage = usage;
             }
