@@ -1,7 +1,8 @@
 //! `kcl-admin` as a process against the real servers (kinesis-mock and DynamoDB Local), with
 //! workers running in the test: what it shows of the lease table (`inspect`), how it moves a
 //! checkpoint (`set_checkpoint`), taking a lease from a live worker (`force`), releasing a
-//! worker's leases (`release`) and deleting the table (`delete_table`).
+//! worker's leases (`release`), deleting the table (`delete_table`) and a multi-stream
+//! table by stream (`streams`).
 //!
 //! The workers renew every 500 ms and kcl-admin watches 1.5 s (`--observe`), so a live
 //! worker's leases are seen renewed; their leases last 30 s, so a lease written as owned by a
@@ -13,6 +14,7 @@ mod force;
 mod inspect;
 mod release;
 mod set_checkpoint;
+mod streams;
 
 use std::process::{Output, Stdio};
 use std::time::Duration;

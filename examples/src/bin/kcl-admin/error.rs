@@ -98,6 +98,13 @@ pub(crate) enum AdminError {
         stream: String,
     },
 
+    /// `streams` on a table of a single-stream application.
+    #[error(
+        "lease table `{table}` is a single-stream application's (lease `{lease_key}` names no \
+         stream): `streams` reads multi-stream tables; use `leases`"
+    )]
+    NotMultiStream { table: String, lease_key: String },
+
     /// The lease's owner renewed it while kcl-admin watched: a live worker holds it.
     #[error(
         "lease `{lease_key}` is owned by `{owner}`, which renewed it within {} (a live worker): \
@@ -242,7 +249,8 @@ impl AdminError {
             | AdminError::SequenceNumberNotInShard { .. } => EXIT_NOT_FOUND,
             AdminError::BadSequenceNumber { .. }
             | AdminError::StreamRequired { .. }
-            | AdminError::StreamMismatch { .. } => EXIT_USAGE,
+            | AdminError::StreamMismatch { .. }
+            | AdminError::NotMultiStream { .. } => EXIT_USAGE,
             AdminError::OwnedByLiveWorker { .. }
             | AdminError::OwnerNotWatched { .. }
             | AdminError::LeaseFinished { .. }

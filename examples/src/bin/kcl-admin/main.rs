@@ -7,6 +7,8 @@
 //!                                 state (finished, unowned, active, expired), lag (--stream);
 //!                                 INVALID lines for items that do not decode
 //!   workers [--observe D]         each owner: leases, how many it renewed while watched
+//!   streams [--observe D]         each stream of a multi-stream table: leases by state,
+//!                                 owners, whether it is being processed
 //!   set-checkpoint --shard ID --to trim-horizon|latest|at-timestamp=TIME|SEQ
 //!                  [--force] [--dry-run] [--observe D]
 //!                                 moves a shard's checkpoint (SEQ and TIME need --stream)
@@ -38,7 +40,7 @@
 //! - 0: done;
 //! - 1: failure: an AWS error, an item that does not decode, anything unexpected;
 //! - 2: usage: bad arguments, a string that is not a sequence number, `--stream` missing or
-//!   naming another stream than the table's;
+//!   naming another stream than the table's, `streams` on a single-stream table;
 //! - 3: refused: a lease renewed by a live worker, or not watched (`--observe 0`); a finished
 //!   lease; leases still renewed at `delete-table`; no confirmation; a repair that would
 //!   guess;
@@ -62,6 +64,7 @@ mod render;
 mod repair;
 mod set_checkpoint;
 mod stream;
+mod streams;
 mod workers;
 mod writes;
 
@@ -102,6 +105,9 @@ enum Command {
     Leases(leases::Args),
     /// Print each worker that owns leases, and whether it renewed them while watched.
     Workers(workers::Args),
+    /// Print each stream of a multi-stream application's table: its leases by state, the
+    /// workers owning them, and whether any renewed them while watched.
+    Streams(streams::Args),
     /// Set a shard's checkpoint, so it resumes elsewhere.
     SetCheckpoint(set_checkpoint::Args),
     /// Release every lease of a worker, so others take them without waiting for expiry.
@@ -164,6 +170,7 @@ async fn run(admin: &Admin, command: &Command) -> Result<()> {
     match command {
         Command::Leases(args) => leases::run(admin, args).await,
         Command::Workers(args) => workers::run(admin, args).await,
+        Command::Streams(args) => streams::run(admin, args).await,
         Command::SetCheckpoint(args) => set_checkpoint::run(admin, args).await,
         Command::Release(args) => release::run(admin, args).await,
         Command::DeleteTable(args) => delete_table::run(admin, args).await,
