@@ -809,3 +809,45 @@ async fn a_failing_tracker_keeps_the_streams_consumed_and_is_counted() {
     a.stop().await.unwrap();
     assert_eq!(delivered(&log), expected);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_looks_streams_up_at_most_ten_times_a_second_even_after_a_hung_sync() {
+    let (streams, store, log) = fixture();
+    let mut all: Vec<Arc<InMemoryStream>> = (0..20)
+        .map(|i| {
+            let name = format!("s{i:02}");
+            streams.add(InMemoryStream::new(&name, 1), &name)
+        })
+        .collect();
+    let (hung, faults) = streams.add_faulty(InMemoryStream::new("hung", 1), "hung");
+    all.push(hung);
+    let a = start("worker-a", &streams, &store, &log);
+    wait_until("every stream's lease held", WAIT, || {
+        a.status.borrow().held_leases.len() == 21
+    })
+    .await;
+
+    // The hung stream's sync waits for its calls' timeout; the other streams' syncs, spread
+    // over the interval, come due meanwhile and are all due at once when it gives up.
+    faults.set(Fault::Stall);
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    faults.set(Fault::None);
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    a.stop().await.unwrap();
+
+    let mut calls: Vec<tokio::time::Instant> =
+        all.iter().flat_map(|s| s.identity_calls()).collect();
+    calls.sort();
+    // Discovery's 21 lookups, and the syncs' checks over a minute (10 s interval).
+    assert!(calls.len() >= 21 + 60, "{} calls", calls.len());
+    for (i, at) in calls.iter().enumerate() {
+        let within = calls[i..]
+            .iter()
+            .take_while(|t| t.duration_since(*at) < Duration::from_secs(1))
+            .count();
+        assert!(
+            within <= 10,
+            "{within} DescribeStreamSummary calls within 1 s"
+        );
+    }
+}

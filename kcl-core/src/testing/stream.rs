@@ -86,6 +86,8 @@ pub(super) struct StreamState {
     iterators: HashMap<String, IssuedIterator>,
     next_iterator_id: u64,
     get_records_calls: HashMap<String, Vec<Instant>>,
+    /// When each `DescribeStreamSummary` (`stream_identity`) call came.
+    identity_calls: Vec<Instant>,
     failing_get_records: VecDeque<Error>,
     /// Shards whose `GetRecords` calls fail with this fault (throttling, say) until cleared.
     shard_faults: HashMap<String, Fault>,
@@ -341,6 +343,11 @@ impl InMemoryStream {
             .unwrap_or_default()
     }
 
+    /// When each `DescribeStreamSummary` ([`StreamClient::stream_identity`]) call came.
+    pub fn identity_calls(&self) -> Vec<Instant> {
+        lock(&self.state).identity_calls.clone()
+    }
+
     /// Splits an open shard in two at the middle of its hash key range; returns the children.
     ///
     /// # Panics
@@ -483,6 +490,7 @@ impl StreamClient for InMemoryStream {
     }
 
     async fn stream_identity(&self) -> Result<StreamIdentity> {
+        lock(&self.state).identity_calls.push(Instant::now());
         self.check_exists()?;
         StreamIdentity::new(IN_MEMORY_ACCOUNT, &self.name, self.creation_epoch)
     }

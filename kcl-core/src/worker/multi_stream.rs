@@ -45,10 +45,11 @@ use crate::stream_tracker::{
 /// Attempts of one stream's identity lookup at discovery.
 const IDENTITY_ATTEMPTS: usize = 3;
 
-/// The pause between two new streams' lookups at one discovery: at most 10
-/// `DescribeStreamSummary` calls a second per worker, half the service's limit of 20 a second
-/// per account, however fast the service answers (50 new streams: 5 s). Workers starting
-/// together may still meet the limit: a throttled lookup is retried with backoff.
+/// The least time between two `DescribeStreamSummary` calls of a worker (a new stream's
+/// lookup, or a sync's identity check): at most 10 a second per worker, half the service's
+/// limit of 20 a second per account, however fast the service answers (50 new streams: 5 s),
+/// and also when syncs come due together (after one that hung, say). Workers starting
+/// together may still meet the limit: a throttled call is retried with backoff.
 const LOOKUP_PACE: Duration = Duration::from_millis(100);
 
 /// What the worker hands the stream sync.
@@ -89,6 +90,8 @@ pub(super) struct MultiStreamSync {
     failing: BTreeSet<StreamIdentity>,
     /// Listed streams the last discovery could not look up (throttled, denied, ...).
     lookups_failed: usize,
+    /// When this worker may make its next `DescribeStreamSummary` call ([`LOOKUP_PACE`]).
+    next_lookup: Instant,
 }
 
 /// How a stream is synced.
@@ -127,6 +130,7 @@ impl MultiStreamSync {
             observations: LeaseObservations::new(),
             failing: BTreeSet::new(),
             lookups_failed: 0,
+            next_lookup: Instant::now(),
         }
     }
 
@@ -211,7 +215,6 @@ impl MultiStreamSync {
         let mut names: BTreeSet<&str> = BTreeSet::new();
         let mut kept = BTreeMap::new();
         let mut new = Vec::new();
-        let mut looked_up = 0usize;
         let mut lookups_failed = 0usize;
         for config in &listed {
             if !names.insert(config.stream.as_str()) {
@@ -228,10 +231,7 @@ impl MultiStreamSync {
                 }
                 continue;
             }
-            if looked_up > 0 {
-                tokio::time::sleep(LOOKUP_PACE).await;
-            }
-            looked_up += 1;
+            self.pace_lookup().await;
             let client = self.client(&config.stream);
             let seeds = self.setup.seeds.clone();
             let backoff = self
@@ -274,6 +274,12 @@ impl MultiStreamSync {
             self.sync_now(&id, SyncKind::First).await;
         }
         self.delete_former_streams().await;
+    }
+
+    /// Waits for this worker's next `DescribeStreamSummary` slot ([`LOOKUP_PACE`]).
+    async fn pace_lookup(&mut self) {
+        tokio::time::sleep_until(self.next_lookup).await;
+        self.next_lookup = Instant::now() + LOOKUP_PACE;
     }
 
     /// The bounded client of `stream`.
@@ -431,6 +437,12 @@ impl MultiStreamSync {
     }
 
     async fn sync_stream(&mut self, id: &StreamIdentity, kind: SyncKind) -> Synced {
+        if !self.followed.contains_key(id) {
+            return Synced::Done;
+        }
+        if kind == SyncKind::Checked {
+            self.pace_lookup().await;
+        }
         let Some(followed) = self.followed.get_mut(id) else {
             return Synced::Done;
         };
