@@ -16,6 +16,7 @@ use kcl_core::{
     WorkerConfig,
 };
 use kcl_dynamo_lease::{AwsWorkerBuilder, DynamoLeaseStore};
+use kcl_integration_tests::proxy::{Fault, FaultProxy, Rule};
 use kcl_integration_tests::{
     PATIENCE, Recorder, RunningWorker, create_stream, dynamodb, kinesis, list_shards, put_records,
     records, sdk_config, split_shard, unique, wait_for,
@@ -147,6 +148,16 @@ async fn start(app: &str, worker: &str, listed: &Listed, recorder: &Recorder) ->
 }
 
 async fn start_as(config: WorkerConfig, listed: &Listed, recorder: &Recorder) -> RunningWorker {
+    start_via(config, listed, recorder, None).await
+}
+
+/// As [`start_as`], reaching Kinesis through `kinesis` when given (a fault proxy, say).
+async fn start_via(
+    config: WorkerConfig,
+    listed: &Listed,
+    recorder: &Recorder,
+    kinesis: Option<aws_sdk_kinesis::Client>,
+) -> RunningWorker {
     let worker = config.worker_id.clone();
     let worker = worker.as_str();
     let names = listed.0.clone();
@@ -164,7 +175,11 @@ async fn start_as(config: WorkerConfig, listed: &Listed, recorder: &Recorder) ->
         let stream = shard.stream.as_ref().expect("multi-stream mode");
         record(&format!("{}/{}", stream.stream_name(), shard.shard_id))
     });
-    let worker = AwsWorkerBuilder::new(&sdk_config().await, config)
+    let mut builder = AwsWorkerBuilder::new(&sdk_config().await, config);
+    if let Some(kinesis) = kinesis {
+        builder = builder.with_kinesis_client(kinesis);
+    }
+    let worker = builder
         .build_multi_stream(Arc::new(tracker), factory)
         .expect("valid config");
     let status = worker.status();
@@ -600,4 +615,63 @@ async fn fan_out_registers_a_consumer_per_stream_and_reads_every_record_once() {
             .collect();
         assert_eq!(names, [app.as_str()], "{stream}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_whose_control_plane_is_throttled_are_reported_unreachable_while_records_flow() {
+    let (client, app) = (kinesis().await, unique("multi-app"));
+    let prefix = unique("ms-thr");
+    let [orders, clicks] = ["orders", "clicks"].map(|s| format!("{prefix}-{s}"));
+    let listed = Listed::default();
+    for stream in [&orders, &clicks] {
+        create_stream(&client, stream, 1).await;
+        listed.add(stream);
+    }
+    // The worker reaches Kinesis through a fault proxy, with no SDK retries: a throttled
+    // call fails at once.
+    let proxy = FaultProxy::start(&std::env::var("AWS_ENDPOINT_URL_KINESIS").unwrap()).await;
+    let via = aws_sdk_kinesis::Client::from_conf(
+        aws_sdk_kinesis::config::Builder::from(&sdk_config().await)
+            .endpoint_url(proxy.url())
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
+            .build(),
+    );
+    let recorder = Recorder::default();
+    let a = start_via(config(&app, "worker-a"), &listed, &recorder, Some(via)).await;
+    let mut expected = BTreeMap::new();
+    for stream in [&orders, &clicks] {
+        merge(&mut expected, put(&client, stream, 0, 50).await);
+    }
+    wait_for("every record delivered", PATIENCE, || async {
+        all_delivered(&recorder, &expected)
+    })
+    .await;
+    let streams = |w: &RunningWorker| w.status.borrow().streams.clone().expect("multi-stream");
+    assert_eq!((streams(&a).followed, streams(&a).unreachable), (2, 0));
+
+    // Every DescribeStreamSummary throttled: each stream's next sync fails its identity
+    // check. Both stay followed and their records keep flowing (GetRecords is not throttled).
+    proxy.inject(Rule::on("DescribeStreamSummary", Fault::THROTTLING));
+    for stream in [&orders, &clicks] {
+        merge(&mut expected, put(&client, stream, 50, 50).await);
+    }
+    wait_for("both streams reported unreachable", PATIENCE, || async {
+        let s = streams(&a);
+        (s.followed, s.unreachable) == (2, 2)
+    })
+    .await;
+    wait_for("the records put meanwhile delivered", PATIENCE, || async {
+        all_delivered(&recorder, &expected)
+    })
+    .await;
+    assert!(proxy.faults()["DescribeStreamSummary"] >= 2);
+
+    proxy.clear();
+    wait_for("both streams reachable again", PATIENCE, || async {
+        streams(&a).unreachable == 0
+    })
+    .await;
+    assert_eq!(streams(&a).followed, 2);
+    a.stop().await.unwrap();
+    assert_eq!(delivered(&recorder), expected);
 }
